@@ -1,0 +1,138 @@
+"""Typed, frozen model configuration: the only objects gin binds inside `models/`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+Activation = Literal["relu", "geglu", "gelu"]
+Dispatch = Literal["einsum", "scatter"]
+Architecture = Literal["encoder_decoder", "decoder_only"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+    """Switch / MoE feed-forward settings (REFERENCE Part 3.1 and 1.8).
+
+    Defaults follow the released Switch-Base checkpoints; `jitter_eps=1e-2` is the paper's
+    multiplicative input jitter (the released T5X runs had none).
+    """
+
+    num_experts: int = 8
+    top_k: int = 1  # 1 = Switch routing, 2 = the MoE-Base baseline of Table 1.
+    # A layer i is sparse iff i % sparse_every == sparse_every - 1 (flaxformer's MIXED layout:
+    # 2 -> layers 1, 3, 5, ...; 1 -> every layer; 0 -> no sparse layer).
+    sparse_every: int = 2
+    capacity_factor_train: float = 1.25
+    capacity_factor_eval: float = 2.0
+    min_capacity: int = 4
+    group_size: int = 8192
+    # Groups must also be a multiple of this (the expert-parallel partition count), so that each
+    # expert shard receives whole groups; partitioning sets it from the mesh.
+    num_expert_partitions: int = 1
+    aux_loss_coef: float = 1e-2
+    router_z_loss_coef: float = 0.0
+    jitter_eps: float = 0.0
+    router_init_stddev: float = 2e-2
+    expert_dropout_rate: float = 0.0
+    dispatch: Dispatch = "scatter"
+    batch_prioritized_routing: bool = False
+    router_dtype: str = "float32"
+
+    def __post_init__(self):
+        _require(self.num_experts >= 1, "MoeConfig.num_experts must be >= 1")
+        _require(
+            1 <= self.top_k <= self.num_experts,
+            f"MoeConfig.top_k={self.top_k} must be in [1, num_experts={self.num_experts}]",
+        )
+        _require(self.sparse_every >= 0, "MoeConfig.sparse_every must be >= 0")
+        for name in ("capacity_factor_train", "capacity_factor_eval"):
+            value = getattr(self, name)
+            _require(value > 0, f"MoeConfig.{name}={value} must be > 0")
+        _require(self.min_capacity >= 0, "MoeConfig.min_capacity must be >= 0")
+        _require(self.group_size >= 1, "MoeConfig.group_size must be >= 1")
+        _require(self.num_expert_partitions >= 1, "MoeConfig.num_expert_partitions must be >= 1")
+        _require(0 <= self.jitter_eps < 1, "MoeConfig.jitter_eps must be in [0, 1)")
+        _require(0 <= self.expert_dropout_rate < 1, "MoeConfig.expert_dropout_rate in [0, 1)")
+        _require(
+            self.dispatch in ("einsum", "scatter"),
+            f"MoeConfig.dispatch={self.dispatch!r} must be 'einsum' or 'scatter'",
+        )
+
+    def is_sparse(self, layer: int) -> bool:
+        return self.sparse_every > 0 and layer % self.sparse_every == self.sparse_every - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """T5.1.1-style transformer; `moe=None` gives the dense T5 baseline."""
+
+    architecture: Architecture = "encoder_decoder"
+    vocab_size: int = 32128
+    d_model: int = 768
+    d_ff: int = 3072
+    num_heads: int = 12
+    head_dim: int = 64
+    num_encoder_layers: int = 12
+    num_decoder_layers: int = 12
+    activation: Activation = "relu"
+    tied_logits: bool = True
+    dropout_rate: float = 0.0
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    dtype: str = "bfloat16"  # activations
+    param_dtype: str = "float32"
+    # Truncated normal with sigma = sqrt(init_scale / fan_in) for every kernel (paper Table 3).
+    init_scale: float = 0.1
+    embedding_init_stddev: float = 1.0
+    scan_layers: bool = False
+    moe: MoeConfig | None = dataclasses.field(default_factory=MoeConfig)
+
+    def __post_init__(self):
+        _require(
+            self.architecture in ("encoder_decoder", "decoder_only"),
+            f"ModelConfig.architecture={self.architecture!r} must be encoder_decoder|decoder_only",
+        )
+        for name in ("vocab_size", "d_model", "d_ff", "num_heads", "head_dim"):
+            value = getattr(self, name)
+            _require(value >= 1, f"ModelConfig.{name}={value} must be >= 1")
+        _require(self.num_decoder_layers >= 1, "ModelConfig.num_decoder_layers must be >= 1")
+        if self.architecture == "encoder_decoder":
+            _require(self.num_encoder_layers >= 1, "ModelConfig.num_encoder_layers must be >= 1")
+        _require(
+            self.activation in ("relu", "geglu", "gelu"),
+            f"ModelConfig.activation={self.activation!r} must be relu|geglu|gelu",
+        )
+        _require(0 <= self.dropout_rate < 1, "ModelConfig.dropout_rate must be in [0, 1)")
+        _require(self.init_scale > 0, "ModelConfig.init_scale must be > 0")
+        if self.scan_layers and self.moe is not None and self.moe.sparse_every > 0:
+            for n in self.stack_depths():
+                _require(
+                    n % self.moe.sparse_every == 0,
+                    f"scan_layers needs layer counts divisible by sparse_every="
+                    f"{self.moe.sparse_every}, got {n}",
+                )
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.architecture == "encoder_decoder"
+
+    def stack_depths(self) -> tuple[int, ...]:
+        if self.is_encoder_decoder:
+            return (self.num_encoder_layers, self.num_decoder_layers)
+        return (self.num_decoder_layers,)
+
+    def is_sparse(self, layer: int) -> bool:
+        return self.moe is not None and self.moe.is_sparse(layer)
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+class ConfigError(ValueError):
+    """A user setting is invalid; the message names the setting to change."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)

@@ -1,0 +1,199 @@
+"""T5.1.1 building blocks: RMSNorm, embeddings, dense MLP, relative-position attention.
+
+Legend: B batch, L length (Q queries / S keys), D d_model, F d_ff, H heads, K head dim, V vocab.
+Parameters name logical axes only; partitioning.py maps them to mesh axes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import spmd as core_spmd
+
+from switch_jax.models.config import ModelConfig
+
+NEG_INF = -1e9
+
+
+class Keys(NamedTuple):
+    """Per-call randomness: None means that kind of noise is off (evaluation)."""
+
+    dropout: jax.Array | None = None
+    jitter: jax.Array | None = None
+
+    def fold(self, n: int) -> Keys:
+        return Keys(*(None if k is None else jax.random.fold_in(k, n) for k in self))
+
+
+def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
+    """Sharding constraint by logical names; a no-op unless partitioning installed rules."""
+    rules = core_spmd.get_logical_axis_rules()
+    if not rules:
+        return x
+    mesh_axes = core_spmd.from_sharding_rules(logical_axes, rules)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*mesh_axes))
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    if rate <= 0 or key is None:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
+    """A parameter annotated with logical axes; placement happens later, under jit."""
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def kernel_param(rngs: nnx.Rngs, cfg: ModelConfig, shape, axes, *, in_axis=-2, out_axis=-1,
+                 batch_axis=(), divide_by: float = 1.0) -> nnx.Param:
+    """Truncated normal, sigma = sqrt(init_scale / fan_in) (paper §2.4, footnote 6)."""
+    init = nnx.initializers.variance_scaling(
+        cfg.init_scale, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis,
+        batch_axis=batch_axis,
+    )
+    value = init(rngs.params(), shape, jnp.dtype(cfg.param_dtype)) / divide_by
+    return param(value, axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.scale = param(jnp.ones((cfg.d_model,), cfg.param_dtype), ("embed",))
+        self.dtype = cfg.dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6)
+        return (x32 * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class Embed(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(cfg.embedding_init_stddev)
+        self.embedding = param(
+            init(rngs.params(), (cfg.vocab_size, cfg.d_model), jnp.dtype(cfg.param_dtype)),
+            ("vocab", "embed"),
+        )
+        self.dtype = cfg.dtype
+
+    def __call__(self, tokens_BL: jax.Array) -> jax.Array:
+        x_BLD = jnp.take(self.embedding[...], tokens_BL, axis=0).astype(self.dtype)
+        return constrain(x_BLD, ("batch", "length", "embed"))
+
+    def attend(self, x_BLD: jax.Array) -> jax.Array:
+        """Tied output logits in float32."""
+        return jnp.einsum(
+            "bld,vd->blv", x_BLD.astype(jnp.float32), self.embedding[...].astype(jnp.float32)
+        )
+
+
+def activate(cfg: ModelConfig, h: jax.Array, gate: jax.Array | None) -> jax.Array:
+    if cfg.activation == "relu":
+        return jax.nn.relu(h)
+    if cfg.activation == "gelu":
+        return jax.nn.gelu(h, approximate=True)
+    return jax.nn.gelu(gate, approximate=True) * h  # GEGLU: gelu(x W0) * (x W1)
+
+
+class Mlp(nnx.Module):
+    """Dense FFN: wi -> activation -> dropout -> wo, no biases."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        shape, axes = (cfg.d_model, cfg.d_ff), ("embed", "mlp")
+        self.wi = kernel_param(rngs, cfg, shape, axes)
+        self.wi_gate = kernel_param(rngs, cfg, shape, axes) if cfg.activation == "geglu" else None
+        self.wo = kernel_param(rngs, cfg, (cfg.d_ff, cfg.d_model), ("mlp", "embed"))
+
+    def __call__(self, x_BLD: jax.Array, keys: Keys) -> jax.Array:
+        dt = self.cfg.dtype
+        h_BLF = jnp.einsum("bld,df->blf", x_BLD, self.wi[...].astype(dt))
+        gate = None
+        if self.wi_gate is not None:
+            gate = jnp.einsum("bld,df->blf", x_BLD, self.wi_gate[...].astype(dt))
+        h_BLF = activate(self.cfg, h_BLF, gate)
+        h_BLF = constrain(h_BLF, ("batch", "length", "mlp"))
+        h_BLF = dropout(h_BLF, self.cfg.dropout_rate, keys.dropout)
+        return jnp.einsum("blf,fd->bld", h_BLF, self.wo[...].astype(dt))
+
+
+def relative_position_bucket(relative_position, *, bidirectional: bool, num_buckets: int,
+                             max_distance: int):
+    """T5 bucketing: exact buckets for small distances, log-spaced up to max_distance."""
+    distance = -relative_position
+    bucket = jnp.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        bucket = bucket + (distance < 0).astype(relative_position.dtype) * num_buckets
+        distance = jnp.abs(distance)
+    else:
+        distance = jnp.maximum(distance, 0)
+    max_exact = num_buckets // 2
+    safe = jnp.maximum(distance, 1).astype(jnp.float32)
+    log_ratio = jnp.log(safe / max_exact) / math.log(max_distance / max_exact)
+    large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(relative_position.dtype)
+    large = jnp.minimum(large, num_buckets - 1)
+    return bucket + jnp.where(distance < max_exact, distance, large)
+
+
+class RelativePositionBias(nnx.Module):
+    """One learned [H, buckets] table per stack, shared by all its self-attention layers."""
+
+    def __init__(self, cfg: ModelConfig, *, bidirectional: bool, rngs: nnx.Rngs):
+        init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+        self.rel_embedding = param(
+            init(rngs.params(), (cfg.num_heads, cfg.relative_buckets), cfg.param_dtype),
+            ("heads", "relpos_buckets"),
+        )
+        self.cfg = cfg
+        self.bidirectional = bidirectional
+
+    def __call__(self, q_len: int, k_len: int) -> jax.Array:
+        relative_QS = jnp.arange(k_len)[None, :] - jnp.arange(q_len)[:, None]
+        bucket_QS = relative_position_bucket(
+            relative_QS, bidirectional=self.bidirectional,
+            num_buckets=self.cfg.relative_buckets, max_distance=self.cfg.relative_max_distance,
+        )
+        bias_HQS = jnp.take(self.rel_embedding[...], bucket_QS, axis=1)
+        return bias_HQS[None].astype(jnp.float32)  # [1, H, Q, S]
+
+
+class Attention(nnx.Module):
+    """Multi-head attention without the 1/sqrt(K) logit scale (folded into the query init)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, H, K = cfg.d_model, cfg.num_heads, cfg.head_dim
+        in_axes = ("embed", "heads", "kv")
+        self.query = kernel_param(rngs, cfg, (D, H, K), in_axes, in_axis=0, out_axis=(1, 2),
+                                  divide_by=math.sqrt(K))
+        self.key = kernel_param(rngs, cfg, (D, H, K), in_axes, in_axis=0, out_axis=(1, 2))
+        self.value = kernel_param(rngs, cfg, (D, H, K), in_axes, in_axis=0, out_axis=(1, 2))
+        self.out = kernel_param(rngs, cfg, (H, K, D), ("heads", "kv", "embed"),
+                                in_axis=(0, 1), out_axis=2)
+
+    def __call__(self, x_BQD, memory_BSD, bias_BHQS, keys: Keys) -> jax.Array:
+        dt = self.cfg.dtype
+        q_BQHK = jnp.einsum("bqd,dhk->bqhk", x_BQD, self.query[...].astype(dt))
+        k_BSHK = jnp.einsum("bsd,dhk->bshk", memory_BSD, self.key[...].astype(dt))
+        v_BSHK = jnp.einsum("bsd,dhk->bshk", memory_BSD, self.value[...].astype(dt))
+        q_BQHK = constrain(q_BQHK, ("batch", "length", "heads", "kv"))
+        logits_BHQS = jnp.einsum("bqhk,bshk->bhqs", q_BQHK, k_BSHK).astype(jnp.float32)
+        probs_BHQS = jax.nn.softmax(logits_BHQS + bias_BHQS, axis=-1).astype(dt)
+        probs_BHQS = dropout(probs_BHQS, self.cfg.dropout_rate, keys.dropout)
+        ctx_BQHK = jnp.einsum("bhqs,bshk->bqhk", probs_BHQS, v_BSHK)
+        return jnp.einsum("bqhk,hkd->bqd", ctx_BQHK, self.out[...].astype(dt))
+
+
+def attention_mask(q_segments_BQ, k_segments_BS, *, causal: bool) -> jax.Array:
+    """Additive [B, 1, Q, S] mask: same packed segment, not padding, and causal if asked."""
+    ok = (q_segments_BQ[:, :, None] == k_segments_BS[:, None, :]) & (k_segments_BS[:, None, :] > 0)
+    if causal:
+        q_len, k_len = q_segments_BQ.shape[1], k_segments_BS.shape[1]
+        ok = ok & (jnp.arange(k_len)[None, :] <= jnp.arange(q_len)[:, None])[None]
+    return jnp.where(ok, 0.0, NEG_INF)[:, None].astype(jnp.float32)

@@ -1,0 +1,156 @@
+"""Router math only: float32 logits, jitter, top-k choice, capacity, aux and z losses, statistics.
+
+Legend: G groups, T tokens per group, D d_model, E experts, K experts per token, C capacity.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from switch_jax.models.config import ConfigError
+
+
+class Routing(NamedTuple):
+    """Where every token goes. Dropped or padding assignments have `kept=False` and gate 0."""
+
+    expert_GTK: jax.Array  # int32 expert chosen for each of the K assignments of a token
+    slot_GTK: jax.Array  # int32 position inside that expert's buffer (meaningless if not kept)
+    kept_GTK: jax.Array  # bool: assignment fits in capacity and the token is real
+    gate_GTK: jax.Array  # float32 router probability of the chosen expert, 0 where not kept
+    capacity: int
+
+
+class RouterStats(NamedTuple):
+    """Per-layer router health, returned as values so they survive jit and scan."""
+
+    aux_loss: jax.Array  # E * sum_e f_e P_e, mean over groups: 1.0 when perfectly balanced
+    router_z_loss: jax.Array  # mean over real tokens of logsumexp(logits)^2
+    expert_fraction: jax.Array  # [E] fraction of real token assignments sent to each expert
+    fraction_dropped: jax.Array  # fraction of real token assignments over capacity
+    router_confidence: jax.Array  # mean over real tokens of the summed top-k probabilities
+    effective_capacity_factor: jax.Array  # C * E / (T * K): the capacity factor really used
+
+
+def expert_capacity(tokens_per_group: int, num_experts: int, capacity_factor: float,
+                    min_capacity: int) -> int:
+    """Slots per expert and group: max(round(cf * T / E), min_capacity), at most T."""
+    if capacity_factor <= 0:
+        raise ConfigError(f"capacity factor must be > 0, got {capacity_factor}")
+    capacity = max(int(round(capacity_factor * tokens_per_group / num_experts)), min_capacity)
+    return max(1, min(capacity, tokens_per_group))
+
+
+def num_groups(num_tokens: int, group_size: int, num_expert_partitions: int = 1) -> int:
+    """Smallest G >= ceil(tokens / group_size) that divides the tokens and is a multiple of the
+    expert partitions (flaxformer's rule), so every group has the same token count."""
+    start = max(math.ceil(num_tokens / group_size), 1)
+    for g in range(start, num_tokens + 1):
+        if num_tokens % g == 0 and g % num_expert_partitions == 0:
+            return g
+    raise ConfigError(
+        f"cannot split {num_tokens} tokens into groups of at most {group_size} whose count is a "
+        f"multiple of the expert partitions ({num_expert_partitions}); change the batch size, "
+        f"the sequence length or MoeConfig.group_size"
+    )
+
+
+def router_logits(x_GTD: jax.Array, w_DE: jax.Array, *, jitter_eps: float = 0.0,
+                  jitter_key: jax.Array | None = None) -> jax.Array:
+    """float32 logits from a float32 copy of the input (selective precision, paper Table 2).
+
+    Multiplicative jitter Uniform(1-eps, 1+eps) touches the router input only, so the experts
+    still see the clean representation (Mesh TF `input_jitter`).
+    """
+    x_GTD = x_GTD.astype(jnp.float32)
+    if jitter_eps > 0 and jitter_key is not None:
+        noise = jax.random.uniform(
+            jitter_key, x_GTD.shape, jnp.float32, 1.0 - jitter_eps, 1.0 + jitter_eps
+        )
+        x_GTD = x_GTD * noise
+    return jnp.einsum("gtd,de->gte", x_GTD, w_DE.astype(jnp.float32))
+
+
+def route(logits_GTE: jax.Array, token_mask_GT: jax.Array, *, top_k: int, capacity: int,
+          batch_prioritized: bool = False) -> tuple[Routing, RouterStats]:
+    """Choose experts, assign capacity slots in token order and compute losses and statistics.
+
+    Softmax runs over all experts before the top-k choice, so with k=1 the gate is a real
+    probability that carries gradient to the router (unlike softmax over the selected logits).
+    First choices of all tokens take slots before any second choice (GShard priority).
+    """
+    G, T, E = logits_GTE.shape
+    real_GT = token_mask_GT.astype(bool)
+    probs_GTE = jax.nn.softmax(logits_GTE, axis=-1)
+    gate_GTK, expert_GTK = jax.lax.top_k(probs_GTE, top_k)
+    expert_GTK = expert_GTK.astype(jnp.int32)
+    wants_GTK = jnp.broadcast_to(real_GT[..., None], expert_GTK.shape)
+
+    order_GT = _priority_order(probs_GTE, real_GT, batch_prioritized)
+    slot_GTK = _slots_in_priority_order(expert_GTK, wants_GTK, order_GT, E)
+    kept_GTK = wants_GTK & (slot_GTK < capacity)
+    routing = Routing(
+        expert_GTK=expert_GTK,
+        slot_GTK=slot_GTK,
+        kept_GTK=kept_GTK,
+        gate_GTK=jnp.where(kept_GTK, gate_GTK, 0.0),
+        capacity=capacity,
+    )
+    return routing, _stats(logits_GTE, probs_GTE, expert_GTK, gate_GTK, real_GT, kept_GTK,
+                           capacity)
+
+
+def _priority_order(probs_GTE, real_GT, batch_prioritized):
+    """Token order in which slots are handed out: sequence order, or by descending confidence."""
+    G, T, _ = probs_GTE.shape
+    if not batch_prioritized:
+        return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (G, T))
+    confidence_GT = jnp.where(real_GT, probs_GTE.max(-1), -1.0)
+    return jnp.argsort(-confidence_GT, axis=-1, stable=True).astype(jnp.int32)
+
+
+def _slots_in_priority_order(expert_GTK, wants_GTK, order_GT, num_experts):
+    """0-based position of each assignment in its expert's queue (cumsum over priority order)."""
+    G, T, K = expert_GTK.shape
+    take = jax.vmap(lambda a, idx: a[idx])
+    onehot_GTKE = jax.nn.one_hot(expert_GTK, num_experts, dtype=jnp.int32)
+    onehot_GTKE = onehot_GTKE * wants_GTK[..., None]
+    # Priority runs over (k, token): every first choice, then every second choice.
+    ordered_GKTE = jnp.swapaxes(take(onehot_GTKE, order_GT), 1, 2)
+    position_GKTE = jnp.cumsum(ordered_GKTE.reshape(G, K * T, num_experts), axis=1)
+    position_GKTE = position_GKTE.reshape(G, K, T, num_experts) - 1
+    slot_GKT = jnp.sum(position_GKTE * ordered_GKTE, axis=-1)
+    slot_ordered_GTK = jnp.swapaxes(slot_GKT, 1, 2)
+    inverse_GT = jnp.argsort(order_GT, axis=-1)
+    return take(slot_ordered_GTK, inverse_GT).astype(jnp.int32)
+
+
+def _stats(logits_GTE, probs_GTE, expert_GTK, gate_GTK, real_GT, kept_GTK, capacity):
+    G, T, E = probs_GTE.shape
+    K = expert_GTK.shape[-1]
+    real_f = real_GT.astype(jnp.float32)
+    n_real_G = jnp.maximum(real_f.sum(-1), 1.0)
+    # f counts the router's choice before capacity drops (paper Eq. 5, Mesh TF density_1).
+    chosen_GTE = jnp.max(jax.nn.one_hot(expert_GTK, E, dtype=jnp.float32), axis=-2)
+    f_GE = jnp.einsum("gte,gt->ge", chosen_GTE, real_f) / n_real_G[:, None]
+    p_GE = jnp.einsum("gte,gt->ge", probs_GTE, real_f) / n_real_G[:, None]
+    aux = jnp.mean(jnp.sum(f_GE * p_GE, axis=-1)) * E
+
+    n_real = jnp.maximum(real_f.sum(), 1.0)
+    z_GT = jax.nn.logsumexp(logits_GTE, axis=-1) ** 2
+    router_z = jnp.sum(z_GT * real_f) / n_real
+    assigned = n_real * K
+    expert_fraction = jnp.einsum("gtke,gt->e", jax.nn.one_hot(expert_GTK, E), real_f) / assigned
+    dropped = jnp.sum(real_f[..., None] * (1.0 - kept_GTK.astype(jnp.float32))) / assigned
+    confidence = jnp.sum(gate_GTK.sum(-1) * real_f) / n_real
+    return RouterStats(
+        aux_loss=aux,
+        router_z_loss=router_z,
+        expert_fraction=expert_fraction,
+        fraction_dropped=dropped,
+        router_confidence=confidence,
+        effective_capacity_factor=jnp.asarray(capacity * E / (T * K), jnp.float32),
+    )

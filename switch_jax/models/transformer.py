@@ -1,0 +1,202 @@
+"""Encoder-decoder and decoder-only T5.1.1 stacks interleaving dense and Switch FFN layers.
+
+Legend: B batch, L length, D d_model, V vocab. Batches use seqio feature-converter names
+(encoder_input_tokens, decoder_input_tokens, *_segment_ids, ...).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from switch_jax.models.config import ModelConfig
+from switch_jax.models.layers import (
+    Attention,
+    Embed,
+    Keys,
+    Mlp,
+    RelativePositionBias,
+    RMSNorm,
+    attention_mask,
+    constrain,
+    dropout,
+    kernel_param,
+)
+from switch_jax.models.moe import MoeLayer
+from switch_jax.models.routing import RouterStats
+
+
+class Layer(nnx.Module):
+    """Pre-norm residual layer: self-attention, [cross-attention], FFN (dense or Switch)."""
+
+    def __init__(self, cfg: ModelConfig, *, sparse: bool, cross: bool, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.pre_self_attention_norm = RMSNorm(cfg, rngs=rngs)
+        self.self_attention = Attention(cfg, rngs=rngs)
+        self.cross_attention = Attention(cfg, rngs=rngs) if cross else None
+        self.pre_cross_attention_norm = RMSNorm(cfg, rngs=rngs) if cross else None
+        self.pre_mlp_norm = RMSNorm(cfg, rngs=rngs)
+        self.mlp = MoeLayer(cfg, rngs=rngs) if sparse else Mlp(cfg, rngs=rngs)
+
+    def __call__(self, x_BLD, ctx: dict, keys: Keys, *, train: bool):
+        rate = self.cfg.dropout_rate
+        h = self.pre_self_attention_norm(x_BLD)
+        h = self.self_attention(h, h, ctx["self_bias"], keys.fold(0))
+        x_BLD = x_BLD + dropout(h, rate, keys.fold(1).dropout)
+        if self.cross_attention is not None:
+            h = self.pre_cross_attention_norm(x_BLD)
+            h = self.cross_attention(h, ctx["encoded"], ctx["cross_bias"], keys.fold(2))
+            x_BLD = x_BLD + dropout(h, rate, keys.fold(3).dropout)
+        h = self.pre_mlp_norm(x_BLD)
+        stats = None
+        if isinstance(self.mlp, MoeLayer):
+            h, stats = self.mlp(h, ctx["token_mask"], keys.fold(4), train=train)
+        else:
+            h = self.mlp(h, keys.fold(4))
+        x_BLD = x_BLD + dropout(h, rate, keys.fold(5).dropout)
+        return constrain(x_BLD, ("batch", "length", "embed")), stats
+
+
+class Block(nnx.Module):
+    """`sparse_every` consecutive layers, the last one sparse: the unit that scan repeats."""
+
+    def __init__(self, cfg: ModelConfig, *, first_layer: int, size: int, cross: bool,
+                 rngs: nnx.Rngs):
+        self.layers = nnx.List([
+            Layer(cfg, sparse=cfg.is_sparse(first_layer + i), cross=cross, rngs=rngs)
+            for i in range(size)
+        ])
+
+    def __call__(self, x_BLD, ctx, keys: Keys, *, train: bool):
+        all_stats = []
+        for i, layer in enumerate(self.layers):
+            x_BLD, stats = layer(x_BLD, ctx, keys.fold(i), train=train)
+            if stats is not None:
+                all_stats.append(stats)
+        return x_BLD, all_stats
+
+
+class Stack(nnx.Module):
+    """Encoder (bidirectional) or decoder (causal) stack with a final RMSNorm."""
+
+    def __init__(self, cfg: ModelConfig, *, num_layers: int, causal: bool, cross: bool,
+                 rngs: nnx.Rngs):
+        self.cfg, self.causal = cfg, causal
+        self.relpos_bias = RelativePositionBias(cfg, bidirectional=not causal, rngs=rngs)
+        self.final_norm = RMSNorm(cfg, rngs=rngs)
+        every = cfg.moe.sparse_every if (cfg.moe and cfg.moe.sparse_every) else 1
+        if cfg.scan_layers:
+            self.num_blocks = num_layers // every
+
+            @nnx.split_rngs(splits=self.num_blocks)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make(block_rngs):
+                return Block(cfg, first_layer=0, size=every, cross=cross, rngs=block_rngs)
+
+            self.blocks = make(rngs)
+        else:
+            self.num_blocks = 0
+            self.blocks = nnx.List([
+                Block(cfg, first_layer=i, size=1, cross=cross, rngs=rngs) for i in range(num_layers)
+            ])
+
+    def __call__(self, x_BLD, segments_BL, keys: Keys, *, train: bool, encoded=None,
+                 encoder_segments_BS=None):
+        L = x_BLD.shape[1]
+        ctx = {
+            "self_bias": self.relpos_bias(L, L) + attention_mask(segments_BL, segments_BL,
+                                                                causal=self.causal),
+            "token_mask": segments_BL > 0,
+        }
+        if encoded is not None:
+            ctx["encoded"] = encoded
+            ctx["cross_bias"] = attention_mask(segments_BL, encoder_segments_BS, causal=False)
+        if self.cfg.scan_layers:
+            x_BLD, stats = self._scan(x_BLD, ctx, keys, train)
+        else:
+            stats = []
+            for i, block in enumerate(self.blocks):
+                x_BLD, block_stats = block(x_BLD, ctx, keys.fold(i), train=train)
+                stats.extend(block_stats)
+            stats = _stack(stats)
+        x_BLD = self.final_norm(x_BLD)
+        return dropout(x_BLD, self.cfg.dropout_rate, keys.fold(10_000).dropout), stats
+
+    def _scan(self, x_BLD, ctx, keys: Keys, train: bool):
+        graphdef, state = nnx.split(self.blocks)
+        n = self.num_blocks
+        block_keys = Keys(*(None if k is None else jax.random.split(k, n) for k in keys))
+
+        def body(x, scanned):
+            block_state, k = scanned
+            block = nnx.merge(graphdef, block_state)
+            x, block_stats = block(x, ctx, k, train=train)
+            return x, block_stats
+
+        x_BLD, stats = jax.lax.scan(body, x_BLD, (state, block_keys))
+        if not stats:
+            return x_BLD, None
+        # scan stacks [blocks] per position inside the block; flatten to layer order.
+        stacked = [jax.tree.map(lambda *s: jnp.stack(s, 1), *stats)]
+        return x_BLD, jax.tree.map(lambda s: s.reshape((-1,) + s.shape[2:]), stacked[0])
+
+
+def _stack(stats: list[RouterStats]) -> RouterStats | None:
+    if not stats:
+        return None
+    return jax.tree.map(lambda *s: jnp.stack(s), *stats)
+
+
+class Transformer(nnx.Module):
+    """`model(batch, train=..., keys=...) -> (logits_BLV float32, {stack: RouterStats | None})`.
+
+    Router statistics have a leading axis over that stack's sparse layers, in layer order.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.token_embedder = Embed(cfg, rngs=rngs)
+        self.encoder = (
+            Stack(cfg, num_layers=cfg.num_encoder_layers, causal=False, cross=False, rngs=rngs)
+            if cfg.is_encoder_decoder
+            else None
+        )
+        self.decoder = Stack(cfg, num_layers=cfg.num_decoder_layers, causal=True,
+                             cross=cfg.is_encoder_decoder, rngs=rngs)
+        self.logits_dense = (
+            None
+            if cfg.tied_logits
+            else kernel_param(rngs, cfg, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+        )
+
+    def __call__(self, batch: dict, *, train: bool = False, keys: Keys = Keys()):
+        cfg = self.cfg
+        stats = {}
+        encoded = enc_segments = None
+        if self.encoder is not None:
+            enc_tokens = batch["encoder_input_tokens"]
+            enc_segments = _segments(batch, "encoder", enc_tokens)
+            x = dropout(self.token_embedder(enc_tokens), cfg.dropout_rate,
+                        keys.fold(1).dropout)
+            encoded, stats["encoder"] = self.encoder(x, enc_segments, keys.fold(2), train=train)
+        dec_tokens = batch["decoder_input_tokens"]
+        dec_segments = _segments(batch, "decoder", batch.get("decoder_target_tokens", dec_tokens))
+        y = dropout(self.token_embedder(dec_tokens), cfg.dropout_rate, keys.fold(3).dropout)
+        y, stats["decoder"] = self.decoder(y, dec_segments, keys.fold(4), train=train,
+                                           encoded=encoded, encoder_segments_BS=enc_segments)
+        if self.logits_dense is None:
+            # Tied logits are rescaled so their magnitude does not grow with d_model (T5).
+            logits_BLV = self.token_embedder.attend(y * (cfg.d_model**-0.5))
+        else:
+            logits_BLV = jnp.einsum("bld,dv->blv", y.astype(jnp.float32),
+                                    self.logits_dense[...].astype(jnp.float32))
+        return constrain(logits_BLV, ("batch", "length", "vocab")), stats
+
+
+def _segments(batch: dict, prefix: str, tokens_BL: jax.Array) -> jax.Array:
+    """Packed segment ids, or 1 for real tokens / 0 for padding when the batch is unpacked."""
+    segments = batch.get(f"{prefix}_segment_ids")
+    if segments is None:
+        return (tokens_BL > 0).astype(jnp.int32)
+    return segments.astype(jnp.int32)
