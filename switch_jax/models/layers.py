@@ -50,11 +50,24 @@ def param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
-def kernel_param(rngs: nnx.Rngs, cfg: ModelConfig, shape, axes, *, in_axis=-2, out_axis=-1,
-                 batch_axis=(), divide_by: float = 1.0) -> nnx.Param:
+def kernel_param(
+    rngs: nnx.Rngs,
+    cfg: ModelConfig,
+    shape,
+    axes,
+    *,
+    in_axis=-2,
+    out_axis=-1,
+    batch_axis=(),
+    divide_by: float = 1.0,
+) -> nnx.Param:
     """Truncated normal, sigma = sqrt(init_scale / fan_in) (paper §2.4, footnote 6)."""
     init = nnx.initializers.variance_scaling(
-        cfg.init_scale, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis,
+        cfg.init_scale,
+        "fan_in",
+        "truncated_normal",
+        in_axis=in_axis,
+        out_axis=out_axis,
         batch_axis=batch_axis,
     )
     value = init(rngs.params(), shape, jnp.dtype(cfg.param_dtype)) / divide_by
@@ -122,8 +135,9 @@ class Mlp(nnx.Module):
         return jnp.einsum("blf,fd->bld", h_BLF, self.wo[...].astype(dt))
 
 
-def relative_position_bucket(relative_position, *, bidirectional: bool, num_buckets: int,
-                             max_distance: int):
+def relative_position_bucket(
+    relative_position, *, bidirectional: bool, num_buckets: int, max_distance: int
+):
     """T5 bucketing: exact buckets for small distances, log-spaced up to max_distance."""
     distance = -relative_position
     bucket = jnp.zeros_like(relative_position)
@@ -156,8 +170,10 @@ class RelativePositionBias(nnx.Module):
     def __call__(self, q_len: int, k_len: int) -> jax.Array:
         relative_QS = jnp.arange(k_len)[None, :] - jnp.arange(q_len)[:, None]
         bucket_QS = relative_position_bucket(
-            relative_QS, bidirectional=self.bidirectional,
-            num_buckets=self.cfg.relative_buckets, max_distance=self.cfg.relative_max_distance,
+            relative_QS,
+            bidirectional=self.bidirectional,
+            num_buckets=self.cfg.relative_buckets,
+            max_distance=self.cfg.relative_max_distance,
         )
         bias_HQS = jnp.take(self.rel_embedding[...], bucket_QS, axis=1)
         return bias_HQS[None].astype(jnp.float32)  # [1, H, Q, S]
@@ -170,12 +186,14 @@ class Attention(nnx.Module):
         self.cfg = cfg
         D, H, K = cfg.d_model, cfg.num_heads, cfg.head_dim
         in_axes = ("embed", "heads", "kv")
-        self.query = kernel_param(rngs, cfg, (D, H, K), in_axes, in_axis=0, out_axis=(1, 2),
-                                  divide_by=math.sqrt(K))
+        self.query = kernel_param(
+            rngs, cfg, (D, H, K), in_axes, in_axis=0, out_axis=(1, 2), divide_by=math.sqrt(K)
+        )
         self.key = kernel_param(rngs, cfg, (D, H, K), in_axes, in_axis=0, out_axis=(1, 2))
         self.value = kernel_param(rngs, cfg, (D, H, K), in_axes, in_axis=0, out_axis=(1, 2))
-        self.out = kernel_param(rngs, cfg, (H, K, D), ("heads", "kv", "embed"),
-                                in_axis=(0, 1), out_axis=2)
+        self.out = kernel_param(
+            rngs, cfg, (H, K, D), ("heads", "kv", "embed"), in_axis=(0, 1), out_axis=2
+        )
 
     def __call__(self, x_BQD, memory_BSD, bias_BHQS, keys: Keys) -> jax.Array:
         dt = self.cfg.dtype

@@ -37,8 +37,9 @@ class MoeLayer(nnx.Module):
         )
         self.wo = kernel_param(rngs, cfg, (E, F, D), out_axes, batch_axis=(0,))
 
-    def __call__(self, x_BLD: jax.Array, token_mask_BL: jax.Array, keys: Keys, *,
-                 train: bool) -> tuple[jax.Array, routing.RouterStats]:
+    def __call__(
+        self, x_BLD: jax.Array, token_mask_BL: jax.Array, keys: Keys, *, train: bool
+    ) -> tuple[jax.Array, routing.RouterStats]:
         B, L, D = x_BLD.shape
         moe = self.moe
         G = routing.num_groups(B * L, moe.group_size, moe.num_expert_partitions)
@@ -48,13 +49,20 @@ class MoeLayer(nnx.Module):
 
         jitter_key = None if (keys.jitter is None or not train) else keys.jitter
         logits_GTE = routing.router_logits(
-            x_GTD, self.router[...], jitter_eps=moe.jitter_eps,
-            jitter_key=None if jitter_key is None else jax.random.fold_in(jitter_key, JITTER_STREAM),
+            x_GTD,
+            self.router[...],
+            jitter_eps=moe.jitter_eps,
+            jitter_key=None
+            if jitter_key is None
+            else jax.random.fold_in(jitter_key, JITTER_STREAM),
         )
         cf = moe.capacity_factor_train if train else moe.capacity_factor_eval
         capacity = routing.expert_capacity(T, moe.num_experts, cf, moe.min_capacity)
         route, stats = routing.route(
-            logits_GTE, mask_GT, top_k=moe.top_k, capacity=capacity,
+            logits_GTE,
+            mask_GT,
+            top_k=moe.top_k,
+            capacity=capacity,
             batch_prioritized=moe.batch_prioritized_routing,
         )
         dispatch_fn = _einsum_dispatch if moe.dispatch == "einsum" else _scatter_dispatch
@@ -65,16 +73,20 @@ class MoeLayer(nnx.Module):
         """Token-sharded -> expert-sharded (all-to-all), run the experts, and back."""
         dt = self.cfg.dtype
         x_GECD = constrain(x_GECD, ("batch", "unmodeled", "expert_capacity", "embed"))
-        x_EGCD = constrain(jnp.swapaxes(x_GECD, 0, 1),
-                           ("expert", "expert_group", "expert_capacity", "embed"))
+        x_EGCD = constrain(
+            jnp.swapaxes(x_GECD, 0, 1), ("expert", "expert_group", "expert_capacity", "embed")
+        )
         h_EGCF = jnp.einsum("egcd,edf->egcf", x_EGCD, self.wi[...].astype(dt))
         gate = None
         if self.wi_gate is not None:
             gate = jnp.einsum("egcd,edf->egcf", x_EGCD, self.wi_gate[...].astype(dt))
         h_EGCF = activate(self.cfg, h_EGCF, gate)
         h_EGCF = constrain(h_EGCF, ("expert", "expert_group", "expert_capacity", "mlp"))
-        key = None if keys.dropout is None else jax.random.fold_in(keys.dropout,
-                                                                   EXPERT_DROPOUT_STREAM)
+        key = (
+            None
+            if keys.dropout is None
+            else jax.random.fold_in(keys.dropout, EXPERT_DROPOUT_STREAM)
+        )
         h_EGCF = dropout(h_EGCF, self.moe.expert_dropout_rate, key)
         y_EGCD = jnp.einsum("egcf,efd->egcd", h_EGCF, self.wo[...].astype(dt))
         y_EGCD = constrain(y_EGCD, ("expert", "expert_group", "expert_capacity", "embed"))

@@ -35,8 +35,9 @@ class RouterStats(NamedTuple):
     effective_capacity_factor: jax.Array  # C * E / (T * K): the capacity factor really used
 
 
-def expert_capacity(tokens_per_group: int, num_experts: int, capacity_factor: float,
-                    min_capacity: int) -> int:
+def expert_capacity(
+    tokens_per_group: int, num_experts: int, capacity_factor: float, min_capacity: int
+) -> int:
     """Slots per expert and group: max(round(cf * T / E), min_capacity), at most T."""
     if capacity_factor <= 0:
         raise ConfigError(f"capacity factor must be > 0, got {capacity_factor}")
@@ -58,8 +59,13 @@ def num_groups(num_tokens: int, group_size: int, num_expert_partitions: int = 1)
     )
 
 
-def router_logits(x_GTD: jax.Array, w_DE: jax.Array, *, jitter_eps: float = 0.0,
-                  jitter_key: jax.Array | None = None) -> jax.Array:
+def router_logits(
+    x_GTD: jax.Array,
+    w_DE: jax.Array,
+    *,
+    jitter_eps: float = 0.0,
+    jitter_key: jax.Array | None = None,
+) -> jax.Array:
     """float32 logits from a float32 copy of the input (selective precision, paper Table 2).
 
     Multiplicative jitter Uniform(1-eps, 1+eps) touches the router input only, so the experts
@@ -74,8 +80,14 @@ def router_logits(x_GTD: jax.Array, w_DE: jax.Array, *, jitter_eps: float = 0.0,
     return jnp.einsum("gtd,de->gte", x_GTD, w_DE.astype(jnp.float32))
 
 
-def route(logits_GTE: jax.Array, token_mask_GT: jax.Array, *, top_k: int, capacity: int,
-          batch_prioritized: bool = False) -> tuple[Routing, RouterStats]:
+def route(
+    logits_GTE: jax.Array,
+    token_mask_GT: jax.Array,
+    *,
+    top_k: int,
+    capacity: int,
+    batch_prioritized: bool = False,
+) -> tuple[Routing, RouterStats]:
     """Choose experts, assign capacity slots in token order and compute losses and statistics.
 
     Softmax runs over all experts before the top-k choice, so with k=1 the gate is a real
@@ -99,8 +111,7 @@ def route(logits_GTE: jax.Array, token_mask_GT: jax.Array, *, top_k: int, capaci
         gate_GTK=jnp.where(kept_GTK, gate_GTK, 0.0),
         capacity=capacity,
     )
-    return routing, _stats(logits_GTE, probs_GTE, expert_GTK, gate_GTK, real_GT, kept_GTK,
-                           capacity)
+    return routing, _stats(logits_GTE, probs_GTE, expert_GTK, gate_GTK, real_GT, kept_GTK, capacity)
 
 
 def _priority_order(probs_GTE, real_GT, batch_prioritized):

@@ -61,12 +61,15 @@ class Layer(nnx.Module):
 class Block(nnx.Module):
     """`sparse_every` consecutive layers, the last one sparse: the unit that scan repeats."""
 
-    def __init__(self, cfg: ModelConfig, *, first_layer: int, size: int, cross: bool,
-                 rngs: nnx.Rngs):
-        self.layers = nnx.List([
-            Layer(cfg, sparse=cfg.is_sparse(first_layer + i), cross=cross, rngs=rngs)
-            for i in range(size)
-        ])
+    def __init__(
+        self, cfg: ModelConfig, *, first_layer: int, size: int, cross: bool, rngs: nnx.Rngs
+    ):
+        self.layers = nnx.List(
+            [
+                Layer(cfg, sparse=cfg.is_sparse(first_layer + i), cross=cross, rngs=rngs)
+                for i in range(size)
+            ]
+        )
 
     def __call__(self, x_BLD, ctx, keys: Keys, *, train: bool):
         all_stats = []
@@ -80,8 +83,9 @@ class Block(nnx.Module):
 class Stack(nnx.Module):
     """Encoder (bidirectional) or decoder (causal) stack with a final RMSNorm."""
 
-    def __init__(self, cfg: ModelConfig, *, num_layers: int, causal: bool, cross: bool,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: ModelConfig, *, num_layers: int, causal: bool, cross: bool, rngs: nnx.Rngs
+    ):
         self.cfg, self.causal = cfg, causal
         self.relpos_bias = RelativePositionBias(cfg, bidirectional=not causal, rngs=rngs)
         self.final_norm = RMSNorm(cfg, rngs=rngs)
@@ -97,16 +101,20 @@ class Stack(nnx.Module):
             self.blocks = make(rngs)
         else:
             self.num_blocks = 0
-            self.blocks = nnx.List([
-                Block(cfg, first_layer=i, size=1, cross=cross, rngs=rngs) for i in range(num_layers)
-            ])
+            self.blocks = nnx.List(
+                [
+                    Block(cfg, first_layer=i, size=1, cross=cross, rngs=rngs)
+                    for i in range(num_layers)
+                ]
+            )
 
-    def __call__(self, x_BLD, segments_BL, keys: Keys, *, train: bool, encoded=None,
-                 encoder_segments_BS=None):
+    def __call__(
+        self, x_BLD, segments_BL, keys: Keys, *, train: bool, encoded=None, encoder_segments_BS=None
+    ):
         L = x_BLD.shape[1]
         ctx = {
-            "self_bias": self.relpos_bias(L, L) + attention_mask(segments_BL, segments_BL,
-                                                                causal=self.causal),
+            "self_bias": self.relpos_bias(L, L)
+            + attention_mask(segments_BL, segments_BL, causal=self.causal),
             "token_mask": segments_BL > 0,
         }
         if encoded is not None:
@@ -162,8 +170,13 @@ class Transformer(nnx.Module):
             if cfg.is_encoder_decoder
             else None
         )
-        self.decoder = Stack(cfg, num_layers=cfg.num_decoder_layers, causal=True,
-                             cross=cfg.is_encoder_decoder, rngs=rngs)
+        self.decoder = Stack(
+            cfg,
+            num_layers=cfg.num_decoder_layers,
+            causal=True,
+            cross=cfg.is_encoder_decoder,
+            rngs=rngs,
+        )
         self.logits_dense = (
             None
             if cfg.tied_logits
@@ -177,20 +190,26 @@ class Transformer(nnx.Module):
         if self.encoder is not None:
             enc_tokens = batch["encoder_input_tokens"]
             enc_segments = _segments(batch, "encoder", enc_tokens)
-            x = dropout(self.token_embedder(enc_tokens), cfg.dropout_rate,
-                        keys.fold(1).dropout)
+            x = dropout(self.token_embedder(enc_tokens), cfg.dropout_rate, keys.fold(1).dropout)
             encoded, stats["encoder"] = self.encoder(x, enc_segments, keys.fold(2), train=train)
         dec_tokens = batch["decoder_input_tokens"]
         dec_segments = _segments(batch, "decoder", batch.get("decoder_target_tokens", dec_tokens))
         y = dropout(self.token_embedder(dec_tokens), cfg.dropout_rate, keys.fold(3).dropout)
-        y, stats["decoder"] = self.decoder(y, dec_segments, keys.fold(4), train=train,
-                                           encoded=encoded, encoder_segments_BS=enc_segments)
+        y, stats["decoder"] = self.decoder(
+            y,
+            dec_segments,
+            keys.fold(4),
+            train=train,
+            encoded=encoded,
+            encoder_segments_BS=enc_segments,
+        )
         if self.logits_dense is None:
             # Tied logits are rescaled so their magnitude does not grow with d_model (T5).
             logits_BLV = self.token_embedder.attend(y * (cfg.d_model**-0.5))
         else:
-            logits_BLV = jnp.einsum("bld,dv->blv", y.astype(jnp.float32),
-                                    self.logits_dense[...].astype(jnp.float32))
+            logits_BLV = jnp.einsum(
+                "bld,dv->blv", y.astype(jnp.float32), self.logits_dense[...].astype(jnp.float32)
+            )
         return constrain(logits_BLV, ("batch", "length", "vocab")), stats
 
 
