@@ -47,7 +47,9 @@ class MoeLayer(nnx.Module):
         x_GTD = constrain(x_BLD.reshape(G, T, D), ("batch", "length", "embed"))
         mask_GT = token_mask_BL.reshape(G, T)
 
-        jitter_key = None if (keys.jitter is None or not train) else keys.jitter
+        jitter_key = None
+        if train and keys.jitter is not None:
+            jitter_key = jax.random.fold_in(keys.jitter, JITTER_STREAM)
         logits_GTE = routing.router_logits(
             x_GTD,
             self.router[...],

@@ -156,6 +156,9 @@ def _stack(stats: list[RouterStats]) -> RouterStats | None:
     return jax.tree.map(lambda *s: jnp.stack(s), *stats)
 
 
+NO_NOISE = Keys()
+
+
 class Transformer(nnx.Module):
     """`model(batch, train=..., keys=...) -> (logits_BLV float32, {stack: RouterStats | None})`.
 
@@ -183,7 +186,7 @@ class Transformer(nnx.Module):
             else kernel_param(rngs, cfg, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
         )
 
-    def __call__(self, batch: dict, *, train: bool = False, keys: Keys = Keys()):
+    def __call__(self, batch: dict, *, train: bool = False, keys: Keys = NO_NOISE):
         cfg = self.cfg
         stats = {}
         encoded = enc_segments = None
