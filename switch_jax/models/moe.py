@@ -54,9 +54,7 @@ class MoeLayer(nnx.Module):
             x_GTD,
             self.router[...],
             jitter_eps=moe.jitter_eps,
-            jitter_key=None
-            if jitter_key is None
-            else jax.random.fold_in(jitter_key, JITTER_STREAM),
+            jitter_key=jitter_key,
         )
         cf = moe.capacity_factor_train if train else moe.capacity_factor_eval
         capacity = routing.expert_capacity(T, moe.num_experts, cf, moe.min_capacity)
