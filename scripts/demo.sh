@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# README command 1: set up .venv, install switch_jax with its data extra, then train a small
+# Switch encoder-decoder on the embedded corpus (CPU, ~10 minutes). Run it again to resume.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[data,metrics]"
+export NO_GCE_CHECK=true TF_CPP_MIN_LOG_LEVEL=2
+exec .venv/bin/python -m switch_jax.train \
+  --gin_file=runs/demo.gin \
+  --gin.MODEL_DIR="'${MODEL_DIR:-runs/demo}'" "$@"
