@@ -1,0 +1,232 @@
+"""Adafactor with the T5 settings, never factored over expert/layer axes; schedules; accumulation.
+
+Public API:
+
+    tx = adafactor(cfg, batch_dims)            # optax.GradientTransformation
+    batch_dims = unfactored_leading_dims(abstract_params)  # leading 'layers'/'expert' axes
+    specs = state_logical_specs(cfg, abstract_params)     # opt-state tree of logical P(...)
+    schedule = learning_rate_schedule(cfg)                # step -> lr
+    grads, aux = accumulate_gradients(grad_fn, params, batch, num_microbatches)
+
+Adafactor here is optax's `scale_by_factored_rms` applied to each *slice* of a parameter: a
+parameter with leading 'layers' (scan) and/or 'expert' axes is treated as a stack of independent
+matrices (T5X's BATCH factor rule). An expert kernel [E, D, F] thus keeps statistics [E, D] and
+[E, F], and update clipping and parameter scaling use each expert's own RMS. A scanned model
+therefore gets exactly the updates of the unscanned one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from switch_jax.run_config import OptimizerConfig
+
+UNFACTORED_AXES = ("layers", "expert")
+PARAM_SCALE_EPS = 1e-3  # T5X epsilon2: floor of the parameter RMS in the update scale
+FACTORED_EPS = 1e-30  # T5X epsilon1, added to squared gradients
+
+
+class FactoredStats(NamedTuple):
+    """Second-moment statistics of one parameter (optax's layout: unused ones are [..., 1])."""
+
+    v_row: jax.Array
+    v_col: jax.Array
+    v: jax.Array
+
+
+class _LeafOut(NamedTuple):
+    update: jax.Array
+    stats: FactoredStats
+
+
+class SlicedAdafactorState(NamedTuple):
+    count: jax.Array  # int32 updates applied so far (drives the decay schedule)
+    stats: Any  # tree like the parameters, one FactoredStats per leaf
+
+
+def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
+    """rsqrt: lr / sqrt(max(step, warmup)) (T5: 0.01 flat for 10k steps); constant: lr."""
+    if cfg.schedule == "constant":
+        return optax.constant_schedule(cfg.learning_rate)
+    warmup = max(cfg.warmup_steps, 1)
+
+    def rsqrt(step):
+        return cfg.learning_rate * jax.lax.rsqrt(jnp.maximum(step, warmup).astype(jnp.float32))
+
+    return rsqrt
+
+
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def values(tree):
+    """Strip nnx Variables (and their metadata) so optax sees plain arrays."""
+    return jax.tree.map(lambda x: x.get_value() if _is_var(x) else x, tree, is_leaf=_is_var)
+
+
+def unfactored_leading_dims(abstract_params) -> Any:
+    """Per leaf, how many leading axes are 'layers'/'expert' (read from logical axis metadata)."""
+
+    def count(v):
+        axes = (v.get_metadata().get("out_sharding") or ()) if _is_var(v) else ()
+        n = 0
+        while n < len(axes) and axes[n] in UNFACTORED_AXES:
+            n += 1
+        return n
+
+    return jax.tree.map(count, abstract_params, is_leaf=_is_var)
+
+
+def _vmap_n(fn: Callable, n: int) -> Callable:
+    for _ in range(n):
+        fn = jax.vmap(fn)
+    return fn
+
+
+def _rms(x: jax.Array) -> jax.Array:
+    return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))
+
+
+def scale_by_sliced_adafactor(
+    cfg: OptimizerConfig, batch_dims=None, *, min_dim_size_to_factor: int = 128
+) -> optax.GradientTransformation:
+    """Factored RMS scaling + update clipping + parameter scaling, per slice of each leaf.
+
+    Args:
+      cfg: decay_rate, factored, clipping_threshold, multiply_by_parameter_scale are used.
+      batch_dims: tree like the parameters (or None: all 0) of leading axes never factored.
+      min_dim_size_to_factor: optax/T5X: factor only when two dims are at least this large.
+    """
+    inner = optax.scale_by_factored_rms(
+        factored=cfg.factored,
+        decay_rate=cfg.decay_rate,
+        min_dim_size_to_factor=min_dim_size_to_factor,
+        epsilon=FACTORED_EPS,
+    )
+
+    def dims_like(params):
+        return jax.tree.map(lambda _: 0, params) if batch_dims is None else batch_dims
+
+    def init_fn(params):
+        params = values(params)
+
+        def init_leaf(n, p):
+            return FactoredStats(*_vmap_n(lambda x: tuple(inner.init(x))[1:], n)(p))
+
+        stats = jax.tree.map(init_leaf, dims_like(params), params)
+        return SlicedAdafactorState(jnp.zeros([], jnp.int32), stats)
+
+    def update_fn(updates, state, params):
+        updates, params = values(updates), values(params)
+
+        def slice_update(g, stats, p):
+            u, new = inner.update(g, optax.FactoredState(state.count, *stats), p)
+            if cfg.clipping_threshold:
+                u = u / jnp.maximum(1.0, _rms(u) / cfg.clipping_threshold)
+            if cfg.multiply_by_parameter_scale:
+                u = u * jnp.maximum(_rms(p), PARAM_SCALE_EPS)
+            return _LeafOut(u.astype(g.dtype), FactoredStats(new.v_row, new.v_col, new.v))
+
+        def leaf(n, g, stats, p):
+            return _vmap_n(slice_update, n)(g, stats, p)
+
+        out = jax.tree.map(leaf, dims_like(params), updates, state.stats, params)
+        is_out = lambda x: isinstance(x, _LeafOut)  # noqa: E731
+        new_updates = jax.tree.map(lambda o: o.update, out, is_leaf=is_out)
+        new_stats = jax.tree.map(lambda o: o.stats, out, is_leaf=is_out)
+        return new_updates, SlicedAdafactorState(optax.safe_increment(state.count), new_stats)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adafactor(
+    cfg: OptimizerConfig, batch_dims=None, *, min_dim_size_to_factor: int = 128
+) -> optax.GradientTransformation:
+    """T5 Adafactor: factored second moments (decay 0.8), clip 1.0, parameter scale, no momentum,
+    learning rate from `learning_rate_schedule(cfg)` on the optimizer's own step count."""
+    return optax.chain(
+        scale_by_sliced_adafactor(cfg, batch_dims, min_dim_size_to_factor=min_dim_size_to_factor),
+        optax.scale_by_learning_rate(learning_rate_schedule(cfg)),
+    )
+
+
+def _factored_dims(shape, factored: bool, min_dim: int) -> tuple[int, int] | None:
+    """Mirror of optax's choice: (second largest, largest) dim, if both are >= min_dim."""
+    if not factored or len(shape) < 2:
+        return None
+    order = sorted(range(len(shape)), key=lambda i: (shape[i], i))
+    if shape[order[-2]] < min_dim:
+        return None
+    return order[-2], order[-1]
+
+
+def state_logical_specs(
+    cfg: OptimizerConfig, abstract_params, *, min_dim_size_to_factor: int = 128
+) -> Any:
+    """Logical-axis PartitionSpecs of `adafactor(...).init(params)`.
+
+    Statistics inherit the axes of the parameter dims they keep, so they shard like the
+    parameter (expert statistics over 'expert').
+    """
+    batch_dims = unfactored_leading_dims(abstract_params)
+    tx = adafactor(cfg, batch_dims, min_dim_size_to_factor=min_dim_size_to_factor)
+    abstract_state = jax.eval_shape(tx.init, values(abstract_params))
+
+    def leaf_specs(n, v):
+        axes = tuple(v.get_metadata().get("out_sharding") or (None,) * v.ndim)
+        lead, rest = axes[:n], axes[n:]
+        dims = _factored_dims(v.shape[n:], cfg.factored, min_dim_size_to_factor)
+        if dims is None:
+            return FactoredStats(P(*lead, None), P(*lead, None), P(*axes))
+        d1, d0 = dims  # v_row drops the largest dim d0, v_col the second largest d1
+        drop = lambda i: P(*lead, *(a for j, a in enumerate(rest) if j != i))  # noqa: E731
+        return FactoredStats(drop(d0), drop(d1), P(*lead, None))
+
+    stats = jax.tree.map(leaf_specs, batch_dims, abstract_params, is_leaf=_is_var)
+    replicated = jax.tree.map(lambda _: P(), abstract_state)
+    specs = (SlicedAdafactorState(P(), stats), replicated[1])
+    _check_ranks(specs, abstract_state)
+    return specs
+
+
+def _check_ranks(specs, abstract_state) -> None:
+    flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+    flat_state = jax.tree.leaves(abstract_state)
+    assert len(flat_specs) == len(flat_state), "optimizer state layout changed: update specs"
+    for spec, leaf in zip(flat_specs, flat_state, strict=True):
+        assert len(spec) == leaf.ndim, f"spec {spec} does not fit state leaf {leaf.shape}"
+
+
+def accumulate_gradients(grad_fn: Callable, params, batch: dict, num_microbatches: int):
+    """Sum `grad_fn(params, microbatch, index) -> (grads, aux)` over microbatches with lax.scan,
+    so only one microbatch's activations are alive at a time. Microbatch i takes rows i::k, which
+    keeps every microbatch spread over all batch shards (contiguous slices would not).
+
+    Returns (summed grads, aux stacked along a leading [num_microbatches] axis).
+    """
+    k = num_microbatches
+    if k == 1:
+        grads, aux = grad_fn(params, batch, 0)
+        return grads, jax.tree.map(lambda x: x[None], aux)
+
+    def split(x):
+        x = x.reshape(x.shape[0] // k, k, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+    micro = jax.tree.map(split, batch)
+
+    def body(acc, inputs):
+        microbatch, index = inputs
+        grads, aux = grad_fn(params, microbatch, index)
+        return jax.tree.map(jnp.add, acc, grads), aux
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    return jax.lax.scan(body, zeros, (micro, jnp.arange(k)))
