@@ -1,0 +1,192 @@
+"""Orbax checkpoints: train state + data-iterator position, atomic, async, restorable on any mesh.
+
+A step directory holds `state` (sharded arrays), `data` (one iterator checkpoint per process)
+and `meta` (JSON: step, batches consumed, model config). Orbax writes into a temporary
+directory and renames it on commit, so a killed save never leaves a readable half checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Protocol
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from switch_jax.models.config import ConfigError
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message says which one and why."""
+
+
+class SavableIterator(Protocol):
+    def save(self, path: str) -> None: ...
+    def restore(self, path: str) -> None: ...
+
+
+class DataIteratorHandler(ocp.CheckpointHandler):
+    """Saves each process's input-pipeline position in the same atomic step directory."""
+
+    def save(self, directory: epath.Path, args: DataIteratorSave):
+        path = directory / f"process_{jax.process_index()}"
+        path.mkdir(parents=True, exist_ok=True)
+        args.iterator.save(os.fspath(path / "iterator"))
+
+    def restore(self, directory: epath.Path, args: DataIteratorRestore):
+        path = directory / f"process_{jax.process_index()}"
+        if not path.exists():
+            raise CheckpointError(
+                f"{directory} has no input position for process {jax.process_index()}: "
+                f"was it written with a different number of hosts?"
+            )
+        args.iterator.restore(os.fspath(path / "iterator"))
+        return args.iterator
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataIteratorSave(ocp.args.CheckpointArgs):
+    iterator: Any
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIteratorRestore(ocp.args.CheckpointArgs):
+    iterator: Any
+
+
+class Checkpoints:
+    """Keep-K, every-N, async checkpoints of one run under MODEL_DIR/checkpoints."""
+
+    def __init__(self, model_dir: str, *, period: int, keep: int, async_save: bool = True):
+        self.directory = epath.Path(model_dir) / "checkpoints"
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=period,
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+            cleanup_tmp_directories=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def should_save(self, step: int) -> bool:
+        return self.manager.should_save(step)
+
+    def save(
+        self,
+        step: int,
+        state,
+        *,
+        iterator: SavableIterator | None = None,
+        meta: dict | None = None,
+        force: bool = False,
+    ) -> bool:
+        items = {
+            "state": ocp.args.StandardSave(state),
+            "meta": ocp.args.JsonSave({"step": step, **(meta or {})}),
+        }
+        if iterator is not None:
+            items["data"] = DataIteratorSave(iterator)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, step: int, abstract_state, *, iterator: SavableIterator | None = None):
+        """Restore onto the shardings carried by `abstract_state` (any mesh)."""
+        items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+        if iterator is not None:
+            items["data"] = DataIteratorRestore(iterator)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(_explain(self.directory / str(step), e)) from None
+        return restored["state"], restored["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def restore_params(path: str, abstract_params):
+    """Parameters only (fine-tuning, distillation): `path` is a step dir or a MODEL_DIR.
+
+    The optimizer state of the source run is ignored; the target shardings come from
+    `abstract_params` (ShapeDtypeStructs with shardings), so any mesh works.
+    """
+    step_dir = _resolve_step_dir(epath.Path(path))
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+        saved = checkpointer.metadata(step_dir / "state").item_metadata.tree
+        _check_param_shapes(saved.get("params"), abstract_params, step_dir)
+        target = {"params": abstract_params}
+        restored = checkpointer.restore(
+            step_dir / "state",
+            args=ocp.args.PyTreeRestore(
+                item=target,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True,
+            ),
+        )
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+        raise CheckpointError(_explain(step_dir, e)) from None
+    return restored["params"]
+
+
+def _resolve_step_dir(path: epath.Path) -> epath.Path:
+    if (path / "state").exists():
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").exists() else path
+    steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
+    if not steps:
+        raise ConfigError(f"init_checkpoint={path} holds no committed checkpoint")
+    return root / str(steps[-1])
+
+
+def _check_param_shapes(saved, expected, step_dir) -> None:
+    """Name every parameter that differs, so a wrong --init_checkpoint is obvious."""
+    if saved is None:
+        raise CheckpointError(f"{step_dir} has no parameters")
+    saved_flat = dict(_flatten(saved))
+    expected_flat = dict(_flatten(expected))
+    problems = [f"missing {k}" for k in expected_flat if k not in saved_flat]
+    problems += [f"unexpected {k}" for k in saved_flat if k not in expected_flat]
+    problems += [
+        f"{k}: checkpoint {tuple(saved_flat[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected_flat.items()
+        if k in saved_flat and tuple(saved_flat[k].shape) != tuple(v.shape)
+    ]
+    if problems:
+        shown = "; ".join(problems[:8]) + (
+            f"; … {len(problems) - 8} more" if len(problems) > 8 else ""
+        )
+        raise CheckpointError(f"checkpoint {step_dir} does not match the model: {shown}")
+
+
+def _flatten(tree):
+    """(path, leaf) pairs with paths spelled the same for saved metadata and live trees."""
+
+    def name(k) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                return str(getattr(k, attr))
+        return str(k)
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [("/".join(name(k) for k in path), leaf) for path, leaf in leaves]
+
+
+def _explain(step_dir, error: Exception) -> str:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"cannot restore checkpoint {step_dir}: {first[:300]}"
+
+
+def read_meta(step_dir: str) -> dict:
+    return json.loads((epath.Path(step_dir) / "meta" / "metadata").read_text())

@@ -1,0 +1,46 @@
+"""`python -m switch_jax.train --gin_file=F [--gin.NAME=VALUE ...]`: pre-train or fine-tune."""
+
+from __future__ import annotations
+
+import sys
+
+from switch_jax import gin_utils
+
+gin_utils.define_flags()
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's to fix: printed as one line, no traceback."""
+    from switch_jax.checkpoints import CheckpointError
+    from switch_jax.trainer import NonFiniteLossError
+
+    errors: list[type[BaseException]] = [CheckpointError, NonFiniteLossError]
+    try:
+        from switch_jax.data import DataError
+
+        errors.append(DataError)
+    except ImportError:  # the data extra is not installed; ConfigError still covers the rest
+        pass
+    return tuple(errors)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    gin_utils.parse_gin_flags()
+    model_cfg, run_cfg, opt_cfg = gin_utils.load_run_configs()
+    from switch_jax import trainer
+
+    try:
+        trainer.train(model_cfg, run_cfg, opt_cfg, operative_config=gin_utils.operative_config())
+    except user_errors() as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def run() -> None:
+    """Console script `switch-train`."""
+    gin_utils.run(main)
+
+
+if __name__ == "__main__":
+    run()
