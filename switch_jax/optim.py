@@ -205,10 +205,21 @@ def _check_ranks(specs, abstract_state) -> None:
         assert len(spec) == leaf.ndim, f"spec {spec} does not fit state leaf {leaf.shape}"
 
 
-def accumulate_gradients(grad_fn: Callable, params, batch: dict, num_microbatches: int):
+def accumulate_gradients(
+    grad_fn: Callable,
+    params,
+    batch: dict,
+    num_microbatches: int,
+    *,
+    split_constraint=None,
+    carry_sharding=None,
+):
     """Sum `grad_fn(params, microbatch, index) -> (grads, aux)` over microbatches with lax.scan,
-    so only one microbatch's activations are alive at a time. Microbatch i takes rows i::k, which
-    keeps every microbatch spread over all batch shards (contiguous slices would not).
+    so only one microbatch's activations are alive at a time.
+
+    Microbatch i takes rows i::k, which keeps every microbatch spread over all batch shards
+    (contiguous slices would each live on a few devices). `split_constraint` (a sharding of the
+    [k, B/k, ...] arrays) and `carry_sharding` (of the gradient sum) pin those layouts.
 
     Returns (summed grads, aux stacked along a leading [num_microbatches] axis).
     """
@@ -218,15 +229,17 @@ def accumulate_gradients(grad_fn: Callable, params, batch: dict, num_microbatche
         return grads, jax.tree.map(lambda x: x[None], aux)
 
     def split(x):
-        x = x.reshape(x.shape[0] // k, k, *x.shape[1:])
-        return jnp.swapaxes(x, 0, 1)
-
-    micro = jax.tree.map(split, batch)
+        x = jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+        if split_constraint is not None:
+            x = jax.lax.with_sharding_constraint(x, split_constraint)
+        return x
 
     def body(acc, inputs):
         microbatch, index = inputs
         grads, aux = grad_fn(params, microbatch, index)
         return jax.tree.map(jnp.add, acc, grads), aux
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    return jax.lax.scan(body, zeros, (micro, jnp.arange(k)))
+    zeros = jax.tree.map(jnp.zeros_like, values(params))
+    if carry_sharding is not None:
+        zeros = jax.lax.with_sharding_constraint(zeros, carry_sharding)
+    return jax.lax.scan(body, zeros, (jax.tree.map(split, batch), jnp.arange(k)))

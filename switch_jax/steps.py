@@ -1,0 +1,370 @@
+"""Pure training functions: loss, state creation, jit-compiled train and eval steps (no I/O).
+
+Public API:
+
+    setup = setup_training(model_cfg, opt_cfg, partitioner, seed=0, z_loss=1e-4)
+    setup.init_state() -> TrainState          # created under jit, already sharded
+    setup.train_step(state, batch) -> (state, metrics)   # state donated
+    setup.eval_step(params, batch) -> metrics # eval capacity factor, no noise
+    setup.abstract_state / setup.state_shardings  # ShapeDtypeStructs with shardings (Orbax)
+
+    abstract_train_state(model_cfg, opt_cfg, partitioner) -> AbstractState
+    init_train_state(model_cfg, opt_cfg, partitioner, seed=0) -> TrainState
+    make_train_step(model_cfg, opt_cfg, partitioner, z_loss=1e-4) -> train_step
+    make_eval_step(model_cfg, partitioner, z_loss=1e-4) -> eval_step
+    compute_loss(model_cfg, graphdef, params, batch, keys, train=, z_loss=) -> (loss, metrics)
+
+`model_cfg` should come from `partitioner.adapt_model_config` (MoE groups split over the mesh).
+Batches are dicts of [B, L] arrays with seqio feature-converter names; `decoder_loss_weights`
+marks real target tokens (default: target != 0). Metrics are on-device scalars/small arrays:
+loss = cross_entropy + z_loss + aux_loss + router_z_loss (the last three already scaled by their
+coefficients), accuracy, num_tokens, learning_rate, grad_norm (train only), and per stack
+'encoder/...' / 'decoder/...': aux_loss [layers] (unscaled, 1.0 = balanced), router_z_loss
+[layers], expert_fraction [layers, E], fraction_dropped [layers], router_confidence [layers],
+effective_capacity_factor (scalar).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from switch_jax import optim
+from switch_jax.models import routing
+from switch_jax.models.config import ConfigError, ModelConfig
+from switch_jax.models.layers import Keys
+from switch_jax.models.transformer import NO_NOISE, Transformer
+from switch_jax.partitioning import BATCH_AXES, Partitioner
+from switch_jax.run_config import OptimizerConfig
+
+DROPOUT_STREAM, JITTER_STREAM = 0, 1
+
+
+class TrainState(NamedTuple):
+    params: Any  # nnx.State of nnx.Param (logical axes in metadata)
+    opt_state: Any  # optim.adafactor state
+    step: jax.Array  # int32 updates applied so far
+    rng: jax.Array  # uint32[2] base key of dropout / jitter noise
+
+
+class AbstractState(NamedTuple):
+    graphdef: Any
+    state: TrainState  # jax.ShapeDtypeStruct leaves carrying their target shardings
+    shardings: TrainState  # NamedSharding leaves (same tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSetup:
+    model_cfg: ModelConfig
+    abstract_state: TrainState
+    state_shardings: TrainState
+    init_state: Callable[[], TrainState]
+    train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
+    eval_step: Callable[[Any, dict], dict]
+
+
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _make_tx(model_cfg, opt_cfg, abstract_params):
+    return optim.adafactor(opt_cfg, optim.unfactored_leading_dims(abstract_params))
+
+
+def _init_fn(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, tx=None):
+    def init(seed_key):
+        param_key, noise_key = jax.random.split(seed_key)
+        model = Transformer(model_cfg, rngs=nnx.Rngs(params=param_key))
+        _, params = nnx.split(model, nnx.Param)
+        opt_state = tx.init(optim.values(params)) if tx is not None else None
+        return TrainState(params, opt_state, jnp.zeros([], jnp.int32), noise_key)
+
+    return init
+
+
+def abstract_train_state(
+    model_cfg: ModelConfig, opt_cfg: OptimizerConfig, partitioner: Partitioner
+) -> AbstractState:
+    """Shapes and target shardings of the whole train state, with nothing allocated."""
+    model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract_params = nnx.split(model, nnx.Param)
+    tx = _make_tx(model_cfg, opt_cfg, abstract_params)
+    shapes = jax.eval_shape(_init_fn(model_cfg, opt_cfg, tx), jax.random.PRNGKey(0))
+    opt_specs = optim.state_logical_specs(opt_cfg, abstract_params)
+    shardings = TrainState(
+        params=partitioner.param_shardings(shapes.params),
+        opt_state=partitioner.logical_shardings(opt_specs, param=True),
+        step=partitioner.replicated,
+        rng=partitioner.replicated,
+    )
+    state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
+    )
+    return AbstractState(graphdef, state, shardings)
+
+
+def init_train_state(
+    model_cfg: ModelConfig,
+    opt_cfg: OptimizerConfig,
+    partitioner: Partitioner,
+    seed: int = 0,
+    *,
+    abstract: AbstractState | None = None,
+) -> TrainState:
+    """Create parameters and optimizer state under jit straight into their shardings."""
+    abstract = abstract or abstract_train_state(model_cfg, opt_cfg, partitioner)
+    tx = _make_tx(model_cfg, opt_cfg, abstract.state.params)
+    init = jax.jit(_init_fn(model_cfg, opt_cfg, tx), out_shardings=abstract.shardings)
+    with partitioner.activate():
+        return init(jax.random.PRNGKey(seed))
+
+
+# --- loss -----------------------------------------------------------------------------------
+
+
+def _token_sums(logits_BLV, batch, z_loss: float) -> dict:
+    """Sums over real target tokens (float32): cross-entropy, z-loss term, correct, count."""
+    targets_BL = batch["decoder_target_tokens"]
+    weights_BL = batch.get("decoder_loss_weights")
+    weights_BL = (targets_BL > 0) if weights_BL is None else weights_BL
+    weights_BL = weights_BL.astype(jnp.float32)
+    logits_BLV = logits_BLV.astype(jnp.float32)
+    lse_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
+    # One-hot product instead of a gather: stays local when the vocab is sharded over 'model'.
+    onehot_BLV = jax.nn.one_hot(targets_BL, logits_BLV.shape[-1], dtype=jnp.float32)
+    target_logit_BL = jnp.sum(logits_BLV * onehot_BLV, axis=-1)
+    correct_BL = (jnp.argmax(logits_BLV, axis=-1) == targets_BL).astype(jnp.float32)
+    return {
+        "cross_entropy": jnp.sum((lse_BL - target_logit_BL) * weights_BL),
+        "z_loss": z_loss * jnp.sum(jnp.square(lse_BL) * weights_BL),
+        "accuracy": jnp.sum(correct_BL * weights_BL),
+        "num_tokens": jnp.sum(weights_BL),
+    }
+
+
+def _router_metrics(stats: dict) -> dict:
+    """Per-stack router statistics, plus aux / router-z means over all sparse layers."""
+    out, aux, rz = {}, [], []
+    for stack, s in stats.items():
+        if s is None:
+            continue
+        aux.append(s.aux_loss)
+        rz.append(s.router_z_loss)
+        out[f"{stack}/aux_loss"] = s.aux_loss
+        out[f"{stack}/router_z_loss"] = s.router_z_loss
+        out[f"{stack}/expert_fraction"] = s.expert_fraction
+        out[f"{stack}/fraction_dropped"] = s.fraction_dropped
+        out[f"{stack}/router_confidence"] = s.router_confidence
+        out[f"{stack}/effective_capacity_factor"] = jnp.mean(s.effective_capacity_factor)
+    zero = jnp.zeros([], jnp.float32)
+    out["mean_aux_loss"] = jnp.mean(jnp.concatenate(aux)) if aux else zero
+    out["mean_router_z_loss"] = jnp.mean(jnp.concatenate(rz)) if rz else zero
+    return out
+
+
+def _forward(graphdef, params, batch, keys: Keys, *, train: bool, z_loss: float):
+    model = nnx.merge(graphdef, params)
+    logits_BLV, stats = model(batch, train=train, keys=keys)
+    return _token_sums(logits_BLV, batch, z_loss), _router_metrics(stats)
+
+
+def _finish_metrics(sums: dict, router: dict, model_cfg: ModelConfig) -> dict:
+    """Normalise token sums by the real target tokens and add the router loss terms."""
+    n = jnp.maximum(sums["num_tokens"], 1.0)
+    moe = model_cfg.moe
+    metrics = {k: v for k, v in router.items() if not k.startswith("mean_")}
+    metrics["cross_entropy"] = sums["cross_entropy"] / n
+    metrics["z_loss"] = sums["z_loss"] / n
+    metrics["aux_loss"] = (moe.aux_loss_coef if moe else 0.0) * router["mean_aux_loss"]
+    metrics["router_z_loss"] = (moe.router_z_loss_coef if moe else 0.0) * router[
+        "mean_router_z_loss"
+    ]
+    metrics["accuracy"] = sums["accuracy"] / n
+    metrics["num_tokens"] = sums["num_tokens"]
+    metrics["loss"] = (
+        metrics["cross_entropy"]
+        + metrics["z_loss"]
+        + metrics["aux_loss"]
+        + metrics["router_z_loss"]
+    )
+    return metrics
+
+
+def compute_loss(
+    model_cfg: ModelConfig,
+    graphdef,
+    params,
+    batch: dict,
+    keys: Keys = NO_NOISE,
+    *,
+    train: bool = True,
+    z_loss: float = 1e-4,
+) -> tuple[jax.Array, dict]:
+    """(loss, metrics) of one batch; differentiable in `params` (an nnx.State of Params)."""
+    sums, router = _forward(graphdef, params, batch, keys, train=train, z_loss=z_loss)
+    metrics = _finish_metrics(sums, router, model_cfg)
+    return metrics["loss"], metrics
+
+
+def _check_batch(model_cfg: ModelConfig, batch: dict, partitioner: Partitioner, k: int) -> None:
+    """Trace-time checks for what would otherwise be silently replicated or mis-grouped."""
+    shards = partitioner.batch_shards
+    B = batch["decoder_input_tokens"].shape[0]
+    if B % (shards * k):
+        raise ConfigError(
+            f"batch size {B} must be divisible by data x expert ({shards}) x "
+            f"OptimizerConfig.microbatches ({k})"
+        )
+    if model_cfg.moe is None:
+        return
+    for name, tokens in batch.items():
+        if not name.endswith("_input_tokens"):
+            continue
+        groups = routing.num_groups(
+            tokens.size // k, model_cfg.moe.group_size, model_cfg.moe.num_expert_partitions
+        )
+        if groups % shards:
+            raise ConfigError(
+                f"{groups} MoE groups for {name} do not split over data x expert ({shards}): "
+                f"build the model config with Partitioner.adapt_model_config"
+            )
+
+
+# --- steps ----------------------------------------------------------------------------------
+
+
+def _step_keys(rng, step, microbatch) -> Keys:
+    base = jax.random.fold_in(jax.random.fold_in(rng, step), microbatch)
+    return Keys(
+        dropout=jax.random.fold_in(base, DROPOUT_STREAM),
+        jitter=jax.random.fold_in(base, JITTER_STREAM),
+    )
+
+
+def make_train_step(
+    model_cfg: ModelConfig,
+    opt_cfg: OptimizerConfig,
+    partitioner: Partitioner,
+    *,
+    z_loss: float = 1e-4,
+    abstract: AbstractState | None = None,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """jit(train_step) with explicit shardings; the input state is donated."""
+    abstract = abstract or abstract_train_state(model_cfg, opt_cfg, partitioner)
+    graphdef = abstract.graphdef
+    tx = _make_tx(model_cfg, opt_cfg, abstract.state.params)
+    schedule = optim.learning_rate_schedule(opt_cfg)
+    k = opt_cfg.microbatches
+    mesh = partitioner.mesh
+    grads_sharding = optim.values(abstract.shardings.params)
+
+    def step_fn(state: TrainState, batch: dict):
+        _check_batch(model_cfg, batch, partitioner, k)
+        weights = batch.get("decoder_loss_weights", batch["decoder_target_tokens"] > 0)
+        # Normalise by the whole batch's real tokens so k microbatches sum to the full-batch loss.
+        norm = jnp.maximum(jnp.sum(weights.astype(jnp.float32)), 1.0)
+
+        def loss_fn(params, microbatch, index):
+            keys = _step_keys(state.rng, state.step, index)
+            sums, router = _forward(graphdef, params, microbatch, keys, train=True, z_loss=z_loss)
+            m = _finish_metrics(sums, router, model_cfg)
+            loss = (sums["cross_entropy"] + sums["z_loss"]) / norm
+            loss = loss + (m["aux_loss"] + m["router_z_loss"]) / k
+            return loss, (sums, router)
+
+        def grad_fn(params, microbatch, index):
+            grads, aux = jax.grad(loss_fn, has_aux=True)(params, microbatch, index)
+            return optim.values(grads), aux
+
+        grads, (sums, router) = optim.accumulate_gradients(
+            grad_fn,
+            state.params,
+            batch,
+            k,
+            split_constraint=NamedSharding(mesh, P(None, BATCH_AXES)),
+            carry_sharding=grads_sharding,
+        )
+        sums = jax.tree.map(lambda x: jnp.sum(x, 0), sums)
+        router = jax.tree.map(lambda x: jnp.mean(x, 0), router)
+        updates, opt_state = tx.update(grads, state.opt_state, optim.values(state.params))
+        new_values = optax.apply_updates(optim.values(state.params), updates)
+        params = jax.tree.map(lambda v, x: v.replace(x), state.params, new_values, is_leaf=_is_var)
+        metrics = _finish_metrics(sums, router, model_cfg)
+        metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        new_state = TrainState(params, opt_state, state.step + 1, state.rng)
+        return new_state, metrics
+
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(abstract.shardings, partitioner.batch_sharding),
+        out_shardings=(abstract.shardings, partitioner.replicated),
+        donate_argnums=0,
+    )
+
+    def train_step(state: TrainState, batch: dict):
+        with partitioner.activate():  # the model's constraints need mesh + rules at trace time
+            return jitted(state, batch)
+
+    train_step.jitted = jitted  # for .lower(...) / HLO inspection
+    return train_step
+
+
+def make_eval_step(
+    model_cfg: ModelConfig,
+    partitioner: Partitioner,
+    *,
+    z_loss: float = 1e-4,
+) -> Callable[[Any, dict], dict]:
+    """jit(eval_step(params, batch) -> metrics): eval capacity factor, no dropout or jitter."""
+    model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract_params = nnx.split(model, nnx.Param)
+
+    def eval_fn(params, batch):
+        _check_batch(model_cfg, batch, partitioner, 1)
+        return compute_loss(model_cfg, graphdef, params, batch, train=False, z_loss=z_loss)[1]
+
+    jitted = jax.jit(
+        eval_fn,
+        in_shardings=(partitioner.param_shardings(abstract_params), partitioner.batch_sharding),
+        out_shardings=partitioner.replicated,
+    )
+
+    def eval_step(params, batch: dict) -> dict:
+        with partitioner.activate():
+            return jitted(params, batch)
+
+    eval_step.jitted = jitted
+    return eval_step
+
+
+def setup_training(
+    model_cfg: ModelConfig,
+    opt_cfg: OptimizerConfig,
+    partitioner: Partitioner,
+    *,
+    seed: int = 0,
+    z_loss: float = 1e-4,
+) -> TrainingSetup:
+    """Everything the trainer needs, sharing one abstract state."""
+    abstract = abstract_train_state(model_cfg, opt_cfg, partitioner)
+    return TrainingSetup(
+        model_cfg=model_cfg,
+        abstract_state=abstract.state,
+        state_shardings=abstract.shardings,
+        init_state=lambda: init_train_state(
+            model_cfg, opt_cfg, partitioner, seed, abstract=abstract
+        ),
+        train_step=make_train_step(
+            model_cfg, opt_cfg, partitioner, z_loss=z_loss, abstract=abstract
+        ),
+        eval_step=make_eval_step(model_cfg, partitioner, z_loss=z_loss),
+    )
