@@ -96,19 +96,19 @@ def _rms(x: jax.Array) -> jax.Array:
 
 
 def scale_by_sliced_adafactor(
-    cfg: OptimizerConfig, batch_dims=None, *, min_dim_size_to_factor: int = 128
+    cfg: OptimizerConfig, batch_dims=None
 ) -> optax.GradientTransformation:
     """Factored RMS scaling + update clipping + parameter scaling, per slice of each leaf.
 
     Args:
-      cfg: decay_rate, factored, clipping_threshold, multiply_by_parameter_scale are used.
+      cfg: decay_rate, factored, min_dim_size_to_factor, clipping_threshold and
+        multiply_by_parameter_scale are used.
       batch_dims: tree like the parameters (or None: all 0) of leading axes never factored.
-      min_dim_size_to_factor: optax/T5X: factor only when two dims are at least this large.
     """
     inner = optax.scale_by_factored_rms(
         factored=cfg.factored,
         decay_rate=cfg.decay_rate,
-        min_dim_size_to_factor=min_dim_size_to_factor,
+        min_dim_size_to_factor=cfg.min_dim_size_to_factor,
         epsilon=FACTORED_EPS,
     )
 
@@ -147,13 +147,11 @@ def scale_by_sliced_adafactor(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def adafactor(
-    cfg: OptimizerConfig, batch_dims=None, *, min_dim_size_to_factor: int = 128
-) -> optax.GradientTransformation:
+def adafactor(cfg: OptimizerConfig, batch_dims=None) -> optax.GradientTransformation:
     """T5 Adafactor: factored second moments (decay 0.8), clip 1.0, parameter scale, no momentum,
     learning rate from `learning_rate_schedule(cfg)` on the optimizer's own step count."""
     return optax.chain(
-        scale_by_sliced_adafactor(cfg, batch_dims, min_dim_size_to_factor=min_dim_size_to_factor),
+        scale_by_sliced_adafactor(cfg, batch_dims),
         optax.scale_by_learning_rate(learning_rate_schedule(cfg)),
     )
 
@@ -168,22 +166,20 @@ def _factored_dims(shape, factored: bool, min_dim: int) -> tuple[int, int] | Non
     return order[-2], order[-1]
 
 
-def state_logical_specs(
-    cfg: OptimizerConfig, abstract_params, *, min_dim_size_to_factor: int = 128
-) -> Any:
+def state_logical_specs(cfg: OptimizerConfig, abstract_params) -> Any:
     """Logical-axis PartitionSpecs of `adafactor(...).init(params)`.
 
     Statistics inherit the axes of the parameter dims they keep, so they shard like the
     parameter (expert statistics over 'expert').
     """
     batch_dims = unfactored_leading_dims(abstract_params)
-    tx = adafactor(cfg, batch_dims, min_dim_size_to_factor=min_dim_size_to_factor)
+    tx = adafactor(cfg, batch_dims)
     abstract_state = jax.eval_shape(tx.init, values(abstract_params))
 
     def leaf_specs(n, v):
         axes = tuple(v.get_metadata().get("out_sharding") or (None,) * v.ndim)
         lead, rest = axes[:n], axes[n:]
-        dims = _factored_dims(v.shape[n:], cfg.factored, min_dim_size_to_factor)
+        dims = _factored_dims(v.shape[n:], cfg.factored, cfg.min_dim_size_to_factor)
         if dims is None:
             return FactoredStats(P(*lead, None), P(*lead, None), P(*axes))
         d1, d0 = dims  # v_row drops the largest dim d0, v_col the second largest d1

@@ -9,6 +9,7 @@ Public API (used by steps.py and the trainer):
     p.param_shardings(abstract_params)      # nnx.State of Variables -> same tree of NamedSharding
     p.logical_shardings(spec_tree, param=True)  # tree of logical P(...) -> NamedSharding tree
     p.batch_sharding, p.replicated          # NamedSharding of [B, ...] inputs / of scalars
+    p.host_batch_slice(global_batch_size)   # rows this process feeds
     p.shard_batch(host_batch)               # per-host numpy dict -> global jax.Arrays
 """
 
@@ -217,6 +218,18 @@ class Partitioner:
     def batch_sharding(self) -> NamedSharding:
         """Leading (batch) dimension over ('data', 'expert'); the rest replicated."""
         return NamedSharding(self.mesh, P(BATCH_AXES))
+
+    def host_batch_slice(self, global_batch_size: int) -> slice:
+        """Rows of the global batch that this process must feed to `shard_batch`."""
+        index_map = self.batch_sharding.addressable_devices_indices_map((global_batch_size,))
+        starts = sorted({idx[0].indices(global_batch_size)[:2] for idx in index_map.values()})
+        rows = slice(starts[0][0], starts[-1][1])
+        if sum(b - a for a, b in starts) != rows.stop - rows.start:
+            raise ConfigError(
+                f"process {jax.process_index()} holds non-contiguous batch rows {starts}; "
+                f"put the data/expert axes of MESH_SHAPE across hosts (DCN_MESH_SHAPE)"
+            )
+        return rows
 
     def shard_batch(self, host_batch: dict) -> dict:
         """This process's rows (numpy) -> global arrays sharded like `batch_sharding`.

@@ -19,6 +19,7 @@ class OptimizerConfig:
     clipping_threshold: float = 1.0
     multiply_by_parameter_scale: bool = True
     factored: bool = True
+    min_dim_size_to_factor: int = 128  # factor second moments only over dims at least this large
     microbatches: int = 1  # gradient accumulation steps inside one train step
 
     def __post_init__(self):
