@@ -5,9 +5,10 @@
 
 Prints total and per-token active parameters, forward FLOPs per token and per sequence
 (switch_jax.models.info), and for MESH_SHAPE the per-device bytes of the parameters and of the
-Adafactor statistics. Per-device bytes come from the abstract parameter shapes and their logical
-axes mapped to mesh axes by the partitioning rule table: each dimension is split by the product of
-the mesh-axis sizes its logical axis maps to (rounded up, as XLA pads). Nothing is allocated.
+Adafactor statistics (optim.adafactor's layout). Per-device bytes come from the abstract shapes
+of parameters and optimizer state and their logical axes, mapped to mesh axes by
+partitioning's rule table: each dimension is split by the product of the sizes of the mesh axes
+its logical axis maps to (rounded up, as XLA pads). No device or mesh is needed.
 """
 
 from __future__ import annotations
@@ -19,29 +20,15 @@ import math
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
+from flax.core import spmd as core_spmd
+from jax.sharding import PartitionSpec as P
 
-from switch_jax import gin_utils
+from switch_jax import gin_utils, optim, partitioning
 from switch_jax.models import info as models_info
 from switch_jax.models.config import ConfigError, ModelConfig
 from switch_jax.run_config import OptimizerConfig, TrainConfig
-
-MESH_AXES = ("data", "expert", "model")
-# Logical axis -> mesh axes, DESIGN.md's table (T5X MoE rules, REFERENCE §3.3). Only parameter
-# axes matter here; 'fsdp' also splits the embed dimension of every weight over 'data'.
-# TODO(partitioning): read these from switch_jax.partitioning once its rule table lands.
-RULES = {
-    "default": {"expert": ("expert",), "mlp": ("model",), "heads": ("model",), "vocab": ("model",)},
-    "fsdp": {
-        "expert": ("expert",),
-        "mlp": ("model",),
-        "heads": ("model",),
-        "vocab": ("model",),
-        "embed": ("data",),
-    },
-}
-MIN_DIM_TO_FACTOR = 128  # optax.adafactor's min_dim_size_to_factor
-BATCH_AXES = ("expert", "layers")  # Adafactor keeps separate statistics along these
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,41 +52,64 @@ def resolve_mesh(mesh_shape: Sequence[int], num_devices: int) -> tuple[int, int,
     return tuple(max(1, num_devices // rest) if n == -1 else n for n in mesh_shape)
 
 
-def _split(axes: Sequence[str | None], rules: dict, mesh: dict[str, int]) -> list[int]:
-    """How many ways each dimension is split; a mesh axis shards at most one dimension."""
-    used, splits = set(), []
-    for axis in axes:
-        mesh_axes = [m for m in rules.get(axis, ()) if m not in used]
-        used.update(mesh_axes)
-        splits.append(math.prod(mesh[m] for m in mesh_axes))
-    return splits
+def param_rules(partition_rules: str) -> tuple:
+    """partitioning's parameter table (FSDP adds embed -> data for matrices)."""
+    if partition_rules not in ("default", "fsdp"):
+        raise ConfigError(f"PARTITION_RULES={partition_rules!r} must be 'default' or 'fsdp'")
+    overrides = dict(partitioning.FSDP_PARAM_OVERRIDES) if partition_rules == "fsdp" else {}
+    return tuple((k, overrides.get(k, v)) for k, v in partitioning.DEFAULT_RULES)
 
 
-def _local_size(shape: Sequence[int], splits: Sequence[int]) -> int:
-    return math.prod(-(-dim // n) for dim, n in zip(shape, splits, strict=True))
+def local_size(
+    shape: Sequence[int], axes: Sequence[str | None], rules, mesh: dict, matrix: bool
+) -> int:
+    """Elements one device holds: each dim split by its mesh axes' sizes (rounded up: padded).
 
-
-def adafactor_shapes(shape: Sequence[int], axes: Sequence[str], factored: bool) -> list[list[int]]:
-    """Indices of the dims kept by each Adafactor statistic of a parameter.
-
-    T5X's factor rules: the 'embed' dim is the row, every other dim except 'expert' and 'layers'
-    (scanned stacks) a column, so a [D, H, K] kernel keeps [D] + [H, K] and an expert kernel
-    [E, D, F] keeps [E, D] + [E, F] (never reduced over experts). Without an 'embed' dim, optax's rule: the two largest dims if
-    both are >= 128. Vectors and small matrices keep one full-size statistic.
+    Like Partitioner.mesh_spec(param=True): the FSDP rules apply to matrices only.
     """
-    full = [list(range(len(shape)))]
-    free = [i for i, a in enumerate(axes) if a not in BATCH_AXES]
-    if not factored or len(free) < 2:
-        return full
-    rows = [i for i in free if axes[i] == "embed"][:1]
-    if not rows:
-        free.sort(key=lambda i: shape[i])
-        if shape[free[-2]] < MIN_DIM_TO_FACTOR:
-            return full
-        rows, free = [free[-1]], free[-2:]
-    cols = [i for i in free if i not in rows]
-    batch = [i for i in range(len(shape)) if i not in free]
-    return [sorted(batch + rows), sorted(batch + cols)]
+    table = rules if matrix else partitioning.DEFAULT_RULES
+    spec = core_spmd.from_sharding_rules(tuple(axes), table) if axes else ()
+    size = 1
+    for dim, mesh_axes in zip(shape, tuple(spec) + (None,) * len(shape), strict=False):
+        names = (mesh_axes,) if isinstance(mesh_axes, str) else (mesh_axes or ())
+        size *= -(-dim // math.prod(mesh[n] for n in names))
+    return size
+
+
+@functools.lru_cache(maxsize=32)
+def _abstract(cfg: ModelConfig, optimizer: OptimizerConfig) -> tuple[list, list]:
+    """[(shape, axes, itemsize)] of the parameters and of the Adafactor state, from abstract
+    shapes only. Built once per config; a scanned stack has the same parameters and statistics
+    and traces ~20x faster for the 48-layer models."""
+    scanned = cfg.scan_layers
+    try:
+        cfg = cfg.replace(scan_layers=True)
+    except ConfigError:
+        pass  # layer counts not divisible by sparse_every: build the layers one by one
+
+    def leaf(shape, axes, dtype) -> tuple:
+        # Whether partitioning treats it as a matrix (FSDP) in the model as configured: a
+        # stacked [layers, D] norm scale is a vector there unless the config scans.
+        rank = len(axes) - (not scanned and bool(axes) and axes[0] == "layers")
+        return tuple(shape), tuple(axes), jnp.dtype(dtype).itemsize, rank >= 2
+
+    params = nnx.state(models_info.abstract_model(cfg), nnx.Param)
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    param_leaves = []
+    for v in jax.tree.leaves(params, is_leaf=is_var):
+        axes = tuple(v.get_metadata().get("out_sharding") or (None,) * v.ndim)
+        param_leaves.append(leaf(v.shape, axes, v.dtype))
+    tx = optim.adafactor(optimizer, optim.unfactored_leading_dims(params))
+    state = jax.eval_shape(tx.init, optim.values(params))
+    specs = optim.state_logical_specs(optimizer, params)
+    is_spec = lambda x: isinstance(x, P)  # noqa: E731
+    opt_leaves = [
+        leaf(x.shape, tuple(spec), x.dtype)
+        for x, spec in zip(
+            jax.tree.leaves(state), jax.tree.leaves(specs, is_leaf=is_spec), strict=True
+        )
+    ]
+    return param_leaves, opt_leaves
 
 
 def memory_info(
@@ -109,49 +119,36 @@ def memory_info(
     optimizer: OptimizerConfig | None = None,
 ) -> MemoryInfo:
     """Per-device bytes of parameters and Adafactor state for a fully specified mesh shape."""
-    if partition_rules not in RULES:
-        raise ConfigError(f"PARTITION_RULES={partition_rules!r} must be one of {sorted(RULES)}")
     if len(mesh_shape) != 3 or min(mesh_shape) < 1:
         raise ConfigError(f"MESH_SHAPE={tuple(mesh_shape)} must be 3 sizes >= 1")
-    factored = optimizer.factored if optimizer else True
-    rules, mesh = RULES[partition_rules], dict(zip(MESH_AXES, mesh_shape, strict=True))
-    p_local = p_total = o_local = o_total = 0
-    for shape, axes, itemsize in _param_leaves(cfg):
-        splits = _split(axes, rules, mesh)
-        p_local += _local_size(shape, splits) * itemsize
-        p_total += math.prod(shape) * itemsize
-        for kept in adafactor_shapes(shape, axes, factored):
-            sub_shape = [shape[i] for i in kept]
-            o_local += _local_size(sub_shape, [splits[i] for i in kept]) * 4  # float32 stats
-            o_total += math.prod(sub_shape) * 4
+    rules = param_rules(partition_rules)
+    mesh = dict(zip(partitioning.MESH_AXES, mesh_shape, strict=True))
+    params, opt = _abstract(cfg, optimizer or OptimizerConfig())
+
+    def total(leaves, local: bool) -> int:
+        return sum(
+            (local_size(shape, axes, rules, mesh, matrix) if local else math.prod(shape)) * size
+            for shape, axes, size, matrix in leaves
+        )
+
+    p_local, o_local = total(params, True), total(opt, True)
     return MemoryInfo(
-        tuple(mesh_shape), partition_rules, p_local, o_local, p_local + o_local, p_total, o_total
+        tuple(mesh_shape),
+        partition_rules,
+        p_local,
+        o_local,
+        p_local + o_local,
+        total(params, False),
+        total(opt, False),
     )
-
-
-@functools.lru_cache(maxsize=32)
-def _param_leaves(cfg: ModelConfig) -> tuple[tuple[tuple[int, ...], tuple, int], ...]:
-    """(shape, logical axes, itemsize) of every parameter; one abstract model per config."""
-    try:
-        # Same parameters, stacked over a 'layers' axis: tracing one scanned block instead of
-        # every layer makes this ~20x faster for the 48-layer models.
-        cfg = cfg.replace(scan_layers=True)
-    except ConfigError:
-        pass  # layer counts not divisible by sparse_every: build the layers one by one
-    params = nnx.state(models_info.abstract_model(cfg), nnx.Param)
-    out = []
-    for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable)):
-        shape, axes = tuple(leaf.shape), tuple(leaf.get_metadata().get("out_sharding") or ())
-        axes = axes if len(axes) == len(shape) else (None,) * len(shape)
-        out.append((shape, axes, jax.numpy.dtype(leaf.dtype).itemsize))
-    return tuple(out)
 
 
 def model_info(cfg: ModelConfig, input_length: int, target_length: int) -> models_info.ModelInfo:
     """models.info.model_info from the cached parameter list (building the abstract model of a
     large config costs seconds; tests check both agree)."""
-    total = sum(math.prod(shape) for shape, _, _ in _param_leaves(cfg))
-    expert = sum(math.prod(shape) for shape, axes, _ in _param_leaves(cfg) if "expert" in axes)
+    params, _ = _abstract(cfg, OptimizerConfig())
+    total = sum(math.prod(p[0]) for p in params)
+    expert = sum(math.prod(p[0]) for p in params if "expert" in p[1])
     k_over_e = cfg.moe.top_k / cfg.moe.num_experts if cfg.moe else 0.0
     active = total - expert + int(round(expert * k_over_e))
     flops = models_info._sequence_flops(cfg, input_length, target_length)  # noqa: SLF001
