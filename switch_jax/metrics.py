@@ -12,8 +12,9 @@ Usage (the trainer; only process 0 writes files)::
 
 `host_metrics` is a dict of host values (numpy / Python numbers, e.g. `jax.device_get` of the
 step's metrics). Scalars are logged as they are (loss, cross_entropy, aux_loss, z_loss,
-router_z_loss, accuracy, learning_rate, grad_norm, ...). Router statistics go under the key
-`moe`: `{stack: RouterStats or dict of arrays with a leading sparse-layer axis}`; they become
+router_z_loss, accuracy, learning_rate, grad_norm, ...). Router statistics are either flat
+`{stack}/{field}` keys (what steps.py returns: `encoder/fraction_dropped` [S], ...) or
+`moe: {stack: RouterStats or dict}`, arrays with a leading sparse-layer axis; they become
 `moe/{stack}/layer_{i}/{field}` scalars (i = the layer's index in its stack, when `moe_layers`
 is given, else its order among the sparse layers), `expert_fraction` [S, E] becomes per-layer
 `expert_usage_max` / `expert_usage_min` (load of the busiest / idlest expert, 1.0 = uniform) and
@@ -61,6 +62,7 @@ PEAK_FLOPS = (
     ("a100", 312e12),
 )
 _CPU_PEAK: float | None = None
+STACKS = ("encoder", "decoder")
 
 
 def peak_flops_per_device(device_kind: str) -> float | None:
@@ -150,14 +152,23 @@ def flatten_moe(
 def flatten_metrics(
     metrics: Mapping[str, Any], moe_layers: Mapping[str, list[int]] | None = None
 ) -> tuple[dict[str, float], dict[str, list]]:
-    """Top-level scalars plus flattened `moe` statistics; other arrays go to the lists."""
+    """Top-level scalars plus flattened router statistics; other arrays go to the lists.
+
+    Router statistics are read from `moe: {stack: stats}` or, as steps.py returns them, from
+    flat `{stack}/{field}` keys (stack 'encoder' or 'decoder') with a leading layer axis.
+    """
+    moe: dict[str, dict] = {}
+    for stack, stats in (metrics.get("moe") or {}).items():
+        if stats is not None:
+            moe[stack] = stats._asdict() if hasattr(stats, "_asdict") else dict(stats)
     scalars: dict[str, float] = {}
     lists: dict[str, list] = {}
     for name, value in metrics.items():
+        stack, sep, field = name.partition("/")
         if name == "moe":
-            s, lst = flatten_moe(value, moe_layers)
-            scalars.update(s)
-            lists.update(lst)
+            continue
+        if sep and stack in STACKS:
+            moe.setdefault(stack, {})[field] = value
         elif isinstance(value, Mapping):
             s, lst = flatten_metrics(value, moe_layers)
             scalars.update({f"{name}/{k}": v for k, v in s.items()})
@@ -168,7 +179,8 @@ def flatten_metrics(
                 scalars[name] = float(array.reshape(()))
             else:
                 lists[name] = np.asarray(array, np.float64).tolist()
-    return scalars, lists
+    s, lst = flatten_moe(moe, moe_layers)
+    return {**scalars, **s}, {**lists, **lst}
 
 
 def moe_layer_ids(cfg: Any) -> dict[str, list[int]]:

@@ -140,3 +140,14 @@ def test_tensorboard_without_clu(tmp_path, monkeypatch):
     logger.log_train(1, {"loss": 1.0}, step_time=1.0, tokens=1)
     logger.close()
     assert glob.glob(os.path.join(tmp_path, "train", "events.out.tfevents.*"))
+
+
+def test_flat_stack_keys_as_steps_returns_them():
+    stats = router_stats(2)._asdict()
+    flat = {f"encoder/{k}": v for k, v in stats.items()}
+    flat["encoder/effective_capacity_factor"] = np.float32(1.25)  # steps.py averages this one
+    scalars, lists = metrics.flatten_metrics({"loss": 1.0, **flat}, {"encoder": [1, 3]})
+    assert scalars["moe/encoder/layer_3/fraction_dropped"] == pytest.approx(0.1)
+    assert scalars["moe/encoder/effective_capacity_factor"] == pytest.approx(1.25)
+    assert "moe/encoder/layer_1/expert_fraction" in lists and scalars["loss"] == 1.0
+    assert not any(k.startswith("encoder/") for k in [*scalars, *lists])
