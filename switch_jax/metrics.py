@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 from absl import logging
+from etils import epath
 
 # Dense bf16 peak FLOP/s per JAX device, by device_kind substring (first match wins, so the more
 # specific names come first). TPU v2/v3 expose each core as a device: half the chip's peak.
@@ -235,20 +236,56 @@ class _TensorBoard:
                 writer.close()
 
 
-def _truncate_jsonl(path: str, last_step: int) -> None:
-    """Keep only the lines of steps <= last_step (the restored checkpoint)."""
-    if not os.path.exists(path):
-        return
+class _JsonLines:
+    """MODEL_DIR/{train,eval}/metrics.jsonl. Local files are appended to; object stores (gs://)
+    cannot append, so there the file is rewritten from memory at most once a minute and on
+    close. `start_step` drops lines logged after the checkpoint a resumed run restored."""
+
+    def __init__(self, path: str, start_step: int | None):
+        self.path = epath.Path(path)
+        self.remote = "://" in path
+        self.lines: list[str] = []
+        self._written = 0.0
+        kept = _read_lines(self.path, start_step) if start_step is not None else None
+        if self.remote:
+            self.lines = kept if kept is not None else _read_lines(self.path, None)
+        elif kept is not None:
+            self.path.write_text("".join(kept))
+        self._file = None if self.remote else open(path, "a")  # noqa: SIM115
+
+    def write(self, line: str) -> None:
+        if self._file is not None:
+            self._file.write(line + "\n")
+            self._file.flush()
+            return
+        self.lines.append(line + "\n")
+        if time.monotonic() - self._written > 60:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.remote:
+            self.path.write_text("".join(self.lines))
+            self._written = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+        if self._file is not None:
+            self._file.close()
+
+
+def _read_lines(path: epath.Path, last_step: int | None) -> list[str]:
+    """Complete JSON lines of `path` (of steps <= last_step, if given)."""
+    if not path.exists():
+        return []
     kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line).get("step", 0) <= last_step:
-                    kept.append(line)
-            except json.JSONDecodeError:  # a line cut short by a crash
-                continue
-    with open(path, "w") as f:
-        f.writelines(kept)
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+        if last_step is None or row.get("step", 0) <= last_step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    return kept
 
 
 class MetricsLogger:
@@ -278,13 +315,10 @@ class MetricsLogger:
         if not is_chief:
             return
         for kind in ("train", "eval"):
-            folder = os.path.join(model_dir, kind)
-            os.makedirs(folder, exist_ok=True)
-            path = os.path.join(folder, "metrics.jsonl")
-            if start_step is not None:
-                _truncate_jsonl(path, start_step)
-            self._files[kind] = open(path, "a")  # noqa: SIM115 (closed in close())
-            self._tb[kind] = _TensorBoard(folder)
+            folder = epath.Path(model_dir) / kind
+            folder.mkdir(parents=True, exist_ok=True)
+            self._files[kind] = _JsonLines(os.fspath(folder / "metrics.jsonl"), start_step)
+            self._tb[kind] = _TensorBoard(os.fspath(folder))
 
     def log_train(
         self, step: int, metrics: Mapping[str, Any], *, step_time: float, tokens: int
@@ -312,8 +346,7 @@ class MetricsLogger:
     def _write(self, kind: str, step: int, scalars: dict, lists: dict) -> dict:
         row = {"step": int(step), **scalars, **lists}
         if self.is_chief:
-            self._files[kind].write(json.dumps(row) + "\n")
-            self._files[kind].flush()
+            self._files[kind].write(json.dumps(row))
             self._tb[kind].write_scalars(int(step), scalars)
         return row
 
@@ -339,6 +372,8 @@ class MetricsLogger:
     def flush(self) -> None:
         for tb in self._tb.values():
             tb.flush()
+        for f in self._files.values():
+            f.flush()
 
     def close(self) -> None:
         for tb in self._tb.values():
