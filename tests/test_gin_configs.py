@@ -1,4 +1,4 @@
-"""gin layer: every shipped config parses into the expected dataclasses; bad input -> ConfigError."""
+"""gin layer: every shipped config parses into the expected dataclasses; bad input fails."""
 
 import glob
 import os
