@@ -1,0 +1,137 @@
+"""The real C4 / mC4 tasks on tiny on-disk TFDS datasets, text-file tasks, and their errors."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+seqio = pytest.importorskip("seqio")
+pytest.importorskip("tensorflow_datasets")
+
+import data_fixtures  # noqa: E402
+
+from switch_jax.data import DataError, pipeline, tasks, vocab  # noqa: E402
+
+LENGTHS = {"inputs": 64, "targets": 16}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(corpus, vocab path, lines of real English text)."""
+    built, model = data_fixtures.build_tiny(str(tmp_path_factory.mktemp("tiny")))
+    lines = []
+    for path in built.train_files:
+        with open(path) as f:
+            lines += f.read().splitlines()
+    return built, model, lines
+
+
+@pytest.fixture(scope="module")
+def c4_dir(tiny, tmp_path_factory):
+    _, _, lines = tiny
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    data_fixtures.write_tfds(
+        data_dir, "c4", "en", "3.0.1", {"train": lines[:150], "validation": lines[150:170]}
+    )
+    return data_dir
+
+
+def test_c4_span_corruption_runs_unchanged_on_tfds_c4_en_301(tiny, c4_dir):
+    _, model, lines = tiny
+    it = pipeline.make_batches(
+        "c4_v301_span_corruption",
+        "train",
+        LENGTHS,
+        batch_size=4,
+        seed=3,
+        tfds_data_dir=c4_dir,
+        vocabulary=model,
+    )
+    batch = next(it)
+    assert set(batch) == set(pipeline.ENCODER_DECODER_FEATURES)
+    assert batch["encoder_input_tokens"].shape == (4, 64)
+    assert batch["decoder_target_tokens"].shape == (4, 16)
+    v = vocab.load_vocabulary(model)
+    row_inputs = batch["encoder_input_tokens"][0]
+    row_targets = batch["decoder_target_tokens"][0]
+    # Real text went in: the first sentinel is <extra_id_0>, in both inputs and targets.
+    assert row_targets[0] == v.vocab_size - 1 and v.vocab_size - 1 in row_inputs
+    decoded = v.decode([t for t in row_inputs if t < v.vocab_size - 100])
+    assert len(decoded.split()) > 10
+    assert tasks.get_provider("c4_v301_span_corruption").source.tfds_dataset.name == "c4/en:3.0.1"
+
+
+def test_c4_lm_task_gives_full_decoder_only_rows(tiny, c4_dir):
+    _, model, _ = tiny
+    it = pipeline.make_batches(
+        "c4_v301_lm",
+        "validation",
+        {"targets": 32},
+        batch_size=2,
+        seed=0,
+        architecture="decoder_only",
+        tfds_data_dir=c4_dir,
+        vocabulary=model,
+    )
+    batch = next(it)
+    assert set(batch) == set(pipeline.DECODER_ONLY_FEATURES)
+    # Documents are concatenated then split, so rows are full of real tokens.
+    assert (batch["decoder_target_tokens"] != 0).all()
+    assert (batch["decoder_input_tokens"][:, 1:] == batch["decoder_target_tokens"][:, :-1]).all()
+
+
+def test_missing_tfds_data_says_how_to_prepare_it(tmp_path, tiny):
+    with pytest.raises(DataError, match=r"tfds build c4 --config en .*--tfds_data_dir"):
+        tasks.get_provider(
+            "c4_v301_span_corruption", tfds_data_dir=str(tmp_path), vocabulary=tiny[1]
+        )
+
+
+def test_mc4_mixture_samples_languages_by_examples_to_the_power_0_3(tiny, tmp_path):
+    _, model, lines = tiny
+    sizes = {"de": 80, "sw": 10}
+    splits = {}
+    for i, (lang, n) in enumerate(sizes.items()):
+        splits[lang] = lines[i * 100 : i * 100 + n]
+        splits[f"{lang}-validation"] = lines[500 + i * 5 : 505 + i * 5]
+    data_fixtures.write_tfds(str(tmp_path), "c4", "multilingual", "3.0.1", splits)
+    mixture = tasks.get_provider(
+        "mc4_span_corruption", tfds_data_dir=str(tmp_path), vocabulary=model, languages=("de", "sw")
+    )
+    rates = {t.name: mixture.get_rate(t) for t in mixture.tasks}
+    assert rates == pytest.approx({f"mc4_span_corruption.{k}": n**0.3 for k, n in sizes.items()})
+    batch = next(pipeline.make_batches("mc4_span_corruption", "train", LENGTHS, batch_size=2))
+    assert batch["encoder_input_tokens"].shape == (2, 64)
+
+
+def test_text_file_task_over_a_glob(tiny, tmp_path):
+    _, model, lines = tiny
+    for i in range(2):
+        (tmp_path / f"part{i}.txt").write_text("\n".join(lines[i * 40 : (i + 1) * 40]) + "\n\n")
+    name = tasks.register_text_files("my_text", str(tmp_path / "part*.txt"), model)
+    assert name == "my_text"
+    # Registering again is a no-op, not a "task already registered" error.
+    tasks.register_text_files("my_text", str(tmp_path / "part*.txt"), model)
+    batch = next(pipeline.make_batches("my_text", "train", LENGTHS, batch_size=2, seed=0))
+    assert (batch["encoder_segment_ids"] > 0).mean() > 0.9
+    with pytest.raises(DataError, match="no files match"):
+        tasks.register_text_files("nothing", str(tmp_path / "none*.txt"), model)
+
+
+def test_unknown_task_is_a_clear_error():
+    with pytest.raises(DataError, match="unknown task or mixture 'c5_span'.*embedded_lm"):
+        tasks.get_provider("c5_span")
+
+
+def test_import_registers_and_builds_nothing(tmp_path):
+    code = (
+        "import seqio, switch_jax.data.pipeline; "
+        "print(sorted(n for n in seqio.TaskRegistry.names() if 'c4' in n or 'embedded' in n))"
+    )
+    env = dict(os.environ, SWITCH_JAX_CACHE=str(tmp_path / "cache"))
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
+    assert not (tmp_path / "cache").exists()
