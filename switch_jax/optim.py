@@ -221,8 +221,8 @@ def accumulate_gradients(
     """
     k = num_microbatches
     if k == 1:
-        grads, aux = grad_fn(params, batch, 0)
-        return grads, jax.tree.map(lambda x: x[None], aux)
+        grads, aux = grad_fn(params, batch, jnp.zeros([], jnp.int32))
+        return grads, jax.tree.map(lambda x: jnp.asarray(x)[None], aux)
 
     def split(x):
         x = jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
