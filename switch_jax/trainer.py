@@ -61,44 +61,73 @@ def train(
     )
     preemption = _Preemption()
     preemption.install()
+    # Created outside the mesh context: it may time a single-device matmul for the CPU peak.
+    logger = metrics_lib.MetricsLogger(
+        os.fspath(model_dir),
+        total_steps=run.train_steps,
+        is_chief=jax.process_index() == 0,
+        flops_per_step=3 * info.flops_per_sequence * run.batch_size,
+        start_step=ckpts.latest_step(),
+        moe_layers=metrics_lib.moe_layer_ids(model_cfg),
+    )
     with partitioner.activate():
         setup = steps.setup_training(model_cfg, opt, partitioner, seed=run.seed, z_loss=run.z_loss)
         state, first_step = _initial_state(setup, ckpts, batches, run)
-        tokens_per_step = run.batch_size * sum(_lengths(model_cfg, run))
-        logger = metrics_lib.MetricsLogger(
-            os.fspath(model_dir),
-            total_steps=run.train_steps,
-            is_chief=jax.process_index() == 0,
-            flops_per_step=3 * info.flops_per_sequence * run.batch_size,
-        )
-        last = {}
-        pending = None
+        loop = _Loop(run, logger, tokens=run.batch_size * sum(_lengths(model_cfg, run)))
+        eval_dataset = None
         step = first_step
-        t0 = time.perf_counter()
         while step < run.train_steps:
-            batch = partitioner.shard_batch(next(batches))
-            state, step_metrics = setup.train_step(state, batch)
+            state, step_metrics = setup.train_step(state, partitioner.shard_batch(next(batches)))
             step += 1
-            # Read step N-1's metrics only after dispatching step N: the device stays busy.
-            if pending is not None:
-                last = _log(logger, *pending, tokens_per_step)
-            pending = (step, step_metrics, t0)
-            t0 = time.perf_counter()
+            # Step N-1's metrics are read only after step N is dispatched: the device stays busy.
+            loop.dispatched(step, step_metrics)
             preempted = preemption.reached(step)
-            if step == run.train_steps or preempted or ckpts.should_save(step):
-                last = _log(logger, *pending, tokens_per_step)  # never commit a bad state
-                pending = None
+            if step == run.train_steps or preempted or step % run.checkpoint_period == 0:
+                loop.flush()  # a non-finite loss raises here, before anything is committed
                 ckpts.save(step, state, iterator=batches, meta=_meta(batches), force=True)
             if step % run.eval_period == 0 or step == run.train_steps:
-                logger.log_eval(step, _evaluate(setup, state, model_cfg, run, partitioner))
+                eval_dataset = eval_dataset or _eval_dataset(model_cfg, run)
+                results = _evaluate(setup, state, run, partitioner, eval_dataset)
+                logger.log_eval(step, results)
             if preempted:
                 logging.info("preempted: saved step %d, exiting", step)
                 break
-        if pending is not None:
-            last = _log(logger, *pending, tokens_per_step)
+        loop.flush()
         ckpts.close()
         logger.close()
-    return last
+    return loop.last
+
+
+class _Loop:
+    """Host side of the loop: finiteness check every step, logging every LOG_PERIOD steps."""
+
+    def __init__(self, run: TrainConfig, logger, tokens: int):
+        self.run, self.logger, self.tokens = run, logger, tokens
+        self.pending = None
+        self.last: dict = {}
+        self.t0 = time.perf_counter()
+
+    def dispatched(self, step: int, step_metrics) -> None:
+        self.flush()
+        now = time.perf_counter()
+        self.pending = (step, step_metrics, now - self.t0)
+        self.t0 = now
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        step, step_metrics, step_time = self.pending
+        self.pending = None
+        loss = float(jax.device_get(step_metrics["loss"]))
+        if not np.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss}) at step {step}; the last committed checkpoint is "
+                f"intact (lower the learning rate or enable skip_nonfinite_updates)"
+            )
+        period = self.run.log_period
+        if step % period == 0 or step == 1 or step == self.run.train_steps:
+            self.last = jax.device_get(step_metrics)
+            self.logger.log_train(step, self.last, step_time=step_time, tokens=self.tokens)
 
 
 def evaluate_checkpoint(
@@ -118,7 +147,7 @@ def evaluate_checkpoint(
     with partitioner.activate():
         setup = steps.setup_training(model_cfg, opt, partitioner, seed=run.seed, z_loss=run.z_loss)
         state, _ = ckpts.restore(step, setup.abstract_state)
-        results = _evaluate(setup, state, model_cfg, run, partitioner)
+        results = _evaluate(setup, state, run, partitioner, _eval_dataset(model_cfg, run))
     ckpts.close()
     logger = metrics_lib.MetricsLogger(
         run.model_dir,
@@ -144,32 +173,28 @@ def _initial_state(setup, ckpts, batches, run: TrainConfig):
     return state, 0
 
 
-def _log(logger, step, step_metrics, t0, tokens_per_step) -> dict:
-    host = jax.device_get(step_metrics)
-    loss = float(np.asarray(host["loss"]))
-    if not np.isfinite(loss):
-        raise NonFiniteLossError(
-            f"non-finite loss ({loss}) at step {step}; the last committed checkpoint is intact"
-        )
-    step_time = time.perf_counter() - t0
-    logger.log_train(step, host, step_time=step_time, tokens=tokens_per_step)
-    return host
-
-
-def _evaluate(setup, state, model_cfg, run: TrainConfig, partitioner) -> dict:
-    from switch_jax.data import pipeline  # noqa: PLC0415
-
-    batches = pipeline.make_batches(**_pipeline_args(model_cfg, run, "validation"))
+def _evaluate(setup, state, run: TrainConfig, partitioner, dataset) -> dict:
+    """Mean metrics over the first `eval_steps` validation batches (the same ones every time)."""
+    batches = iter(dataset)
     totals: dict = {}
     for _ in range(run.eval_steps):
-        host = jax.device_get(setup.eval_step(state.params, partitioner.shard_batch(next(batches))))
-        for name, value in host.items():
+        host = {k: v.numpy() for k, v in next(batches).items()}
+        out = jax.device_get(setup.eval_step(state.params, partitioner.shard_batch(host)))
+        for name, value in out.items():
             totals.setdefault(name, []).append(np.asarray(value))
     return {name: np.mean(values, axis=0) for name, values in totals.items()}
 
 
+def _eval_dataset(model_cfg, run: TrainConfig):
+    """The validation tf.data pipeline, built once; each evaluation iterates it afresh."""
+    from switch_jax.data import pipeline  # noqa: PLC0415
+
+    return pipeline.make_dataset(**_pipeline_args(model_cfg, run, "validation"))
+
+
 def _pipeline_args(model_cfg: ModelConfig, run: TrainConfig, split: str) -> dict:
     train = split == "train"
+    options = {"tfds_data_dir": run.tfds_data_dir} if run.tfds_data_dir else {}
     return dict(
         task_or_mixture=run.mixture_or_task_name,
         split=split,
@@ -181,7 +206,7 @@ def _pipeline_args(model_cfg: ModelConfig, run: TrainConfig, split: str) -> dict
         num_shards=jax.process_count(),
         shuffle=train,
         repeat=True,
-        tfds_data_dir=run.tfds_data_dir,
+        **options,
     )
 
 
