@@ -299,7 +299,7 @@ def make_train_step(
         params = jax.tree.map(lambda v, x: v.replace(x), state.params, new_values, is_leaf=_is_var)
         metrics = _finish_metrics(sums, router, model_cfg)
         metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         new_state = TrainState(params, opt_state, state.step + 1, state.rng)
         return new_state, metrics
 
