@@ -196,7 +196,10 @@ class Transformer(nnx.Module):
             x = dropout(self.token_embedder(enc_tokens), cfg.dropout_rate, keys.fold(1).dropout)
             encoded, stats["encoder"] = self.encoder(x, enc_segments, keys.fold(2), train=train)
         dec_tokens = batch["decoder_input_tokens"]
-        dec_segments = _segments(batch, "decoder", batch.get("decoder_target_tokens", dec_tokens))
+        targets = batch.get("decoder_target_tokens")
+        if targets is None:  # inference: the BOS = 0 opening every decoder input is real
+            targets = jnp.asarray(dec_tokens).at[:, 0].set(1)
+        dec_segments = _segments(batch, "decoder", targets)
         y = dropout(self.token_embedder(dec_tokens), cfg.dropout_rate, keys.fold(3).dropout)
         y, stats["decoder"] = self.decoder(
             y,
