@@ -348,3 +348,19 @@ def test_jitter_changes_the_model_only_in_training():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     (_, sa), (_, sb) = _two_keys(model, batch, True, "jitter")
     assert not np.allclose(np.asarray(sa["decoder"].router_z_loss), sb["decoder"].router_z_loss)
+
+
+def test_decoder_without_targets_keeps_bos_and_causality():
+    # Inference batches carry no targets: BOS = 0 at position 0 must still be a real token
+    # (before the fix it was masked as padding, so position 0 attended to future tokens).
+    cfg = tiny_config(architecture="decoder_only")
+    model = make_model(cfg)
+    with_targets = packed_batch(cfg, [1] * 16)
+    no_targets = {"decoder_input_tokens": with_targets["decoder_input_tokens"]}
+    a, _ = forward(model, no_targets)
+    b, _ = forward(model, with_targets)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    changed = {"decoder_input_tokens": no_targets["decoder_input_tokens"].copy()}
+    changed["decoder_input_tokens"][0, 9] += 1
+    c, _ = forward(model, changed)
+    np.testing.assert_array_equal(np.asarray(c)[0, :9], np.asarray(a)[0, :9])
