@@ -124,6 +124,7 @@ def flatten_moe(
     scalars: dict[str, float] = {}
     lists: dict[str, list] = {}
     per_field: dict[str, list[float]] = {}
+    loads: list[tuple[float, float]] = []
     for stack, stats in moe.items():
         if stats is None:
             continue
@@ -143,10 +144,15 @@ def flatten_moe(
                 lists[f"{prefix}/{field}"] = [round(float(v), 6) for v in layer_value]
                 if field == "expert_fraction":
                     E = layer_value.size
-                    scalars[f"{prefix}/expert_usage_max"] = float(layer_value.max() * E)
-                    scalars[f"{prefix}/expert_usage_min"] = float(layer_value.min() * E)
+                    usage = (float(layer_value.max() * E), float(layer_value.min() * E))
+                    scalars[f"{prefix}/expert_usage_max"] = usage[0]
+                    scalars[f"{prefix}/expert_usage_min"] = usage[1]
+                    loads.append(usage)
     for field, values in per_field.items():
         scalars[f"moe/{field}"] = float(np.mean(values))
+    if loads:  # the worst layer, for the progress line
+        scalars["moe/expert_usage_max"] = max(hi for hi, _ in loads)
+        scalars["moe/expert_usage_min"] = min(lo for _, lo in loads)
     return scalars, lists
 
 
@@ -361,6 +367,9 @@ class MetricsLogger:
                 parts.append(f"{label} {_fmt(s[key])}")
         if "moe/fraction_dropped" in s:
             parts.append(f"dropped {s['moe/fraction_dropped']:.1%}")
+        if "moe/expert_usage_max" in s:  # 1.0x = a perfectly even share of tokens
+            lo, hi = s["moe/expert_usage_min"], s["moe/expert_usage_max"]
+            parts.append(f"expert load {lo:.2f}-{hi:.2f}x")
         if "learning_rate" in s:
             parts.append(f"lr {s['learning_rate']:.2e}")
         parts.append(f"{step_time:.2f}s/step {s['tokens_per_s']:,.0f} tok/s")
