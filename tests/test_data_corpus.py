@@ -59,6 +59,9 @@ def test_corpus_and_vocab_build_deterministically(tmp_path):
         roots=data_fixtures.TINY_ROOTS, max_bytes=600_000, cache_dir=str(tmp_path / "a")
     )
     assert again.directory == first.directory  # served from the cache
+    assert corpus.load_corpus(first.directory) == first
+    with pytest.raises(DataError, match="not a built corpus"):
+        corpus.load_corpus(str(tmp_path))
     # Serial and 2-process extraction give the same bytes.
     second = corpus.build_corpus(
         roots=data_fixtures.TINY_ROOTS, max_bytes=600_000, cache_dir=str(tmp_path / "b"), workers=1

@@ -119,6 +119,26 @@ def test_text_file_task_over_a_glob(tiny, tmp_path):
         tasks.register_text_files("nothing", str(tmp_path / "none*.txt"), model)
 
 
+def test_embedded_tasks_on_a_pinned_corpus(tiny):
+    built, _, _ = tiny
+    try:
+        names = tasks.register_embedded(
+            vocab_size=data_fixtures.TINY_VOCAB_SIZE, corpus_dir=built.directory
+        )
+        assert names == ("embedded_span_corruption", "embedded_lm")
+        span = next(pipeline.make_batches(names[0], "validation", LENGTHS, batch_size=2))
+        assert span["decoder_target_tokens"][0, 0] == data_fixtures.TINY_VOCAB_SIZE - 1
+        lm = pipeline.make_batches(
+            names[1], "train", {"targets": 32}, batch_size=2, architecture="decoder_only"
+        )
+        assert next(lm)["decoder_target_tokens"].shape == (2, 32)
+    finally:
+        # Later tests in the session must get the default embedded corpus, not this one.
+        for name in ("embedded_span_corruption", "embedded_lm"):
+            seqio.TaskRegistry.remove(name)
+            tasks._REGISTERED.pop(name, None)
+
+
 def test_unknown_task_is_a_clear_error():
     with pytest.raises(DataError, match="unknown task or mixture 'c5_span'.*embedded_lm"):
         tasks.get_provider("c5_span")

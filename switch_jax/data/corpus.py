@@ -220,6 +220,7 @@ def _train_name(i: int) -> str:
 
 def _publish(tmp: str, final: str) -> None:
     """Move a finished build into place; another process that got there first wins."""
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
     try:
         os.rename(tmp, final)
     except OSError:
@@ -252,8 +253,7 @@ def build_corpus(
     cache_dir = cache_dir or os.path.join(cache_root(), "embedded")
     sources = _list_sources(roots)
     final = os.path.join(cache_dir, f"corpus-{_fingerprint(sources, max_bytes)}")
-    meta_path = os.path.join(final, "meta.json")
-    if rebuild or not os.path.exists(meta_path):
+    if rebuild or not os.path.exists(os.path.join(final, "meta.json")):
         os.makedirs(cache_dir, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".build-", dir=cache_dir)
         stats = _write_corpus(tmp, sources, max_bytes, workers or os.cpu_count() or 1)
@@ -271,12 +271,20 @@ def build_corpus(
         if rebuild and os.path.isdir(final):
             shutil.rmtree(final, ignore_errors=True)
         _publish(tmp, final)
+    return load_corpus(final)
+
+
+def load_corpus(directory: str) -> Corpus:
+    """A corpus built earlier by `build_corpus`, from its directory (pins it across installs)."""
+    meta_path = os.path.join(directory, "meta.json")
+    if not os.path.exists(meta_path):
+        raise DataError(f"{directory} is not a built corpus (no meta.json)")
     with open(meta_path) as f:
         stats = json.load(f)
     return Corpus(
-        directory=final,
-        train_files=tuple(os.path.join(final, _train_name(i)) for i in range(NUM_TRAIN_SHARDS)),
-        validation_file=os.path.join(final, "validation.txt"),
+        directory=directory,
+        train_files=tuple(os.path.join(directory, _train_name(i)) for i in range(NUM_TRAIN_SHARDS)),
+        validation_file=os.path.join(directory, "validation.txt"),
         content_hash=stats["content_hash"],
         stats=stats,
     )
@@ -348,8 +356,20 @@ def build_vocab(
 
 
 def build_embedded(
-    vocab_size: int = DEFAULT_VOCAB_SIZE, max_bytes: int = DEFAULT_MAX_BYTES
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    corpus_dir: str | None = None,
 ) -> tuple[Corpus, str]:
-    """The default embedded corpus and its vocabulary path, built at first use and cached."""
-    corpus = build_corpus(max_bytes=max_bytes)
+    """The default embedded corpus and its vocabulary path, built at first use and cached.
+
+    The cache key follows the installed files, so installing a package builds a new corpus and
+    vocabulary; pass `corpus_dir` (or set $SWITCH_JAX_EMBEDDED_CORPUS) to keep using one build.
+
+    Args:
+      vocab_size: ids of the vocabulary, sentinels included.
+      max_bytes: cap on the corpus text.
+      corpus_dir: a directory made by an earlier build, used as is.
+    """
+    corpus_dir = corpus_dir or os.environ.get("SWITCH_JAX_EMBEDDED_CORPUS")
+    corpus = load_corpus(corpus_dir) if corpus_dir else build_corpus(max_bytes=max_bytes)
     return corpus, build_vocab(corpus, vocab_size)

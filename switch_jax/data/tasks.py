@@ -188,14 +188,16 @@ def register_text_files(
 def register_embedded(
     vocab_size: int = corpus_lib.DEFAULT_VOCAB_SIZE,
     max_bytes: int = corpus_lib.DEFAULT_MAX_BYTES,
+    corpus_dir: str | None = None,
 ) -> tuple[str, str]:
     """Register `embedded_span_corruption` and `embedded_lm` (corpus + vocab built at first use).
 
     Args:
       vocab_size: ids of the embedded SentencePiece vocabulary, sentinels included.
       max_bytes: cap on the corpus text.
+      corpus_dir: reuse this earlier build instead of the one matching the installed files.
     """
-    corpus, model = corpus_lib.build_embedded(vocab_size=vocab_size, max_bytes=max_bytes)
+    corpus, model = corpus_lib.build_embedded(vocab_size, max_bytes, corpus_dir)
     names = ("embedded_span_corruption", "embedded_lm")
     for name, objective in zip(names, ("span_corruption", "lm"), strict=True):
         register_text_files(
