@@ -94,23 +94,19 @@ def make_mesh(
         shape = resolve_mesh_shape(mesh_shape, len(devices))
         array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
         return Mesh(array, MESH_AXES, axis_types=axis_types)
-    dcn = resolve_mesh_shape(dcn_mesh_shape, _num_granules(devices), "DCN_MESH_SHAPE")
+    by_process = _granules_are_processes(devices)
+    granules = {d.process_index if by_process else d.slice_index for d in devices}
+    dcn = resolve_mesh_shape(dcn_mesh_shape, len(granules), "DCN_MESH_SHAPE")
     shape = resolve_mesh_shape(mesh_shape, len(devices) // math.prod(dcn))
     array = mesh_utils.create_hybrid_device_mesh(
-        shape,
-        dcn,
-        devices,
-        # Without TPU slices (CPU/GPU hosts) each process plays the part of a slice.
-        process_is_granule=getattr(devices[0], "slice_index", None) is None,
-        allow_split_physical_axes=True,
+        shape, dcn, devices, process_is_granule=by_process, allow_split_physical_axes=True
     )
     return Mesh(array, MESH_AXES, axis_types=axis_types)
 
 
-def _num_granules(devices) -> int:
-    if getattr(devices[0], "slice_index", None) is None:
-        return len({d.process_index for d in devices})
-    return len({d.slice_index for d in devices})
+def _granules_are_processes(devices) -> bool:
+    """TPU slices are the DCN granules; without several slices (CPU/GPU hosts), processes are."""
+    return len({getattr(d, "slice_index", 0) for d in devices}) <= 1
 
 
 @dataclasses.dataclass
