@@ -58,6 +58,10 @@ class MoeConfig:
             self.dispatch in ("einsum", "scatter"),
             f"MoeConfig.dispatch={self.dispatch!r} must be 'einsum' or 'scatter'",
         )
+        _require(
+            self.router_dtype in ("float32", "bfloat16"),
+            f"MoeConfig.router_dtype={self.router_dtype!r} must be 'float32' or 'bfloat16'",
+        )
 
     def is_sparse(self, layer: int) -> bool:
         return self.sparse_every > 0 and layer % self.sparse_every == self.sparse_every - 1

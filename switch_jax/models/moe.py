@@ -55,6 +55,7 @@ class MoeLayer(nnx.Module):
             self.router[...],
             jitter_eps=moe.jitter_eps,
             jitter_key=jitter_key,
+            dtype=moe.router_dtype,
         )
         cf = moe.capacity_factor_train if train else moe.capacity_factor_eval
         capacity = routing.expert_capacity(T, moe.num_experts, cf, moe.min_capacity)

@@ -65,19 +65,23 @@ def router_logits(
     *,
     jitter_eps: float = 0.0,
     jitter_key: jax.Array | None = None,
+    dtype: str = "float32",
 ) -> jax.Array:
     """float32 logits from a float32 copy of the input (selective precision, paper Table 2).
+
+    `dtype='bfloat16'` runs the router (logits, softmax, gates, losses) in bfloat16: only for
+    reproducing the paper's unstable baseline of Table 2.
 
     Multiplicative jitter Uniform(1-eps, 1+eps) touches the router input only, so the experts
     still see the clean representation (Mesh TF `input_jitter`).
     """
-    x_GTD = x_GTD.astype(jnp.float32)
+    x_GTD = x_GTD.astype(dtype)
     if jitter_eps > 0 and jitter_key is not None:
         noise = jax.random.uniform(
-            jitter_key, x_GTD.shape, jnp.float32, 1.0 - jitter_eps, 1.0 + jitter_eps
+            jitter_key, x_GTD.shape, dtype, 1.0 - jitter_eps, 1.0 + jitter_eps
         )
         x_GTD = x_GTD * noise
-    return jnp.einsum("gtd,de->gte", x_GTD, w_DE.astype(jnp.float32))
+    return jnp.einsum("gtd,de->gte", x_GTD, w_DE.astype(dtype))
 
 
 def route(
