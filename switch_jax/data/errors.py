@@ -5,9 +5,19 @@ from __future__ import annotations
 import os
 import threading
 
-# tfds and seqio probe the GCE metadata server when they see a gs:// path; off a GCE VM that probe
-# waits for a timeout, so it is switched off unless the user asked for it.
-os.environ.setdefault("NO_GCE_CHECK", "true")
+
+def _on_gce() -> bool:
+    try:
+        with open("/sys/class/dmi/id/product_name") as f:
+            return "Google" in f.read()
+    except OSError:
+        return False
+
+
+# TF's GCS client probes the GCE metadata server for credentials; off Google Cloud that probe
+# only waits for a timeout. On a GCE/TPU VM it is how private buckets authenticate, so keep it.
+if not _on_gce():
+    os.environ.setdefault("NO_GCE_CHECK", "true")
 
 DEFAULT_CHECK_TIMEOUT_S = 30.0
 
