@@ -256,8 +256,13 @@ def make_train_step(
     *,
     z_loss: float = 1e-4,
     abstract: AbstractState | None = None,
+    skip_nonfinite: bool = False,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """jit(train_step) with explicit shardings; the input state is donated."""
+    """jit(train_step) with explicit shardings; the input state is donated.
+
+    With `skip_nonfinite`, a step whose loss or gradient norm is not finite keeps the old params
+    and optimizer state (decided in-graph, no host sync) and reports `skipped_updates` = 1.
+    """
     abstract = abstract or abstract_train_state(model_cfg, opt_cfg, partitioner)
     graphdef = abstract.graphdef
     tx = _make_tx(model_cfg, opt_cfg, abstract.state.params)
@@ -300,6 +305,16 @@ def make_train_step(
         metrics = _finish_metrics(sums, router, model_cfg)
         metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
         metrics["grad_norm"] = optax.tree.norm(grads)
+        if skip_nonfinite:
+            ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+            # step still advances: the data, noise keys and schedule stay aligned with the
+            # trainer's step count whether or not an update was applied.
+            params, opt_state = jax.tree.map(
+                lambda new, old: jnp.where(ok, new, old),
+                (params, opt_state),
+                (state.params, state.opt_state),
+            )
+            metrics["skipped_updates"] = 1.0 - ok.astype(jnp.float32)
         new_state = TrainState(params, opt_state, state.step + 1, state.rng)
         return new_state, metrics
 
@@ -353,6 +368,7 @@ def setup_training(
     *,
     seed: int = 0,
     z_loss: float = 1e-4,
+    skip_nonfinite: bool = False,
 ) -> TrainingSetup:
     """Everything the trainer needs, sharing one abstract state."""
     abstract = abstract_train_state(model_cfg, opt_cfg, partitioner)
@@ -364,7 +380,12 @@ def setup_training(
             model_cfg, opt_cfg, partitioner, seed, abstract=abstract
         ),
         train_step=make_train_step(
-            model_cfg, opt_cfg, partitioner, z_loss=z_loss, abstract=abstract
+            model_cfg,
+            opt_cfg,
+            partitioner,
+            z_loss=z_loss,
+            abstract=abstract,
+            skip_nonfinite=skip_nonfinite,
         ),
         eval_step=make_eval_step(model_cfg, partitioner, z_loss=z_loss),
     )
