@@ -62,6 +62,31 @@ def test_c4_span_corruption_runs_unchanged_on_tfds_c4_en_301(tiny, c4_dir):
     assert tasks.get_provider("c4_v301_span_corruption").source.tfds_dataset.name == "c4/en:3.0.1"
 
 
+def test_c4_unpacked_rows_have_t5_lengths(tiny, c4_dir):
+    _, model, _ = tiny
+    lengths = {"inputs": 512, "targets": 114}
+    it = pipeline.make_batches(
+        "c4_v301_span_corruption",
+        "train",
+        lengths,
+        batch_size=8,
+        seed=0,
+        pack=False,
+        tfds_data_dir=c4_dir,
+        vocabulary=model,
+    )
+    batch = next(it)
+    assert {k: v.shape for k, v in batch.items()} == pipeline.batch_shapes(lengths, 8)
+    real_inputs = (batch["encoder_input_tokens"] != 0).sum(axis=1)
+    real_targets = (batch["decoder_target_tokens"] != 0).sum(axis=1)
+    # 568 raw tokens -> 511 + EOS inputs and 113 + EOS targets (only a concatenation's tail
+    # segment may be shorter).
+    full = real_inputs == 512
+    assert full.sum() >= 6 and (real_targets[full] == 114).all()
+    assert (batch["encoder_input_tokens"][full, -1] == 1).all()
+    assert (batch["decoder_target_tokens"][full, -1] == 1).all()
+
+
 def test_c4_lm_task_gives_full_decoder_only_rows(tiny, c4_dir):
     _, model, _ = tiny
     it = pipeline.make_batches(

@@ -64,6 +64,27 @@ def _check_args(feature_lengths, batch_size, architecture, shard_index, num_shar
         raise DataError(f"shard_index {shard_index} is outside 0..{num_shards - 1}")
 
 
+def _single_segment(example):
+    """Unpacked rows get segment ids and positions too, so the model sees one set of keys."""
+    for side, tokens in (("encoder", "encoder_input_tokens"), ("decoder", "decoder_target_tokens")):
+        if tokens in example:
+            real = tf.cast(example[tokens] != 0, tf.int32)
+            example[f"{side}_segment_ids"] = real
+            example[f"{side}_positions"] = tf.range(tf.size(real), dtype=tf.int32) * real
+    return example
+
+
+def batch_shapes(
+    feature_lengths: Mapping[str, int], batch_size: int, architecture: str = "encoder_decoder"
+) -> dict[str, tuple[int, int]]:
+    """Shapes of the int32 arrays `make_batches` yields, without building a pipeline."""
+    if architecture == "encoder_decoder":
+        enc = (batch_size, feature_lengths["inputs"])
+        dec = (batch_size, feature_lengths["targets"])
+        return {k: enc if k.startswith("encoder") else dec for k in ENCODER_DECODER_FEATURES}
+    return {k: (batch_size, feature_lengths["targets"]) for k in DECODER_ONLY_FEATURES}
+
+
 def make_dataset(
     task_or_mixture: str,
     split: str = "train",
@@ -102,6 +123,8 @@ def make_dataset(
         verbose=False,
         seed=seed,
     )
+    if not pack:
+        dataset = dataset.map(_single_segment, num_parallel_calls=tf.data.AUTOTUNE)
     dataset = dataset.batch(batch_size, drop_remainder=True)
     return dataset.prefetch(2)
 
@@ -205,7 +228,8 @@ def make_batches(
       seed: seeds shuffling and span corruption.
       shard_index: this host's index (jax.process_index()).
       num_shards: number of hosts (jax.process_count()).
-      pack: pack several examples per row (segment ids and positions mark them).
+      pack: pack several examples per row (segment ids and positions mark them); unpacked
+        rows carry the same keys, with segment id 1 on real tokens.
       shuffle: shuffle files and examples.
       repeat: repeat forever (training); False gives one pass.
       **task_options: for built-in tasks, e.g. tfds_data_dir=..., vocabulary=..., vocab_size=...
