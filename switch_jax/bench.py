@@ -1,0 +1,189 @@
+"""`python -m switch_jax.bench --gin_file=models/tiny.gin [--gin.X=V] [--json] [--variants=...]`
+
+Benchmarks a gin-configured model on synthetic batches (no TensorFlow unless the `pipeline`
+variant runs and TF is installed) and prints a table, or JSON with --json:
+  step        compile time, step time (median of --steps after --warmup), tokens/s, MFU, memory
+  dense       the dense twin (moe=None, same shapes: same FLOPs per token); Switch/dense ratio
+  dispatch    one MoE layer fwd+bwd, einsum vs scatter, over group sizes x expert counts
+  pipeline    the seqio task's packed rows/s vs the rows/s the step consumes
+  checkpoint  the stall an async Orbax save adds to the step loop
+MFU uses metrics.py's peak table; on CPU the peak is a float32 matmul timed in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+from absl import flags
+
+from switch_jax import gin_utils
+
+gin_utils.define_flags()
+VARIANTS = ("step", "dense", "dispatch", "pipeline", "checkpoint")
+_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"subset of {VARIANTS}")
+_JSON = flags.DEFINE_bool("json", False, "print JSON on stdout (the table goes to stderr)")
+_OUTPUT = flags.DEFINE_string("output", None, "also write the JSON to this file")
+_STEPS = flags.DEFINE_integer("steps", 10, "timed train steps (median reported)")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "timed calls per dispatch point")
+_GROUPS = flags.DEFINE_list("dispatch_groups", ["256", "512", "1024", "2048", "4096"], "T")
+_EXPERTS = flags.DEFINE_list("dispatch_experts", ["8", "16", "32", "64"], "E")
+_TOKENS = flags.DEFINE_integer("dispatch_tokens", 8192, "tokens per MoE layer call (G x T)")
+
+
+def run_benchmarks(model_cfg, run_cfg, opt_cfg, variants, *, steps, warmup, dispatch) -> dict:
+    """All requested variants; returns the JSON-ready results dict."""
+    import jax
+
+    from switch_jax import metrics
+    from switch_jax.benchmarks import step as step_bench
+
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise gin_utils.ConfigError(
+            f"--variants: unknown {sorted(unknown)}; choose from {VARIANTS}"
+        )
+    peak = metrics.peak_flops()
+    device = jax.devices()[0]
+    out = {
+        "device": {
+            "platform": device.platform,
+            "kind": device.device_kind,
+            "count": jax.device_count(),
+        },
+        "peak_flops": peak,
+        "peak_source": "measured f32 matmul" if device.platform == "cpu" else "metrics.PEAK_FLOPS",
+    }
+    runner = None
+    if {"step", "dense", "pipeline", "checkpoint"} & set(variants):
+        runner = step_bench.StepRunner(model_cfg, run_cfg, opt_cfg)
+        runners = [runner]
+        if "dense" in variants and model_cfg.moe is not None:
+            runners.append(
+                step_bench.StepRunner(step_bench.dense_twin(model_cfg), run_cfg, opt_cfg)
+            )
+        seconds = step_bench.time_interleaved(runners, steps, warmup)
+        out["step"] = step_bench.report(runner, seconds[0], peak)
+        if len(runners) > 1:
+            out["dense"] = step_bench.report(runners[1], seconds[1], peak)
+            out["switch_over_dense_step_time"] = step_bench.ratio(seconds[0], seconds[1])
+            del runners[1]
+    if "dispatch" in variants and model_cfg.moe is not None:
+        from switch_jax.benchmarks import dispatch as dispatch_bench
+
+        rows = dispatch_bench.bench_dispatch(model_cfg, **dispatch)
+        out["dispatch"] = {
+            "rows": rows,
+            "cost_ratio_largest_vs_smallest_group": dispatch_bench.scaling(rows),
+        }
+    if {"pipeline", "checkpoint"} & set(variants):
+        from switch_jax.benchmarks import io
+
+        if "pipeline" in variants:
+            out["pipeline"] = io.bench_pipeline(runner, out["step"]["step_s"])
+        if "checkpoint" in variants:
+            out["checkpoint"] = io.bench_checkpoint(runner)
+    return out
+
+
+def format_table(r: dict) -> str:
+    """Human-readable summary of run_benchmarks' result."""
+    dev = r["device"]
+    peak = f"peak {_g(r['peak_flops'])}FLOP/s ({r['peak_source']})"
+    lines = [f"device {dev['kind']} x{dev['count']}, {peak}"]
+    for name in ("step", "dense"):
+        s = r.get(name)
+        if s:
+            mfu = f"{s['mfu']:.1%}" if s["mfu"] is not None else "n/a"
+            lines.append(
+                f"{name:>6}: compile {s['compile_s']:.1f}s  step {s['step_s'] * 1e3:.1f}ms "
+                f"(spread {s['step']['spread']:.0%}, n={s['step']['n']})  "
+                f"{s['tokens_per_s']:,.0f} tok/s  MFU {mfu}  "
+                f"compiled {_g(s['compiled_bytes'])}B  max RSS {_g(s['process_max_rss_bytes'])}B"
+            )
+    if "switch_over_dense_step_time" in r:
+        q = r["switch_over_dense_step_time"]
+        lines.append(
+            f"switch / dense step time at equal FLOPs: {q['paired_median']:.3f} (median of "
+            f"step-paired ratios, range {q['paired_min']:.2f}-{q['paired_max']:.2f}; "
+            f"of fastest steps {q['of_mins']:.3f})"
+        )
+    if "dispatch" in r:
+        lines.append("MoE layer fwd+bwd, ns per token (dispatch E: T=...):")
+        table: dict = {}
+        for row in r["dispatch"]["rows"]:
+            table.setdefault((row["dispatch"], row["experts"]), []).append(row)
+        for (d, e), rows in table.items():
+            cells = "  ".join(f"T{x['group_size']}={x['ns_per_token']:.0f}" for x in rows)
+            lines.append(f"  {d:>7} E{e:<3} {cells}")
+    if "pipeline" in r:
+        lines.append(f"pipeline: {json.dumps(r['pipeline'], default=_round)}")
+    if "checkpoint" in r:
+        c = r["checkpoint"]
+        lines.append(
+            f"checkpoint ({_g(c['state_bytes'])}B state): save() blocks "
+            f"{c['save_call']['median_s'] * 1e3:.0f}ms, "
+            f"steps after {c['step_s_after_save'] * 1e3:.1f}ms "
+            f"vs {c['step_s_without_save'] * 1e3:.1f}ms, stall {c['stall_s'] * 1e3:.0f}ms/save, "
+            f"commit {c['wait_for_commit']['median_s'] * 1e3:.0f}ms in background"
+        )
+    return "\n".join(lines)
+
+
+def _g(x) -> str:
+    if x is None:
+        return "n/a "
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def _round(x):
+    return round(x, 4) if isinstance(x, float) else str(x)
+
+
+def _check_finite(tree, where="") -> None:
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            _check_finite(v, f"{where}/{k}")
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            _check_finite(v, f"{where}[{i}]")
+    elif isinstance(tree, float) and not math.isfinite(tree):
+        raise RuntimeError(f"benchmark produced a non-finite value at {where}")
+
+
+def main(argv) -> None:
+    del argv
+    gin_utils.parse_gin_flags()
+    model_cfg, run_cfg, opt_cfg = gin_utils.load_run_configs()
+    dispatch = dict(
+        group_sizes=[int(x) for x in _GROUPS.value],
+        experts=[int(x) for x in _EXPERTS.value],
+        total_tokens=_TOKENS.value,
+        repeats=_REPEATS.value,
+    )
+    result = run_benchmarks(
+        model_cfg,
+        run_cfg,
+        opt_cfg,
+        _VARIANTS.value,
+        steps=_STEPS.value,
+        warmup=_WARMUP.value,
+        dispatch=dispatch,
+    )
+    _check_finite(result)
+    text = json.dumps(result, indent=1)
+    print(format_table(result), file=sys.stderr if _JSON.value else sys.stdout, flush=True)
+    if _JSON.value:
+        print(text)
+    if _OUTPUT.value:
+        with open(_OUTPUT.value, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    gin_utils.run(main)

@@ -1,0 +1,1 @@
+"""Benchmark pieces behind `python -m switch_jax.bench` (timing, train step, MoE layer, I/O)."""

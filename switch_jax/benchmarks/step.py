@@ -1,0 +1,136 @@
+"""Train-step benchmark on synthetic batches: compile time, step time, tokens/s, MFU, memory."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from switch_jax import metrics, partitioning, steps
+from switch_jax.benchmarks import timing
+from switch_jax.models.config import ModelConfig
+from switch_jax.models.info import model_info
+from switch_jax.run_config import OptimizerConfig, TrainConfig
+
+
+def lengths(model_cfg: ModelConfig, run: TrainConfig) -> tuple[int, int]:
+    """(input, target) lengths of the run; input 0 for decoder-only models."""
+    fl = run.feature_lengths
+    return (fl.get("inputs", 0) if model_cfg.is_encoder_decoder else 0), fl["targets"]
+
+
+def synthetic_batch(model_cfg: ModelConfig, batch_size: int, lens, seed: int = 0) -> dict:
+    """Random tokens, every position real: the names and shapes of a packed T5X batch."""
+    rng = np.random.default_rng(seed)
+    inputs, targets = lens
+
+    def tokens(length):
+        return rng.integers(2, model_cfg.vocab_size, size=(batch_size, length), dtype=np.int32)
+
+    def layout(prefix, length):
+        ones = np.ones((batch_size, length), np.int32)
+        positions = np.tile(np.arange(length, dtype=np.int32), (batch_size, 1))
+        return {f"{prefix}_segment_ids": ones, f"{prefix}_positions": positions}
+
+    target = tokens(targets)
+    batch = {
+        "decoder_input_tokens": np.roll(target, 1, axis=1),
+        "decoder_target_tokens": target,
+        "decoder_loss_weights": np.ones_like(target),
+        **layout("decoder", targets),
+    }
+    if model_cfg.is_encoder_decoder:
+        batch.update(encoder_input_tokens=tokens(inputs), **layout("encoder", inputs))
+    return batch
+
+
+class StepRunner:
+    """A compiled train step on one fixed synthetic batch, for timing and the I/O benchmarks."""
+
+    def __init__(self, model_cfg: ModelConfig, run: TrainConfig, opt: OptimizerConfig):
+        self.partitioner = partitioning.Partitioner(
+            run.mesh_shape, run.dcn_mesh_shape, run.partition_rules
+        )
+        self.model_cfg = self.partitioner.adapt_model_config(model_cfg, run.batch_size)
+        self.run, self.lens = run, lengths(model_cfg, run)
+        self.info = model_info(self.model_cfg, *self.lens)
+        p = self.partitioner
+        with p.activate():
+            self.setup = steps.setup_training(self.model_cfg, opt, p, seed=run.seed)
+            self.state = self.setup.init_state()
+            self.batch = p.shard_batch(synthetic_batch(self.model_cfg, run.batch_size, self.lens))
+            t0 = time.perf_counter()
+            self.compiled = self.setup.train_step.jitted.lower(self.state, self.batch).compile()
+            self.compile_s = time.perf_counter() - t0
+
+    def step(self):
+        """One train step; the state is donated and replaced. Returns the metrics."""
+        self.state, out = self.compiled(self.state, self.batch)
+        return out
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.run.batch_size * sum(self.lens)
+
+    @property
+    def flops_per_step(self) -> float:
+        return metrics.train_flops_per_step(self.info, self.run.batch_size)
+
+
+def time_interleaved(runners: list[StepRunner], steps: int, warmup: int) -> list[list[float]]:
+    """Step times of several runners, alternating step by step so that load from other
+    processes on a shared machine hits all of them alike."""
+    for runner in runners:
+        for _ in range(warmup):
+            jax.block_until_ready(runner.step())
+    seconds: list[list[float]] = [[] for _ in runners]
+    for _ in range(steps):
+        for runner, out in zip(runners, seconds, strict=True):
+            t0 = time.perf_counter()
+            jax.block_until_ready(runner.step())
+            out.append(time.perf_counter() - t0)
+    return seconds
+
+
+def report(runner: StepRunner, seconds: list[float], peak: float | None) -> dict:
+    """JSON-ready figures of one runner from its timed steps."""
+    t = timing.summarize(seconds)
+    step_s = t["median_s"]
+    return {
+        "model": "switch" if runner.model_cfg.moe else "dense",
+        "batch_size": runner.run.batch_size,
+        "lengths": list(runner.lens),
+        "tokens_per_step": runner.tokens_per_step,
+        "params": runner.info.total_params,
+        "flops_per_token": runner.info.flops_per_token,
+        "flops_per_step": runner.flops_per_step,
+        "compile_s": runner.compile_s,
+        "step_s": step_s,
+        "step": t,
+        "tokens_per_s": runner.tokens_per_step / step_s,
+        "mfu": metrics.mfu(runner.flops_per_step, step_s, peak) if peak else None,
+        "mfu_best_step": metrics.mfu(runner.flops_per_step, t["min_s"], peak) if peak else None,
+        "compiled_bytes": timing.compiled_bytes(runner.compiled),
+        "device_peak_bytes": timing.device_peak_bytes(),
+        "process_max_rss_bytes": timing.process_max_rss_bytes(),
+        "loss": float(jax.device_get(runner.step()["loss"])),
+    }
+
+
+def ratio(a: list[float], b: list[float]) -> dict:
+    """Step-time ratio a/b: of the medians, and the median and spread of step-paired ratios."""
+    pairs = sorted(x / y for x, y in zip(a, b, strict=True))
+    return {
+        "of_medians": statistics.median(a) / statistics.median(b),
+        "of_mins": min(a) / min(b),
+        "paired_median": statistics.median(pairs),
+        "paired_min": pairs[0],
+        "paired_max": pairs[-1],
+    }
+
+
+def dense_twin(model_cfg: ModelConfig) -> ModelConfig:
+    """The dense model with the same FLOPs per token: same shapes, moe=None (k=1 routing)."""
+    return model_cfg.replace(moe=None)

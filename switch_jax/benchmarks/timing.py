@@ -1,0 +1,63 @@
+"""Timing and memory helpers shared by the benchmarks: medians with spread, peak memory."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+
+def summarize(seconds: list[float]) -> dict:
+    """Median, min, max and relative spread ((max - min) / median) of repeated timings."""
+    median = statistics.median(seconds)
+    return {
+        "median_s": median,
+        "min_s": min(seconds),
+        "max_s": max(seconds),
+        "spread": (max(seconds) - min(seconds)) / median if median > 0 else 0.0,
+        "n": len(seconds),
+    }
+
+
+def time_calls(fn: Callable[[], Any], steps: int, warmup: int = 1) -> dict:
+    """Wall time of `fn()` (blocked until ready), `warmup` untimed calls first."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    seconds = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        seconds.append(time.perf_counter() - t0)
+    return summarize(seconds)
+
+
+def device_peak_bytes() -> int | None:
+    """Peak bytes in use on device 0 where the backend reports it (GPU/TPU); None on CPU."""
+    stats = jax.devices()[0].memory_stats()
+    if not stats:
+        return None
+    return int(stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0))) or None
+
+
+def process_max_rss_bytes() -> int:
+    """Peak resident memory of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def compiled_bytes(compiled) -> int | None:
+    """Arguments + outputs + temporaries of one compiled executable (XLA's memory analysis)."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001  (not every backend implements it)
+        return None
+    if m is None:
+        return None
+    alias = getattr(m, "alias_size_in_bytes", 0)
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - alias
+    return int(total)

@@ -1,0 +1,55 @@
+"""Smoke test of `python -m switch_jax.bench`: every figure present, finite and positive."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from switch_jax import bench, gin_utils
+
+BINDINGS = [
+    "BATCH_SIZE=8",
+    "TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 8}",
+    "ModelConfig.d_model=32",
+    "ModelConfig.d_ff=64",
+    "ModelConfig.num_encoder_layers=1",
+    "ModelConfig.num_decoder_layers=1",
+    "MoeConfig.sparse_every=1",
+    "MoeConfig.num_experts=2",
+]
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_bench_json_has_finite_positive_figures(tmp_path):
+    gin_utils.parse_gin(["models/tiny.gin"], BINDINGS)
+    model_cfg, run_cfg, opt_cfg = gin_utils.load_run_configs()
+    dispatch = dict(group_sizes=[16, 32], experts=[2], total_tokens=64, repeats=1)
+    result = bench.run_benchmarks(
+        model_cfg,
+        run_cfg,
+        opt_cfg,
+        ["step", "dense", "dispatch", "checkpoint"],
+        steps=2,
+        warmup=1,
+        dispatch=dispatch,
+    )
+    result = json.loads(json.dumps(result))  # what --json prints
+    assert _positive(result["peak_flops"])
+    for name in ("step", "dense"):
+        figures = result[name]
+        for key in ("compile_s", "step_s", "tokens_per_s", "mfu", "process_max_rss_bytes"):
+            assert _positive(figures[key]), (name, key, figures[key])
+        assert math.isfinite(figures["loss"])
+    assert result["step"]["model"] == "switch" and result["dense"]["model"] == "dense"
+    assert _positive(result["switch_over_dense_step_time"]["paired_median"])
+    rows = result["dispatch"]["rows"]
+    assert {(r["dispatch"], r["group_size"]) for r in rows} == {
+        (d, t) for d in ("einsum", "scatter") for t in (16, 32)
+    }
+    assert all(_positive(r["ns_per_token"]) for r in rows)
+    ckpt = result["checkpoint"]
+    assert _positive(ckpt["save_call"]["median_s"]) and _positive(ckpt["step_s_after_save"])
+    assert "switch / dense" in bench.format_table(result)
