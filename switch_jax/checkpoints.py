@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import shutil
 from typing import Any, Protocol
 
 import jax
@@ -21,6 +23,33 @@ from switch_jax.models.config import ConfigError
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message says which one and why."""
+
+
+# Errors Orbax, TensorStore and json raise on truncated or garbled files; anything else is a bug.
+_READ_ERRORS = (ValueError, KeyError, TypeError, OSError, RuntimeError, AttributeError)
+
+# Settings a resumed run may change: schedules of side work, where things live, and the mesh
+# (restore reshards). Any other difference means MODEL_DIR would silently train another model.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "TrainConfig.model_dir",
+        "TrainConfig.train_steps",
+        "TrainConfig.checkpoint_period",
+        "TrainConfig.keep_checkpoints",
+        "TrainConfig.eval_period",
+        "TrainConfig.eval_steps",
+        "TrainConfig.log_period",
+        "TrainConfig.profile_steps",
+        "TrainConfig.tfds_data_dir",
+        "TrainConfig.init_checkpoint",
+        "TrainConfig.mesh_shape",
+        "TrainConfig.dcn_mesh_shape",
+        "TrainConfig.partition_rules",
+        "TrainConfig.skip_nonfinite_updates",
+        "OptimizerConfig.microbatches",
+        "MoeConfig.num_expert_partitions",
+    }
+)
 
 
 class SavableIterator(Protocol):
@@ -97,15 +126,56 @@ class Checkpoints:
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, step: int, abstract_state, *, iterator: SavableIterator | None = None):
-        """Restore onto the shardings carried by `abstract_state` (any mesh)."""
+        """Restore onto the shardings carried by `abstract_state` (any mesh).
+
+        A checkpoint of another model is named with its differing parameters; an unreadable one
+        raises CheckpointError naming the step directory, which is left untouched.
+        """
+        step_dir = self.directory / str(step)
         items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
         if iterator is not None:
             items["data"] = DataIteratorRestore(iterator)
         try:
+            saved = ocp.PyTreeCheckpointer().metadata(step_dir / "state").item_metadata.tree
+            _check_param_shapes(saved.get("params"), abstract_state.params, step_dir)
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(_explain(self.directory / str(step), e)) from None
+        except CheckpointError:
+            raise
+        except _READ_ERRORS as e:
+            raise CheckpointError(
+                f"{_explain(step_dir, e)} (left as is: move that step directory away to resume "
+                f"from an earlier checkpoint)"
+            ) from None
         return restored["state"], restored["meta"]
+
+    def saved_settings(self, step: int) -> dict | None:
+        """The run settings stored with checkpoint `step` (None for checkpoints without them)."""
+        step_dir = self.directory / str(step)
+        try:
+            return read_meta(os.fspath(step_dir)).get("settings")
+        except _READ_ERRORS as e:
+            raise CheckpointError(_explain(step_dir, e)) from None
+
+    def check_free_space(self, abstract_state, keep: int) -> None:
+        """Refuse to start when the disk cannot hold the checkpoints the run will keep.
+
+        Needs one checkpoint in flight beside up to `keep` committed ones (the oldest is
+        deleted only after the new one commits). Object stores (gs://) are not checked.
+        """
+        path = os.fspath(self.directory)
+        if "://" in path:
+            return
+        size = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+        committed = len(self.manager.all_steps())
+        needed = size * max(1, keep + 1 - committed)
+        free = shutil.disk_usage(path).free
+        if free < needed:
+            raise ConfigError(
+                f"MODEL_DIR={os.path.dirname(path)} has {free / 2**20:,.0f} MiB free but "
+                f"checkpoints need {needed / 2**20:,.0f} MiB ({size / 2**20:,.1f} MiB each, "
+                f"KEEP_CHECKPOINTS={keep} + 1 in flight); free space, lower KEEP_CHECKPOINTS "
+                f"or choose another MODEL_DIR"
+            )
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -135,7 +205,9 @@ def restore_params(path: str, abstract_params):
                 partial_restore=True,
             ),
         )
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+    except CheckpointError:
+        raise
+    except _READ_ERRORS as e:
         raise CheckpointError(_explain(step_dir, e)) from None
     return restored["params"]
 
@@ -190,3 +262,36 @@ def _explain(step_dir, error: Exception) -> str:
 
 def read_meta(step_dir: str) -> dict:
     return json.loads((epath.Path(step_dir) / "meta" / "metadata").read_text())
+
+
+def run_settings(model_cfg, run, opt) -> dict[str, Any]:
+    """Flat {'ModelConfig.d_model': 128, 'MoeConfig.num_experts': 8, ...}, JSON values."""
+    flat: dict[str, Any] = {}
+    for cfg in (model_cfg, run, opt):
+        for field in dataclasses.fields(cfg):
+            value = getattr(cfg, field.name)
+            if dataclasses.is_dataclass(value):
+                for sub in dataclasses.fields(value):
+                    flat[f"{type(value).__name__}.{sub.name}"] = getattr(value, sub.name)
+            else:
+                flat[f"{type(cfg).__name__}.{field.name}"] = value
+    return json.loads(json.dumps(flat))  # tuples -> lists, as they come back from the meta
+
+
+def check_same_run(saved: dict | None, current: dict, model_dir: str) -> None:
+    """Refuse to resume MODEL_DIR with settings that would train something else."""
+    if saved is None:
+        return
+    keys = sorted((set(saved) | set(current)) - RESUMABLE_CHANGES)
+    missing = object()
+    diffs = [
+        f"{k}: {saved.get(k, '<unset>')!r} -> {current.get(k, '<unset>')!r}"
+        for k in keys
+        if saved.get(k, missing) != current.get(k, missing)
+    ]
+    if diffs:
+        shown = "; ".join(diffs[:8]) + (f"; … {len(diffs) - 8} more" if len(diffs) > 8 else "")
+        raise ConfigError(
+            f"MODEL_DIR={model_dir} holds a run with other settings ({shown}); restore them or "
+            f"use a new MODEL_DIR (only steps, periods, eval, paths and the mesh may change)"
+        )

@@ -14,7 +14,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from switch_jax.checkpoints import CheckpointError
     from switch_jax.trainer import NonFiniteLossError
 
-    errors: list[type[BaseException]] = [CheckpointError, NonFiniteLossError]
+    # OSError: a full disk or a vanished mount mid-run is the operator's to fix, not a bug.
+    errors: list[type[BaseException]] = [CheckpointError, NonFiniteLossError, OSError]
     try:
         from switch_jax.data import DataError
 

@@ -44,26 +44,53 @@ class _Preemption:
 def train(
     model_cfg: ModelConfig, run: TrainConfig, opt: OptimizerConfig, *, operative_config: str = ""
 ) -> dict:
-    """Train to `run.train_steps`, resuming from MODEL_DIR; returns the last logged metrics."""
-    from switch_jax import metrics as metrics_lib  # noqa: PLC0415 (optional deps: clu)
-    from switch_jax.data import pipeline  # noqa: PLC0415 (TensorFlow only where data is read)
+    """Train to `run.train_steps`, resuming from MODEL_DIR; returns the last logged metrics.
 
+    Every check that can fail on user input (mesh, MODEL_DIR, a conflicting earlier run, disk
+    space) runs before the first step; a failure never deletes or rewrites a checkpoint.
+    """
     partitioner = partitioning.Partitioner(run.mesh_shape, run.dcn_mesh_shape, run.partition_rules)
+    settings = checkpoints.run_settings(model_cfg, run, opt)
     model_cfg = partitioner.adapt_model_config(model_cfg, run.batch_size)
     model_dir = _prepare_model_dir(run.model_dir)
-    info = model_info(model_cfg, *_lengths(model_cfg, run))
-    if jax.process_index() == 0:
-        _write_run_files(model_dir, operative_config, info)
-
-    batches = pipeline.make_batches(**_pipeline_args(model_cfg, run, "train"))
     ckpts = checkpoints.Checkpoints(
         os.fspath(model_dir), period=run.checkpoint_period, keep=run.keep_checkpoints
     )
+    try:
+        latest = ckpts.latest_step()
+        if latest is not None:  # before config.gin is overwritten: refuse another run's dir
+            checkpoints.check_same_run(ckpts.saved_settings(latest), settings, run.model_dir)
+        info = model_info(model_cfg, *_lengths(model_cfg, run))
+        if jax.process_index() == 0:
+            _write_run_files(model_dir, operative_config, info)
+        with partitioner.activate():
+            setup = steps.setup_training(
+                model_cfg,
+                opt,
+                partitioner,
+                seed=run.seed,
+                z_loss=run.z_loss,
+                skip_nonfinite=run.skip_nonfinite_updates,
+            )
+            ckpts.check_free_space(setup.abstract_state, run.keep_checkpoints)
+        return _run(model_cfg, run, partitioner, setup, ckpts, info, settings)
+    except NonFiniteLossError as e:
+        ckpts.wait()
+        raise NonFiniteLossError(f"{e}; last committed checkpoint: {ckpts.latest_step()}") from None
+    finally:
+        ckpts.close()  # waits for an in-flight save: the last good checkpoint gets committed
+
+
+def _run(model_cfg, run: TrainConfig, partitioner, setup, ckpts, info, settings) -> dict:
+    from switch_jax import metrics as metrics_lib  # noqa: PLC0415 (optional deps: clu)
+    from switch_jax.data import pipeline  # noqa: PLC0415 (TensorFlow only where data is read)
+
+    batches = pipeline.make_batches(**_pipeline_args(model_cfg, run, "train"))
     preemption = _Preemption()
     preemption.install()
     # Created outside the mesh context: it may time a single-device matmul for the CPU peak.
     logger = metrics_lib.MetricsLogger(
-        os.fspath(model_dir),
+        run.model_dir,
         total_steps=run.train_steps,
         is_chief=jax.process_index() == 0,
         flops_per_step=3 * info.flops_per_sequence * run.batch_size,
@@ -71,7 +98,6 @@ def train(
         moe_layers=metrics_lib.moe_layer_ids(model_cfg),
     )
     with partitioner.activate():
-        setup = steps.setup_training(model_cfg, opt, partitioner, seed=run.seed, z_loss=run.z_loss)
         state, first_step = _initial_state(setup, ckpts, batches, run)
         loop = _Loop(run, logger, tokens=run.batch_size * sum(_lengths(model_cfg, run)))
         eval_dataset = None
@@ -84,17 +110,17 @@ def train(
             preempted = preemption.reached(step)
             if step == run.train_steps or preempted or step % run.checkpoint_period == 0:
                 loop.flush()  # a non-finite loss raises here, before anything is committed
-                ckpts.save(step, state, iterator=batches, meta=_meta(batches), force=True)
+                ckpts.save(step, state, iterator=batches, meta=_meta(batches, settings), force=True)
+            if preempted:
+                # No eval: the grace period before SIGKILL is short, the save must finish first.
+                logging.info("preempted: saved step %d, exiting", step)
+                break
             if step % run.eval_period == 0 or step == run.train_steps:
                 eval_dataset = eval_dataset or _eval_dataset(model_cfg, run)
                 results = _evaluate(setup, state, run, partitioner, eval_dataset)
                 logger.log_eval(step, results)
-            if preempted:
-                logging.info("preempted: saved step %d, exiting", step)
-                break
         loop.flush()
-        ckpts.close()
-        logger.close()
+    logger.close()
     return loop.last
 
 
@@ -105,6 +131,7 @@ class _Loop:
         self.run, self.logger, self.tokens = run, logger, tokens
         self.pending = None
         self.last: dict = {}
+        self.skipped = 0
         self.t0 = time.perf_counter()
 
     def dispatched(self, step: int, step_metrics) -> None:
@@ -118,12 +145,18 @@ class _Loop:
             return
         step, step_metrics, step_time = self.pending
         self.pending = None
-        loss = float(jax.device_get(step_metrics["loss"]))
-        if not np.isfinite(loss):
-            raise NonFiniteLossError(
-                f"non-finite loss ({loss}) at step {step}; the last committed checkpoint is "
-                f"intact (lower the learning rate or enable skip_nonfinite_updates)"
-            )
+        loss, grad_norm = (float(jax.device_get(step_metrics[k])) for k in ("loss", "grad_norm"))
+        if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+            if self.run.skip_nonfinite_updates:  # the step already kept the old state in-graph
+                self.skipped += 1
+                logging.warning("step %d: non-finite loss/grad, update skipped", step)
+            else:
+                raise NonFiniteLossError(
+                    f"non-finite {'loss' if not np.isfinite(loss) else 'gradient'} (loss "
+                    f"{loss}, grad_norm {grad_norm}) at step {step}; nothing after the last "
+                    f"committed checkpoint was saved (lower LEARNING_RATE or set "
+                    f"TrainConfig.skip_nonfinite_updates=True)"
+                )
         period = self.run.log_period
         if step % period == 0 or step == 1 or step == self.run.train_steps:
             self.last = jax.device_get(step_metrics)
@@ -166,11 +199,12 @@ def _initial_state(setup, ckpts, batches, run: TrainConfig):
         state, meta = ckpts.restore(latest, setup.abstract_state, iterator=batches)
         logging.info("resumed from step %d", latest)
         return state, int(meta["step"])
-    state = setup.init_state()
+    # A wrong init_checkpoint is refused before the (slow) initialisation.
+    params = None
     if run.init_checkpoint:
         params = checkpoints.restore_params(run.init_checkpoint, setup.abstract_state.params)
-        state = state._replace(params=params)
-    return state, 0
+    state = setup.init_state()
+    return (state if params is None else state._replace(params=params)), 0
 
 
 def _evaluate(setup, state, run: TrainConfig, partitioner, dataset) -> dict:
@@ -217,8 +251,9 @@ def _lengths(model_cfg: ModelConfig, run: TrainConfig) -> tuple[int, int]:
     return 0, lengths["targets"]
 
 
-def _meta(batches) -> dict:
-    return {"batches_consumed": int(getattr(batches, "batches_consumed", -1))}
+def _meta(batches, settings: dict) -> dict:
+    # The settings let a later start refuse a MODEL_DIR that holds a different run.
+    return {"batches_consumed": int(getattr(batches, "batches_consumed", -1)), "settings": settings}
 
 
 def _prepare_model_dir(model_dir: str) -> epath.Path:
@@ -226,6 +261,8 @@ def _prepare_model_dir(model_dir: str) -> epath.Path:
     if not model_dir:
         raise ConfigError("MODEL_DIR is not set: pass --gin.MODEL_DIR=\"'/path/to/run'\"")
     path = epath.Path(model_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"MODEL_DIR={model_dir} is a file, not a directory; choose another path")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write_probe"
@@ -238,8 +275,15 @@ def _prepare_model_dir(model_dir: str) -> epath.Path:
 
 def _write_run_files(model_dir: epath.Path, operative_config: str, info) -> None:
     if operative_config:
-        (model_dir / "config.gin").write_text(operative_config)
+        _write_atomic(model_dir / "config.gin", operative_config)
     lines = [
         f"{k}: {v:,}" if isinstance(v, int) else f"{k}: {v:.4g}" for k, v in info.as_dict().items()
     ]
-    (model_dir / "model-info.txt").write_text("\n".join(lines) + "\n")
+    _write_atomic(model_dir / "model-info.txt", "\n".join(lines) + "\n")
+
+
+def _write_atomic(path: epath.Path, text: str) -> None:
+    """A kill mid-write leaves the old file, never a truncated one (rename is atomic locally)."""
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(text)
+    tmp.replace(path)
