@@ -2,8 +2,8 @@
 
 Public API:
 
-    tx = adafactor(cfg, batch_dims)            # optax.GradientTransformation
-    batch_dims = unfactored_leading_dims(abstract_params)  # leading 'layers'/'expert' axes
+    layouts = factor_layouts(abstract_params)   # per leaf: 'layers'/'expert' slices, heads x kv
+    tx = adafactor(cfg, layouts)                # optax.GradientTransformation
     specs = state_logical_specs(cfg, abstract_params)     # opt-state tree of logical P(...)
     schedule = learning_rate_schedule(cfg)                # step -> lr
     grads, aux = accumulate_gradients(grad_fn, params, batch, num_microbatches)
@@ -12,11 +12,14 @@ Adafactor here is optax's `scale_by_factored_rms` applied to each *slice* of a p
 parameter with leading 'layers' (scan) and/or 'expert' axes is treated as a stack of independent
 matrices (T5X's BATCH factor rule). An expert kernel [E, D, F] thus keeps statistics [E, D] and
 [E, F], and update clipping and parameter scaling use each expert's own RMS. A scanned model
-therefore gets exactly the updates of the unscanned one.
+therefore gets exactly the updates of the unscanned one. Attention kernels [D, H, K] are factored
+as [D, H*K] (T5X's factor rules); optax alone would keep full statistics for them (K=64 < 128).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -29,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 from switch_jax.run_config import OptimizerConfig
 
 UNFACTORED_AXES = ("layers", "expert")
+MERGED_AXES = ("heads", "kv")  # T5X factor rules: an attention kernel's heads x kv is one column
 PARAM_SCALE_EPS = 1e-3  # T5X epsilon2: floor of the parameter RMS in the update scale
 FACTORED_EPS = 1e-30  # T5X epsilon1, added to squared gradients
 
@@ -72,17 +76,63 @@ def values(tree):
     return jax.tree.map(lambda x: x.get_value() if _is_var(x) else x, tree, is_leaf=_is_var)
 
 
+def _leading(axes) -> int:
+    n = 0
+    while n < len(axes) and axes[n] in UNFACTORED_AXES:
+        n += 1
+    return n
+
+
+def _axes(v) -> tuple:
+    return tuple((v.get_metadata().get("out_sharding") or ()) if _is_var(v) else ())
+
+
 def unfactored_leading_dims(abstract_params) -> Any:
     """Per leaf, how many leading axes are 'layers'/'expert' (read from logical axis metadata)."""
+    return jax.tree.map(lambda v: _leading(_axes(v)), abstract_params, is_leaf=_is_var)
 
-    def count(v):
-        axes = (v.get_metadata().get("out_sharding") or ()) if _is_var(v) else ()
-        n = 0
-        while n < len(axes) and axes[n] in UNFACTORED_AXES:
-            n += 1
-        return n
 
-    return jax.tree.map(count, abstract_params, is_leaf=_is_var)
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How Adafactor views one parameter: `lead` leading axes index independent slices, and the
+    other dims are merged into `groups` (None: kept as they are) before optax picks the two
+    largest to factor. Not a pytree node, so a tree of Layouts mirrors the parameters."""
+
+    lead: int = 0
+    groups: tuple[tuple[int, ...], ...] | None = None
+
+    def view_shape(self, shape) -> tuple[int, ...]:
+        if self.groups is None:
+            return tuple(shape)
+        rest = shape[self.lead :]
+        return tuple(shape[: self.lead]) + tuple(math.prod(rest[i] for i in g) for g in self.groups)
+
+    def view_axes(self, axes) -> tuple:
+        if self.groups is None:
+            return tuple(axes)
+        return tuple(axes[: self.lead]) + tuple(axes[self.lead + g[0]] for g in self.groups)
+
+
+def factor_layouts(abstract_params) -> Any:
+    """Per leaf Layout from logical axes: slices over 'layers'/'expert', heads x kv merged."""
+
+    def layout(v):
+        axes = _axes(v)
+        lead = _leading(axes)
+        groups: list[list[int]] = []
+        for i, axis in enumerate(axes[lead:]):
+            prev = axes[lead + i - 1] if i else None
+            if groups and axis in MERGED_AXES and prev in MERGED_AXES:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        return Layout(lead, tuple(tuple(g) for g in groups))
+
+    return jax.tree.map(layout, abstract_params, is_leaf=_is_var)
+
+
+def _as_layout(x) -> Layout:
+    return x if isinstance(x, Layout) else Layout(int(x))
 
 
 def _vmap_n(fn: Callable, n: int) -> Callable:
@@ -103,7 +153,8 @@ def scale_by_sliced_adafactor(
     Args:
       cfg: decay_rate, factored, min_dim_size_to_factor, clipping_threshold and
         multiply_by_parameter_scale are used.
-      batch_dims: tree like the parameters (or None: all 0) of leading axes never factored.
+      batch_dims: tree like the parameters of Layouts (see `factor_layouts`) or of ints (leading
+        axes never factored); None: every leaf as is.
     """
     inner = optax.scale_by_factored_rms(
         factored=cfg.factored,
@@ -118,8 +169,10 @@ def scale_by_sliced_adafactor(
     def init_fn(params):
         params = values(params)
 
-        def init_leaf(n, p):
-            return FactoredStats(*_vmap_n(lambda x: tuple(inner.init(x))[1:], n)(p))
+        def init_leaf(layout, p):
+            layout = _as_layout(layout)
+            p = p.reshape(layout.view_shape(p.shape))
+            return FactoredStats(*_vmap_n(lambda x: tuple(inner.init(x))[1:], layout.lead)(p))
 
         stats = jax.tree.map(init_leaf, dims_like(params), params)
         return SlicedAdafactorState(jnp.zeros([], jnp.int32), stats)
@@ -135,8 +188,11 @@ def scale_by_sliced_adafactor(
                 u = u * jnp.maximum(_rms(p), PARAM_SCALE_EPS)
             return _LeafOut(u.astype(g.dtype), FactoredStats(new.v_row, new.v_col, new.v))
 
-        def leaf(n, g, stats, p):
-            return _vmap_n(slice_update, n)(g, stats, p)
+        def leaf(layout, g, stats, p):
+            layout = _as_layout(layout)
+            view = layout.view_shape(g.shape)
+            out = _vmap_n(slice_update, layout.lead)(g.reshape(view), stats, p.reshape(view))
+            return _LeafOut(out.update.reshape(g.shape), out.stats)
 
         out = jax.tree.map(leaf, dims_like(params), updates, state.stats, params)
         is_out = lambda x: isinstance(x, _LeafOut)  # noqa: E731
@@ -167,26 +223,28 @@ def _factored_dims(shape, factored: bool, min_dim: int) -> tuple[int, int] | Non
 
 
 def state_logical_specs(cfg: OptimizerConfig, abstract_params) -> Any:
-    """Logical-axis PartitionSpecs of `adafactor(...).init(params)`.
+    """Logical-axis PartitionSpecs of `adafactor(cfg, factor_layouts(params)).init(params)`.
 
     Statistics inherit the axes of the parameter dims they keep, so they shard like the
     parameter (expert statistics over 'expert').
     """
-    batch_dims = unfactored_leading_dims(abstract_params)
-    tx = adafactor(cfg, batch_dims)
-    abstract_state = jax.eval_shape(tx.init, values(abstract_params))
+    layouts = factor_layouts(abstract_params)
+    abstract_state = jax.eval_shape(adafactor(cfg, layouts).init, values(abstract_params))
 
-    def leaf_specs(n, v):
-        axes = tuple(v.get_metadata().get("out_sharding") or (None,) * v.ndim)
+    def leaf_specs(layout, v):
+        n = layout.lead
+        axes = layout.view_axes(_axes(v) or (None,) * v.ndim)
         lead, rest = axes[:n], axes[n:]
-        dims = _factored_dims(v.shape[n:], cfg.factored, cfg.min_dim_size_to_factor)
+        dims = _factored_dims(
+            layout.view_shape(v.shape)[n:], cfg.factored, cfg.min_dim_size_to_factor
+        )
         if dims is None:
             return FactoredStats(P(*lead, None), P(*lead, None), P(*axes))
         d1, d0 = dims  # v_row drops the largest dim d0, v_col the second largest d1
         drop = lambda i: P(*lead, *(a for j, a in enumerate(rest) if j != i))  # noqa: E731
         return FactoredStats(drop(d0), drop(d1), P(*lead, None))
 
-    stats = jax.tree.map(leaf_specs, batch_dims, abstract_params, is_leaf=_is_var)
+    stats = jax.tree.map(leaf_specs, layouts, abstract_params, is_leaf=_is_var)
     replicated = jax.tree.map(lambda _: P(), abstract_state)
     specs = (SlicedAdafactorState(P(), stats), replicated[1])
     _check_ranks(specs, abstract_state)

@@ -76,7 +76,7 @@ def _is_var(x) -> bool:
 
 
 def _make_tx(model_cfg, opt_cfg, abstract_params):
-    return optim.adafactor(opt_cfg, optim.unfactored_leading_dims(abstract_params))
+    return optim.adafactor(opt_cfg, optim.factor_layouts(abstract_params))
 
 
 def _init_fn(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, tx=None):

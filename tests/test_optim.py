@@ -73,6 +73,22 @@ def test_scanned_layers_are_never_factored_either():
     assert stats.v_row.shape == (3, E, D) and stats.v_col.shape == (3, E, F)
 
 
+def test_attention_kernels_factor_heads_times_kv():
+    """T5X factor rules: [D, H, K] is factored as [D, H*K] (optax alone: full statistics)."""
+    params = {"query": _rand((D, 4, 64), 0)}
+    tx = optim.adafactor(CFG, {"query": optim.Layout(0, ((0,), (1, 2)))})
+    stats = tx.init(params)[0].stats["query"]
+    assert stats.v_row.shape == (D,) and stats.v_col.shape == (4 * 64,)
+    grads = [{"query": _rand((D, 4, 64), 1)}]
+    got, _ = _run(tx, params, grads)
+    want, _ = _run(
+        optax.adafactor(learning_rate=optim.learning_rate_schedule(CFG)),
+        {"query": params["query"].reshape(D, 256)},
+        [{"query": grads[0]["query"].reshape(D, 256)}],
+    )
+    np.testing.assert_allclose(got[0]["query"].reshape(D, 256), want[0]["query"], rtol=1e-6)
+
+
 def test_state_specs_follow_parameter_axes():
     cfg = ModelConfig(
         vocab_size=256,
@@ -92,6 +108,10 @@ def test_state_specs_follow_parameter_axes():
     # optax keeps rows over the second-largest dim: v_row [D] (drops F), v_col [F] (drops D).
     assert dense_wo == optim.FactoredStats(P("embed"), P("mlp"), P(None))
     assert specs[0].count == P() and specs[1].count == P()
+    query = specs[0].stats["encoder"]["blocks"][0]["layers"][0]["self_attention"]["query"]
+    assert query == optim.FactoredStats(P("embed"), P("heads"), P(None))  # [D=128, H*K=128]
+    layout = optim.factor_layouts(params)["encoder"]["blocks"][0]["layers"][0]["self_attention"]
+    assert layout["out"] == optim.Layout(0, ((0, 1), (2,)))
     dims = optim.unfactored_leading_dims(params)["encoder"]["blocks"][1]["layers"][0]["mlp"]
     assert dims == {"router": 0, "wi": 1, "wo": 1}
 
