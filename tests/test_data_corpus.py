@@ -116,4 +116,4 @@ def test_default_embedded_corpus_builds_in_a_minute(tmp_path, monkeypatch):
     elapsed = time.monotonic() - start
     assert built.stats["bytes"] >= 0.9 * corpus.DEFAULT_MAX_BYTES
     assert vocab.load_vocabulary(model).vocab_size == corpus.DEFAULT_VOCAB_SIZE
-    assert elapsed < 180  # ~50 s on an idle 2-core machine; headroom for shared CI
+    assert elapsed < 300  # ~50 s on an idle 2-core machine, 2 min with load 9; headroom
