@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 from switch_jax.models.config import ConfigError
@@ -25,8 +26,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message says which one and why."""
 
 
-# Errors Orbax, TensorStore and json raise on truncated or garbled files; anything else is a bug.
-_READ_ERRORS = (ValueError, KeyError, TypeError, OSError, RuntimeError, AttributeError)
+# Orbax re-raises TensorStore read failures of a truncated or garbled file as a bare Exception,
+# so restore catches them all; the traceback stays available at --verbosity=1.
+_READ_ERRORS = (Exception,)
 
 # Settings a resumed run may change: schedules of side work, where things live, and the mesh
 # (restore reshards). Any other difference means MODEL_DIR would silently train another model.
@@ -142,6 +144,7 @@ class Checkpoints:
         except CheckpointError:
             raise
         except _READ_ERRORS as e:
+            logging.debug("restore of %s failed", step_dir, exc_info=True)
             raise CheckpointError(
                 f"{_explain(step_dir, e)} (left as is: move that step directory away to resume "
                 f"from an earlier checkpoint)"
