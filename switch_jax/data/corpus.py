@@ -38,10 +38,17 @@ def cache_root() -> str:
 
 
 def default_roots() -> list[str]:
-    """The standard library and site-packages directories of this interpreter."""
-    paths = sysconfig.get_paths()
-    roots = [paths[k] for k in ("stdlib", "purelib", "platlib") if k in paths]
-    return sorted({os.path.realpath(r) for r in roots if os.path.isdir(r)})
+    """The standard library of this interpreter, without site-packages.
+
+    Installed packages are left out on purpose: `pip install` of anything would otherwise
+    change the corpus and its vocabulary under a run that is being resumed. The standard
+    library depends only on the Python version, so every machine with that version builds the
+    same bytes.
+    """
+    return [os.path.realpath(sysconfig.get_paths()["stdlib"])]
+
+
+_PACKAGE_DIRS = ("site-packages", "dist-packages")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +68,12 @@ def _list_sources(roots: Sequence[str]) -> list[tuple[str, str, int, int]]:
     found = []
     for index, root in enumerate(roots):
         for dirpath, dirnames, filenames in os.walk(root):
-            # site-packages lies inside the stdlib tree: walk it once, as its own root.
+            # Nested roots are walked once, as their own root; installed packages never.
             dirnames[:] = sorted(
-                d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) not in roots
+                d
+                for d in dirnames
+                if os.path.realpath(os.path.join(dirpath, d)) not in roots
+                and d not in _PACKAGE_DIRS
             )
             for name in sorted(filenames):
                 if not name.endswith(".py"):
@@ -243,7 +253,7 @@ def build_corpus(
     non-UTF-8 and unparsable files are skipped and counted in `stats`.
 
     Args:
-      roots: directories to scan; default the stdlib and site-packages of this interpreter.
+      roots: directories to scan; default the standard library of this interpreter.
       max_bytes: cap on the corpus text (the default builds in well under a minute on 2 cores).
       cache_dir: where corpora are cached; default `cache_root()/embedded`.
       rebuild: ignore an existing cached build.
@@ -362,8 +372,8 @@ def build_embedded(
 ) -> tuple[Corpus, str]:
     """The default embedded corpus and its vocabulary path, built at first use and cached.
 
-    The cache key follows the installed files, so installing a package builds a new corpus and
-    vocabulary; pass `corpus_dir` (or set $SWITCH_JAX_EMBEDDED_CORPUS) to keep using one build.
+    The cache key follows the standard-library files, so a Python upgrade builds a new corpus
+    and vocabulary; pass `corpus_dir` (or set $SWITCH_JAX_EMBEDDED_CORPUS) to keep using one build.
 
     Args:
       vocab_size: ids of the vocabulary, sentinels included.
