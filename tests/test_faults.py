@@ -1,0 +1,242 @@
+"""Faults on real `python -m switch_jax.train` processes: kill -9, SIGTERM, NaN, bad MODEL_DIR.
+
+Every subprocess runs the tiny demo on one CPU device with a shared compilation cache, so a
+restart costs the imports and a cache hit. Losses of interrupted runs are compared step by step,
+bit for bit, with an uninterrupted run of the same command.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("seqio")
+
+STEPS = 6
+CACHE = os.environ.get(
+    "SWITCH_JAX_FAULTS_CACHE", os.path.expanduser("~/.cache/switch_jax/jax_faults")
+)
+ENV = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    "JAX_PLATFORMS": "cpu",
+    "NO_GCE_CHECK": "true",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "JAX_COMPILATION_CACHE_DIR": CACHE,
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+}
+TMP_GLOB = "*orbax-checkpoint-tmp*"
+
+
+def _cmd(model_dir, *extra) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "switch_jax.train",
+        "--gin_file=runs/demo.gin",
+        f"--gin.MODEL_DIR={model_dir}",
+        f"--gin.TRAIN_STEPS={STEPS}",
+        "--gin.BATCH_SIZE=8",
+        "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}",
+        "--gin.CHECKPOINT_PERIOD=1",  # a save at every step: kills land in saves
+        "--gin.EVAL_PERIOD=1000",
+        "--gin.EVAL_STEPS=1",
+        "--gin.LOG_PERIOD=1",
+        *extra,
+    ]
+
+
+def _start(model_dir, *extra) -> subprocess.Popen:
+    return subprocess.Popen(
+        _cmd(model_dir, *extra),
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+
+
+def _finish(proc: subprocess.Popen, timeout=300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    return out
+
+
+def _wait_for_line(proc: subprocess.Popen, pattern: str, log: list[str]) -> re.Match:
+    """Read output until a line matches (the stream is line-buffered through the pipe)."""
+    regex = re.compile(pattern)
+    for line in proc.stdout:
+        log.append(line)
+        match = regex.search(line)
+        if match:
+            return match
+    raise AssertionError(f"process ended before {pattern!r}:\n{''.join(log[-30:])}")
+
+
+def _losses(model_dir) -> dict[int, float]:
+    with open(os.path.join(model_dir, "train", "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    steps = [r["step"] for r in rows]
+    assert len(steps) == len(set(steps)), f"duplicated steps in metrics.jsonl: {steps}"
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def _committed(model_dir) -> list[int]:
+    root = os.path.join(model_dir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(root) if n.isdigit()) if os.path.isdir(root) else []
+
+
+def _resumed_from(output: str) -> int | None:
+    match = re.search(r"resumed from step (\d+)", output)
+    return int(match.group(1)) if match else None
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run; started in the background, awaited by whoever needs it first."""
+    model_dir = str(tmp_path_factory.mktemp("reference"))
+    proc = _start(model_dir)
+    result = {}
+
+    def losses():
+        if not result:
+            out = _finish(proc)
+            assert proc.returncode == 0, out[-3000:]
+            result.update(_losses(model_dir))
+        return result
+
+    yield losses
+    if proc.poll() is None:
+        proc.kill()
+
+
+def test_kill9_anywhere_resumes_exactly(reference, tmp_path):
+    model_dir = str(tmp_path / "killed")
+    rng = random.Random(1234)
+    ckpt_root = os.path.join(model_dir, "checkpoints")
+
+    # 1. kill -9 while an async save is being written (its tmp directory exists) after an
+    # earlier one has committed.
+    proc, log = _start(model_dir), []
+    _wait_for_line(proc, r"step 1/", log)
+    deadline = time.time() + 120
+    while not (_committed(model_dir) and glob.glob(os.path.join(ckpt_root, TMP_GLOB))):
+        assert time.time() < deadline and proc.poll() is None, "no save to interrupt"
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    _finish(proc)
+    half_written = glob.glob(os.path.join(ckpt_root, TMP_GLOB))
+    committed = _committed(model_dir)
+    assert half_written, "the kill did not land inside a save"
+    assert committed and committed[-1] < STEPS
+
+    # 2. kill -9 at a random moment after a random step line.
+    proc, log = _start(model_dir), []
+    target = rng.randint(committed[-1] + 1, STEPS - 1)
+    _wait_for_line(proc, rf"step {target}/", log)
+    time.sleep(rng.uniform(0.0, 1.0))
+    os.kill(proc.pid, signal.SIGKILL)
+    out = "".join(log) + _finish(proc)
+    # The half-written save was never read: this run resumed from the last committed step.
+    assert _resumed_from(out) == committed[-1], out[-3000:]
+    committed = _committed(model_dir)
+
+    # 3. the same command once more runs to the end.
+    proc = _start(model_dir)
+    out = _finish(proc)
+    assert proc.returncode == 0, out[-3000:]
+    assert _resumed_from(out) == committed[-1]
+    assert not glob.glob(os.path.join(ckpt_root, TMP_GLOB))
+    assert _committed(model_dir)[-1] == STEPS
+    losses, ref = _losses(model_dir), reference()
+    steps = list(range(1, STEPS + 1))
+    assert sorted(losses) == steps
+    np.testing.assert_array_equal([losses[s] for s in steps], [ref[s] for s in steps])
+
+
+def test_sigterm_saves_at_the_agreed_step_and_exits_zero(reference, tmp_path):
+    model_dir = str(tmp_path / "preempted")
+    proc, log = _start(model_dir), []
+    _wait_for_line(proc, r"step 2/", log)
+    proc.send_signal(signal.SIGTERM)
+    out = "".join(log) + _finish(proc)
+    assert proc.returncode == 0, out[-3000:]
+    saved = int(re.search(r"preempted: saved step (\d+)", out).group(1))
+    assert 2 <= saved < STEPS
+    assert _committed(model_dir)[-1] == saved  # the save finished before the process exited
+    assert "Traceback" not in out
+
+    proc = _start(model_dir)
+    out = _finish(proc)
+    assert proc.returncode == 0, out[-3000:]
+    assert _resumed_from(out) == saved
+    losses, ref = _losses(model_dir), reference()
+    steps = list(range(1, STEPS + 1))
+    np.testing.assert_array_equal([losses[s] for s in steps], [ref[s] for s in steps])
+
+
+def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    model_dir = str(tmp_path / "nan")
+    proc = _start(model_dir, "--gin.LEARNING_RATE=1e30")  # step 1's update overflows step 2
+    out = _finish(proc)
+    assert proc.returncode == 1, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert re.match(r"NonFiniteLossError: non-finite \w+ .* at step 2;", last), last
+    assert "Traceback" not in out
+    assert _committed(model_dir) == [1]
+    assert not glob.glob(os.path.join(model_dir, "checkpoints", TMP_GLOB))
+    meta = json.load(open(os.path.join(model_dir, "checkpoints", "1", "meta", "metadata")))
+    assert meta["step"] == 1
+
+
+def test_skip_nonfinite_updates_keeps_training(tmp_path):
+    """In-process (8 devices): the same overflow, skipped in-graph; params stay as after step 1."""
+    from switch_jax import checkpoints, gin_utils, partitioning, steps, trainer
+
+    model_dir = str(tmp_path / "skip")
+    bindings = [
+        f"MODEL_DIR = '{model_dir}'",
+        "TRAIN_STEPS = 3",
+        "BATCH_SIZE = 8",
+        "TASK_FEATURE_LENGTHS = {'inputs': 64, 'targets': 16}",
+        "CHECKPOINT_PERIOD = 1",
+        "EVAL_PERIOD = 1000",
+        "EVAL_STEPS = 1",
+        "LOG_PERIOD = 1",
+        "LEARNING_RATE = 1e30",
+        "TrainConfig.skip_nonfinite_updates = True",
+    ]
+    gin_utils.parse_gin(["runs/demo.gin"], bindings, [])
+    model_cfg, run_cfg, opt_cfg = gin_utils.load_run_configs()
+    trainer.train(model_cfg, run_cfg, opt_cfg)
+    with open(os.path.join(model_dir, "train", "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["skipped_updates"] for r in rows] == [0.0, 1.0, 1.0]
+    assert np.isfinite(rows[0]["loss"]) and not np.isfinite(rows[1]["loss"])
+    assert _committed(model_dir) == [1, 2, 3]
+
+    partitioner = partitioning.Partitioner(run_cfg.mesh_shape)
+    cfg = partitioner.adapt_model_config(model_cfg, run_cfg.batch_size)
+    abstract = steps.abstract_train_state(cfg, opt_cfg, partitioner).state.params
+    first, last = (
+        checkpoints.restore_params(os.path.join(model_dir, "checkpoints", str(s)), abstract)
+        for s in (1, 3)
+    )
+    for a, b in zip(jax_leaves(first), jax_leaves(last), strict=True):
+        assert np.all(np.isfinite(a)) and np.array_equal(a, b)
+
+
+def jax_leaves(tree):
+    import jax
+
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
