@@ -144,8 +144,8 @@ def test_fsdp_shards_embed_over_data():
     assert scale.spec == jax.P(None)  # vectors stay replicated
 
 
-def _moe_layer(p, d_model, dispatch="scatter"):
-    moe = MoeConfig(num_experts=4, group_size=8, min_capacity=1, dispatch=dispatch)
+def _moe_layer(p, d_model, dispatch="scatter", num_experts=4):
+    moe = MoeConfig(num_experts=num_experts, group_size=8, min_capacity=1, dispatch=dispatch)
     cfg = p.adapt_model_config(tiny_config().replace(d_model=d_model, moe=moe), B)
     return nnx.split(nnx.eval_shape(lambda: MoeLayer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
 
@@ -183,13 +183,14 @@ def test_expert_gradients_equal_single_device():
 
 
 D_HLO = 24  # a d_model no other dimension of the MoE layer shares, to spot token gathers
+E_HLO = 12  # likewise for the expert count, to spot gathers of router probabilities
 
 
 @pytest.mark.parametrize("dispatch", ["einsum", "scatter"])
 @pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (1, 4, 2)])
 def test_moe_layer_hlo_uses_all_to_all(dispatch, mesh_shape):
     p = partitioning.Partitioner(mesh_shape)
-    graphdef, abstract_params = _moe_layer(p, D_HLO, dispatch)
+    graphdef, abstract_params = _moe_layer(p, D_HLO, dispatch, E_HLO)
     params = jax.tree.map(
         lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
         abstract_params,
@@ -203,3 +204,6 @@ def test_moe_layer_hlo_uses_all_to_all(dispatch, mesh_shape):
     gathered = re.findall(r"= \w+\[([\d,]*)\][^=]* all-gather(?:-start)?\(", hlo)
     token_gathers = [s for s in gathered if str(D_HLO) in s.split(",")]
     assert not token_gathers, f"token activations all-gathered: {token_gathers}"
+    # lax.top_k would gather [G, T, E] probabilities over the batch shards; routing avoids it.
+    prob_gathers = [s for s in gathered if s.split(",")[-1] == str(E_HLO)]
+    assert not prob_gathers, f"router probabilities all-gathered: {prob_gathers}"

@@ -101,8 +101,7 @@ def route(
     G, T, E = logits_GTE.shape
     real_GT = token_mask_GT.astype(bool)
     probs_GTE = jax.nn.softmax(logits_GTE, axis=-1)
-    gate_GTK, expert_GTK = jax.lax.top_k(probs_GTE, top_k)
-    expert_GTK = expert_GTK.astype(jnp.int32)
+    gate_GTK, expert_GTK = _top_k(probs_GTE, top_k)
     wants_GTK = jnp.broadcast_to(real_GT[..., None], expert_GTK.shape)
 
     order_GT = _priority_order(probs_GTE, real_GT, batch_prioritized)
@@ -116,6 +115,20 @@ def route(
         capacity=capacity,
     )
     return routing, _stats(logits_GTE, probs_GTE, expert_GTK, gate_GTK, real_GT, kept_GTK, capacity)
+
+
+def _top_k(probs_GTE: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """k rounds of max/argmax: lax.top_k makes XLA all-gather the probabilities across batch
+    shards (measured), while these reductions stay local to each token's shard."""
+    gates, experts = [], []
+    remaining_GTE = probs_GTE
+    for _ in range(k):
+        expert_GT = jnp.argmax(remaining_GTE, axis=-1).astype(jnp.int32)
+        gates.append(jnp.max(remaining_GTE, axis=-1))
+        experts.append(expert_GT)
+        chosen_GTE = jax.nn.one_hot(expert_GT, probs_GTE.shape[-1], dtype=bool)
+        remaining_GTE = jnp.where(chosen_GTE, -jnp.inf, remaining_GTE)
+    return jnp.stack(gates, -1), jnp.stack(experts, -1)
 
 
 def _priority_order(probs_GTE, real_GT, batch_prioritized):
