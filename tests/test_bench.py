@@ -26,7 +26,7 @@ def _positive(x) -> bool:
 def test_bench_json_has_finite_positive_figures(tmp_path):
     gin_utils.parse_gin(["models/tiny.gin"], BINDINGS)
     model_cfg, run_cfg, opt_cfg = gin_utils.load_run_configs()
-    dispatch = dict(group_sizes=[16, 32], experts=[2], total_tokens=64, repeats=1)
+    dispatch = dict(group_sizes=[32], experts=[2], total_tokens=64, repeats=1)
     result = bench.run_benchmarks(
         model_cfg,
         run_cfg,
@@ -46,9 +46,7 @@ def test_bench_json_has_finite_positive_figures(tmp_path):
     assert result["step"]["model"] == "switch" and result["dense"]["model"] == "dense"
     assert _positive(result["switch_over_dense_step_time"]["paired_median"])
     rows = result["dispatch"]["rows"]
-    assert {(r["dispatch"], r["group_size"]) for r in rows} == {
-        (d, t) for d in ("einsum", "scatter") for t in (16, 32)
-    }
+    assert {(r["dispatch"], r["group_size"]) for r in rows} == {("einsum", 32), ("scatter", 32)}
     assert all(_positive(r["ns_per_token"]) for r in rows)
     ckpt = result["checkpoint"]
     assert _positive(ckpt["save_call"]["median_s"]) and _positive(ckpt["step_s_after_save"])
