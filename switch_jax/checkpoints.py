@@ -94,7 +94,7 @@ class Checkpoints:
     """Keep-K, every-N, async checkpoints of one run under MODEL_DIR/checkpoints."""
 
     def __init__(self, model_dir: str, *, period: int, keep: int, async_save: bool = True):
-        self.directory = epath.Path(model_dir) / "checkpoints"
+        self.directory = _absolute(model_dir) / "checkpoints"
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=period,
             max_to_keep=keep,
@@ -188,13 +188,20 @@ class Checkpoints:
         self.manager.close()
 
 
+def _absolute(path: str) -> epath.Path:
+    """Orbax refuses relative paths; a local MODEL_DIR may be given relative to the cwd."""
+    if "://" in path:
+        return epath.Path(path)
+    return epath.Path(os.path.abspath(path))
+
+
 def restore_params(path: str, abstract_params):
     """Parameters only (fine-tuning, distillation): `path` is a step dir or a MODEL_DIR.
 
     The optimizer state of the source run is ignored; the target shardings come from
     `abstract_params` (ShapeDtypeStructs with shardings), so any mesh works.
     """
-    step_dir = _resolve_step_dir(epath.Path(path))
+    step_dir = _resolve_step_dir(_absolute(path))
     checkpointer = ocp.PyTreeCheckpointer()
     try:
         saved = checkpointer.metadata(step_dir / "state").item_metadata.tree
