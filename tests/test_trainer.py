@@ -52,8 +52,9 @@ def uninterrupted(tmp_path_factory):
     return _losses(model_dir)
 
 
-def test_resume_continues_exactly(uninterrupted, tmp_path):
-    model_dir = str(tmp_path / "resumed")
+def test_resume_continues_exactly(uninterrupted, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model_dir = "resumed"  # relative, as users type it
     _train(model_dir, steps=HALF)
     assert sorted(_losses(model_dir)) == list(range(1, HALF + 1))
     _train(model_dir)  # the same command again, now with the full step count
