@@ -3,12 +3,7 @@
 # Switch encoder-decoder on the embedded corpus (CPU, ~10 minutes). Run it again to resume.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
-fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[data,metrics]"
+source scripts/venv.sh "data,metrics"
 export NO_GCE_CHECK=true TF_CPP_MIN_LOG_LEVEL=2
 exec .venv/bin/python -m switch_jax.train \
   --gin_file=runs/demo.gin \
