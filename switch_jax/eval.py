@@ -6,13 +6,14 @@ import json
 import sys
 
 from switch_jax import gin_utils
-from switch_jax.train import user_errors
+from switch_jax.train import quiet_library_logs, user_errors
 
 gin_utils.define_flags()
 
 
 def main(argv: list[str]) -> None:
     del argv
+    quiet_library_logs()
     gin_utils.parse_gin_flags()
     model_cfg, run_cfg, opt_cfg = gin_utils.load_run_configs()
     from switch_jax import trainer

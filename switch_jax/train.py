@@ -25,8 +25,18 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def quiet_library_logs() -> None:
+    """Orbax and TensorFlow log every save at INFO; keep the console to our progress lines
+    unless the user asked for more with --verbosity."""
+    from absl import flags, logging
+
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+
+
 def main(argv: list[str]) -> None:
     del argv
+    quiet_library_logs()
     gin_utils.parse_gin_flags()
     model_cfg, run_cfg, opt_cfg = gin_utils.load_run_configs()
     from switch_jax import trainer

@@ -113,7 +113,7 @@ def _run(model_cfg, run: TrainConfig, partitioner, setup, ckpts, info, settings)
                 ckpts.save(step, state, iterator=batches, meta=_meta(batches, settings), force=True)
             if preempted:
                 # No eval: the grace period before SIGKILL is short, the save must finish first.
-                logging.info("preempted: saved step %d, exiting", step)
+                print(f"preempted: saved step {step}, exiting", flush=True)
                 break
             if step % run.eval_period == 0 or step == run.train_steps:
                 eval_dataset = eval_dataset or _eval_dataset(model_cfg, run)
@@ -197,7 +197,7 @@ def _initial_state(setup, ckpts, batches, run: TrainConfig):
     latest = ckpts.latest_step()
     if latest is not None:
         state, meta = ckpts.restore(latest, setup.abstract_state, iterator=batches)
-        logging.info("resumed from step %d", latest)
+        print(f"resumed from step {latest} ({ckpts.directory})", flush=True)
         return state, int(meta["step"])
     # A wrong init_checkpoint is refused before the (slow) initialisation.
     params = None
