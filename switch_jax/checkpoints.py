@@ -107,9 +107,6 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def should_save(self, step: int) -> bool:
-        return self.manager.should_save(step)
-
     def save(
         self,
         step: int,

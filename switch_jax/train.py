@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from switch_jax import gin_utils
+from switch_jax.models.config import ModelConfig
+from switch_jax.run_config import OptimizerConfig, TrainConfig
 
 gin_utils.define_flags()
 
@@ -34,18 +38,27 @@ def quiet_library_logs() -> None:
         logging.set_verbosity(logging.WARNING)
 
 
-def main(argv: list[str]) -> None:
-    del argv
+def run_configured(work: Callable[[ModelConfig, TrainConfig, OptimizerConfig], Any]) -> Any:
+    """Parse the gin flags and call `work` on the configs; user errors become one line, exit 1."""
     quiet_library_logs()
     gin_utils.parse_gin_flags()
-    model_cfg, run_cfg, opt_cfg = gin_utils.load_run_configs()
-    from switch_jax import trainer
-
+    configs = gin_utils.load_run_configs()
     try:
-        trainer.train(model_cfg, run_cfg, opt_cfg, operative_config=gin_utils.operative_config())
+        return work(*configs)
     except user_errors() as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from switch_jax import trainer
+
+    run_configured(
+        lambda model_cfg, run_cfg, opt_cfg: trainer.train(
+            model_cfg, run_cfg, opt_cfg, operative_config=gin_utils.operative_config()
+        )
+    )
 
 
 def run() -> None:

@@ -146,8 +146,8 @@ class Stack(nnx.Module):
         if not stats:
             return x_BLD, None
         # scan stacks [blocks] per position inside the block; flatten to layer order.
-        stacked = [jax.tree.map(lambda *s: jnp.stack(s, 1), *stats)]
-        return x_BLD, jax.tree.map(lambda s: s.reshape((-1,) + s.shape[2:]), stacked[0])
+        stacked = jax.tree.map(lambda *s: jnp.stack(s, 1), *stats)  # [blocks, per block, ...]
+        return x_BLD, jax.tree.map(lambda s: s.reshape((-1,) + s.shape[2:]), stacked)
 
 
 def _stack(stats: list[RouterStats]) -> RouterStats | None:
