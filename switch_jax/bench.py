@@ -185,5 +185,10 @@ def main(argv) -> None:
             f.write(text + "\n")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console script `switch-bench`."""
     gin_utils.run(main)
+
+
+if __name__ == "__main__":
+    run()

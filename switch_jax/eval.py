@@ -18,5 +18,10 @@ def main(argv: list[str]) -> None:
     print(json.dumps({"step": step, **metrics}, sort_keys=True))
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console script `switch-eval`."""
     gin_utils.run(main)
+
+
+if __name__ == "__main__":
+    run()

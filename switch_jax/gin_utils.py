@@ -14,7 +14,7 @@ Entry points use it like this (this is all an entry point needs)::
     if __name__ == "__main__":
         gin_utils.run(main)  # app.run with --gin.NAME=VALUE rewritten into gin bindings
 
-Parsing order: `configs/defaults.gin` (every standard macro with its default), then each
+Parsing order: `switch_jax/configs/defaults.gin` (every standard macro with its default), then each
 --gin_file in order, then each binding. `--gin.NAME=VALUE` becomes the binding `NAME = VALUE`
 (absl cannot define `--gin.*` flags). A bare VALUE that is not a gin literal but looks like a
 path or a name (`--gin.MODEL_DIR=/tmp/run`) is taken as a string, so shell quoting is optional.
@@ -48,8 +48,9 @@ from switch_jax.run_config import OptimizerConfig, TrainConfig
 T = TypeVar("T")
 CONFIG_CLASSES = (ModelConfig, MoeConfig, OptimizerConfig, TrainConfig)
 DEFAULTS_FILE = "defaults.gin"
-# Works from a source checkout and an editable install (both import the package from the repo).
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+# Shipped inside the package (package data), so an installed wheel finds models/*.gin, runs/*.gin.
+CONFIGS = Path(__file__).resolve().parent / "configs"
+REPO_CONFIGS = CONFIGS  # the name earlier code and tests use
 _MACRO_BINDING = re.compile(r"^\s*([A-Za-z_]\w*)\s*=(.*)$", re.S)
 _BARE_STRING = re.compile(r"^[\w./:~+\-]+$")
 
@@ -160,9 +161,8 @@ def _macro_of(configurable: str, param: str) -> str | None:
 
 # --------------------------------------------------------------------------- search paths
 def default_search_paths() -> list[str]:
-    """The shipped configs/ folder, then the current directory."""
-    paths = [str(p) for p in (REPO_CONFIGS, Path(__file__).resolve().parent / "configs")]
-    return [p for p in paths if os.path.isdir(p)] + [os.getcwd()]
+    """The shipped switch_jax/configs folder, then the current directory."""
+    return [str(CONFIGS), os.getcwd()]
 
 
 def _set_search_paths(paths: Sequence[str]) -> None:
@@ -193,7 +193,7 @@ def parse_gin(
 ) -> None:
     """Clear gin, then parse defaults.gin, `gin_files` and `gin_bindings` (`NAME=VALUE` strings).
 
-    Files are looked up in `search_paths`, then configs/, then the current directory.
+    Files are looked up in `search_paths`, then switch_jax/configs/, then the current directory.
 
     Raises:
       ConfigError: one line naming what to change, for any unknown file / name / syntax error.
@@ -299,7 +299,9 @@ def define_flags() -> None:
         "gin_bindings", [], "gin binding NAME=VALUE; usually written --gin.NAME=VALUE"
     )
     flags.DEFINE_list(
-        "gin_search_paths", [], "extra folders to look for gin files in (before configs/)"
+        "gin_search_paths",
+        [],
+        "extra folders to look for gin files in (before switch_jax/configs/)",
     )
 
 

@@ -263,7 +263,8 @@ def main(argv: Sequence[str]) -> None:
     )
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console script `switch-info` (flags defined here: importing info defines none)."""
     from absl import flags
 
     gin_utils.define_flags()
@@ -274,3 +275,7 @@ if __name__ == "__main__":
         "total devices, to resolve a -1 in MESH_SHAPE (default: it counts 1)",
     )
     gin_utils.run(main)
+
+
+if __name__ == "__main__":
+    run()
