@@ -42,6 +42,7 @@ from typing import Any, Literal, TypeVar
 import gin
 import gin.config
 
+from switch_jax import gin_checks
 from switch_jax.models.config import ConfigError, ModelConfig, MoeConfig
 from switch_jax.run_config import OptimizerConfig, TrainConfig
 
@@ -205,11 +206,18 @@ def parse_gin(
     gin.config._set_config_is_locked(False)  # noqa: SLF001  (tests and tools parse repeatedly)
     defaults = _find_file(DEFAULTS_FILE, paths)
     files = [defaults, *(_find_file(f, paths) for f in gin_files)]
+    uses = gin_checks.MacroUses()
     for path in files:
         _guard(lambda p=path: gin.parse_config_file(p), f"gin file {path}")
+        with open(path) as f:
+            gin_checks.scan(f.read(), f"gin file {path}", uses, include_paths=paths)
+        if path == defaults:
+            uses.standard = set(uses.defined)
     for binding in gin_bindings:
         binding = _normalise_binding(binding)
         _guard(lambda b=binding: gin.parse_config(b), f"gin binding {binding!r}")
+        gin_checks.scan(binding, f"gin binding {binding!r}", uses)
+    gin_checks.check(uses)  # TRAIN_STEP = 5 in a file would otherwise train the default steps
     if finalize:
         gin.finalize()
 
@@ -223,9 +231,10 @@ def _normalise_binding(binding: str) -> str:
         try:
             gin.query_parameter(f"%{name}")
         except ValueError:
+            hint = gin_checks.did_you_mean(name, _macro_names(), "--gin.")
             raise ConfigError(
-                f"unknown gin macro {name!r} in --gin.{name}; known macros: "
-                + ", ".join(sorted(_macro_names()))
+                f"unknown gin macro {name!r} in --gin.{name}"
+                + (hint or " (standard macros are in switch_jax/configs/defaults.gin)")
             ) from None
     if value and not value.startswith(("@", "%")) and _BARE_STRING.match(value):
         try:
@@ -256,7 +265,9 @@ def _guard(fn: Callable[[], Any], where: str) -> None:
     except OSError as e:
         raise ConfigError(f"{where}: {_first_line(e).rstrip('.')}; fix the include path") from None
     except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise ConfigError(f"{where}: {_first_line(e)}") from None
+        line = re.search(r'In file "[^"]*", line (\d+)', str(e))
+        where += f", line {line.group(1)}" if line else ""
+        raise ConfigError(f"{where}: {gin_checks.explain(_first_line(e))}") from None
 
 
 def _first_line(e: BaseException) -> str:

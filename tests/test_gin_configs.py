@@ -163,3 +163,73 @@ def test_bad_files(tmp_path):
         with pytest.raises(ConfigError) as e:
             gin_utils.parse_gin([name], [], [str(tmp_path)])
         assert "\n" not in str(e.value) and needle in str(e.value), str(e.value)
+
+
+# --- strictness: a misspelt name in a file fails in one line and suggests the closest ----------
+STRICT_FILES = {
+    # A new macro nobody reads: gin alone would train the default TRAIN_STEPS.
+    "misspelt macro": (
+        "include 'runs/demo.gin'\n\nTRAIN_STEP = 5\n",
+        3,
+        "TRAIN_STEP is set but nothing uses it; did you mean TRAIN_STEPS?",
+    ),
+    "undefined reference": (
+        "TrainConfig.train_steps = %TRAIN_STEP\n",
+        1,
+        "%TRAIN_STEP is not defined anywhere; did you mean %TRAIN_STEPS?",
+    ),
+    "misspelt configurable": (
+        "TrainConfg.model_dir = 'x'\n",
+        1,
+        "'TrainConfg'; did you mean TrainConfig?",
+    ),
+    "misspelt parameter": (
+        "# comment\nTrainConfig.trian_steps = 3\n",
+        2,
+        "'trian_steps'; did you mean train_steps?",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STRICT_FILES))
+def test_misspelt_name_in_a_gin_file_names_file_line_and_suggestion(case, tmp_path):
+    text, line, needle = STRICT_FILES[case]
+    path = tmp_path / "user.gin"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load([str(path)])
+    message = str(e.value)
+    assert "\n" not in message, message
+    assert message.startswith(f"gin file {path}, line {line}: "), message
+    assert needle in message, message
+
+
+def test_misspelt_macro_in_an_included_file_names_that_file(tmp_path):
+    (tmp_path / "inner.gin").write_text("BATCH_SIZ = 4\n")
+    (tmp_path / "outer.gin").write_text("include 'inner.gin'\n")
+    with pytest.raises(ConfigError) as e:
+        gin_utils.parse_gin(["outer.gin"], [], [str(tmp_path)])
+    assert str(e.value).startswith(f"gin file {tmp_path / 'inner.gin'}, line 1: macro BATCH_SIZ")
+    assert "did you mean BATCH_SIZE?" in str(e.value)
+
+
+def test_standard_and_file_local_macros_stay_accepted(tmp_path):
+    # A standard macro the model does not read (dense model, expert dropout), and a macro a file
+    # defines for its own bindings.
+    path = tmp_path / "ok.gin"
+    path.write_text(
+        "include 'models/t5_base.gin'\nEXPERT_DROPOUT_RATE = 0.4\nMY_STEPS = 7\n"
+        "TrainConfig.train_steps = %MY_STEPS\n"
+    )
+    _, run, _ = load([str(path)])
+    assert run.train_steps == 7
+
+
+def test_command_line_typo_suggests_instead_of_listing():
+    with pytest.raises(ConfigError) as e:
+        load(["models/tiny.gin"], ["BATCH_SIZ=3"])
+    message = str(e.value)
+    assert (
+        message
+        == "unknown gin macro 'BATCH_SIZ' in --gin.BATCH_SIZ; did you mean --gin.BATCH_SIZE?"
+    )
