@@ -167,8 +167,9 @@ class RelativePositionBias(nnx.Module):
         self.cfg = cfg
         self.bidirectional = bidirectional
 
-    def __call__(self, q_len: int, k_len: int) -> jax.Array:
-        relative_QS = jnp.arange(k_len)[None, :] - jnp.arange(q_len)[:, None]
+    def __call__(self, q_len: int, k_len: int, q_offset=0) -> jax.Array:
+        """[1, H, Q, S] bias; queries sit at positions q_offset.. (a decoding step), keys at 0..."""
+        relative_QS = jnp.arange(k_len)[None, :] - (jnp.arange(q_len) + q_offset)[:, None]
         bucket_QS = relative_position_bucket(
             relative_QS,
             bidirectional=self.bidirectional,
@@ -196,10 +197,18 @@ class Attention(nnx.Module):
         )
 
     def __call__(self, x_BQD, memory_BSD, bias_BHQS, keys: Keys) -> jax.Array:
+        return self.attend(x_BQD, *self.project_kv(memory_BSD), bias_BHQS, keys)
+
+    def project_kv(self, memory_BSD) -> tuple[jax.Array, jax.Array]:
+        """Keys and values of `memory`: what a decoding cache stores, computed once per token."""
         dt = self.cfg.dtype
-        q_BQHK = jnp.einsum("bqd,dhk->bqhk", x_BQD, self.query[...].astype(dt))
         k_BSHK = jnp.einsum("bsd,dhk->bshk", memory_BSD, self.key[...].astype(dt))
         v_BSHK = jnp.einsum("bsd,dhk->bshk", memory_BSD, self.value[...].astype(dt))
+        return k_BSHK, v_BSHK
+
+    def attend(self, x_BQD, k_BSHK, v_BSHK, bias_BHQS, keys: Keys) -> jax.Array:
+        dt = self.cfg.dtype
+        q_BQHK = jnp.einsum("bqd,dhk->bqhk", x_BQD, self.query[...].astype(dt))
         q_BQHK = constrain(q_BQHK, ("batch", "length", "heads", "kv"))
         logits_BHQS = jnp.einsum("bqhk,bshk->bhqs", q_BQHK, k_BSHK).astype(jnp.float32)
         probs_BHQS = jax.nn.softmax(logits_BHQS + bias_BHQS, axis=-1).astype(dt)
@@ -208,10 +217,14 @@ class Attention(nnx.Module):
         return jnp.einsum("bqhk,hkd->bqd", ctx_BQHK, self.out[...].astype(dt))
 
 
-def attention_mask(q_segments_BQ, k_segments_BS, *, causal: bool) -> jax.Array:
-    """Additive [B, 1, Q, S] mask: same packed segment, not padding, and causal if asked."""
+def attention_mask(q_segments_BQ, k_segments_BS, *, causal: bool, q_offset=0) -> jax.Array:
+    """Additive [B, 1, Q, S] mask: same packed segment, not padding, and causal if asked.
+
+    `q_offset` is the position of the first query (decoding over a cache of keys 0..S-1).
+    """
     ok = (q_segments_BQ[:, :, None] == k_segments_BS[:, None, :]) & (k_segments_BS[:, None, :] > 0)
     if causal:
         q_len, k_len = q_segments_BQ.shape[1], k_segments_BS.shape[1]
-        ok = ok & (jnp.arange(k_len)[None, :] <= jnp.arange(q_len)[:, None])[None]
+        q_positions = jnp.arange(q_len) + q_offset
+        ok = ok & (jnp.arange(k_len)[None, :] <= q_positions[:, None])[None]
     return jnp.where(ok, 0.0, NEG_INF)[:, None].astype(jnp.float32)

@@ -1,7 +1,11 @@
 """Encoder-decoder and decoder-only T5.1.1 stacks interleaving dense and Switch FFN layers.
 
-Legend: B batch, L length, D d_model, V vocab. Batches use seqio feature-converter names
-(encoder_input_tokens, decoder_input_tokens, *_segment_ids, ...).
+Legend: B batch, L length (Q new decoder positions / S cached positions), D d_model, V vocab.
+Batches use seqio feature-converter names (encoder_input_tokens, decoder_input_tokens, ...).
+
+Inference: `init_cache` holds, per decoder layer, the self-attention keys/values of every
+position decoded so far and the cross-attention keys/values of the encoder output (computed
+once); `decode` runs new positions against it. The training path (`__call__`) does not use it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from switch_jax.models.layers import (
 from switch_jax.models.moe import MoeLayer
 from switch_jax.models.routing import RouterStats
 
+NO_NOISE = Keys()
+
 
 class Layer(nnx.Module):
     """Pre-norm residual layer: self-attention, [cross-attention], FFN (dense or Switch)."""
@@ -40,13 +46,38 @@ class Layer(nnx.Module):
         self.mlp = MoeLayer(cfg, rngs=rngs) if sparse else Mlp(cfg, rngs=rngs)
 
     def __call__(self, x_BLD, ctx: dict, keys: Keys, *, train: bool):
-        rate = self.cfg.dropout_rate
         h = self.pre_self_attention_norm(x_BLD)
         h = self.self_attention(h, h, ctx["self_bias"], keys.fold(0))
-        x_BLD = x_BLD + dropout(h, rate, keys.fold(1).dropout)
+        x_BLD = x_BLD + dropout(h, self.cfg.dropout_rate, keys.fold(1).dropout)
+        return self._cross_and_ffn(x_BLD, ctx, keys, train=train)
+
+    def init_cache(self, batch_size: int, length: int, encoded_BSD=None) -> dict:
+        shape = (batch_size, length, self.cfg.num_heads, self.cfg.head_dim)
+        cache = {"k": jnp.zeros(shape, self.cfg.dtype), "v": jnp.zeros(shape, self.cfg.dtype)}
+        if self.cross_attention is not None:
+            cache["cross_k"], cache["cross_v"] = self.cross_attention.project_kv(encoded_BSD)
+        return cache
+
+    def decode(self, x_BQD, ctx: dict, cache: dict):
+        """New positions ctx['index'].. : their keys/values go into the cache, then attend."""
+        h = self.pre_self_attention_norm(x_BQD)
+        axes = ("batch", "length", "heads", "kv")
+        new = dict(cache)
+        for name, value in zip(("k", "v"), self.self_attention.project_kv(h), strict=True):
+            updated = jax.lax.dynamic_update_slice_in_dim(cache[name], value, ctx["index"], 1)
+            new[name] = constrain(updated, axes)
+        h = self.self_attention.attend(h, new["k"], new["v"], ctx["self_bias"], NO_NOISE)
+        cross_kv = (cache["cross_k"], cache["cross_v"]) if "cross_k" in cache else None
+        x_BQD, stats = self._cross_and_ffn(x_BQD + h, ctx, NO_NOISE, train=False, cross_kv=cross_kv)
+        return x_BQD, new, stats
+
+    def _cross_and_ffn(self, x_BLD, ctx: dict, keys: Keys, *, train: bool, cross_kv=None):
+        rate = self.cfg.dropout_rate
         if self.cross_attention is not None:
             h = self.pre_cross_attention_norm(x_BLD)
-            h = self.cross_attention(h, ctx["encoded"], ctx["cross_bias"], keys.fold(2))
+            if cross_kv is None:
+                cross_kv = self.cross_attention.project_kv(ctx["encoded"])
+            h = self.cross_attention.attend(h, *cross_kv, ctx["cross_bias"], keys.fold(2))
             x_BLD = x_BLD + dropout(h, rate, keys.fold(3).dropout)
         h = self.pre_mlp_norm(x_BLD)
         stats = None
@@ -78,6 +109,18 @@ class Block(nnx.Module):
             if stats is not None:
                 all_stats.append(stats)
         return x_BLD, all_stats
+
+    def init_cache(self, batch_size: int, length: int, encoded_BSD=None) -> tuple:
+        return tuple(layer.init_cache(batch_size, length, encoded_BSD) for layer in self.layers)
+
+    def decode(self, x_BQD, ctx, cache: tuple):
+        new, all_stats = [], []
+        for layer, layer_cache in zip(self.layers, cache, strict=True):
+            x_BQD, layer_cache, stats = layer.decode(x_BQD, ctx, layer_cache)
+            new.append(layer_cache)
+            if stats is not None:
+                all_stats.append(stats)
+        return x_BQD, tuple(new), all_stats
 
 
 class Stack(nnx.Module):
@@ -143,20 +186,65 @@ class Stack(nnx.Module):
             return x, block_stats
 
         x_BLD, stats = jax.lax.scan(body, x_BLD, (state, block_keys))
-        if not stats:
-            return x_BLD, None
-        # scan stacks [blocks] per position inside the block; flatten to layer order.
-        stacked = jax.tree.map(lambda *s: jnp.stack(s, 1), *stats)  # [blocks, per block, ...]
-        return x_BLD, jax.tree.map(lambda s: s.reshape((-1,) + s.shape[2:]), stacked)
+        return x_BLD, _scanned_layer_order(stats)
+
+    def init_cache(self, batch_size: int, length: int, encoded_BSD=None):
+        """Per block (a tuple over blocks, or one tree with a leading blocks axis under scan)."""
+        if not self.cfg.scan_layers:
+            return tuple(b.init_cache(batch_size, length, encoded_BSD) for b in self.blocks)
+        graphdef, state = nnx.split(self.blocks)
+        return jax.vmap(
+            lambda block_state: nnx.merge(graphdef, block_state).init_cache(
+                batch_size, length, encoded_BSD
+            )
+        )(state)
+
+    def decode(self, x_BQD, cache, *, index, key_valid_BS, token_mask_BQ, encoder_valid_BS=None):
+        """Inference on Q new positions starting at `index` (keys 0..S-1 are cached)."""
+        B, Q = token_mask_BQ.shape
+        S = key_valid_BS.shape[1]
+        queries_BQ = jnp.ones((B, Q), jnp.int32)
+        ctx = {
+            "index": index,
+            "self_bias": self.relpos_bias(Q, S, q_offset=index)
+            + attention_mask(queries_BQ, key_valid_BS, causal=True, q_offset=index),
+            "token_mask": token_mask_BQ,
+        }
+        if encoder_valid_BS is not None:
+            ctx["cross_bias"] = attention_mask(queries_BQ, encoder_valid_BS, causal=False)
+        if self.cfg.scan_layers:
+            graphdef, state = nnx.split(self.blocks)
+
+            def body(x, scanned):
+                block_state, block_cache = scanned
+                block = nnx.merge(graphdef, block_state)
+                x, block_cache, block_stats = block.decode(x, ctx, block_cache)
+                return x, (block_cache, block_stats)
+
+            x_BQD, (cache, stats) = jax.lax.scan(body, x_BQD, (state, cache))
+            stats = _scanned_layer_order(stats)
+        else:
+            new, stats = [], []
+            for block, block_cache in zip(self.blocks, cache, strict=True):
+                x_BQD, block_cache, block_stats = block.decode(x_BQD, ctx, block_cache)
+                new.append(block_cache)
+                stats.extend(block_stats)
+            cache, stats = tuple(new), _stack(stats)
+        return self.final_norm(x_BQD), cache, stats
+
+
+def _scanned_layer_order(stats: list) -> RouterStats | None:
+    """scan stacks [blocks] per position inside the block; flatten to layer order."""
+    if not stats:
+        return None
+    stacked = jax.tree.map(lambda *s: jnp.stack(s, 1), *stats)  # [blocks, per block, ...]
+    return jax.tree.map(lambda s: s.reshape((-1,) + s.shape[2:]), stacked)
 
 
 def _stack(stats: list[RouterStats]) -> RouterStats | None:
     if not stats:
         return None
     return jax.tree.map(lambda *s: jnp.stack(s), *stats)
-
-
-NO_NOISE = Keys()
 
 
 class Transformer(nnx.Module):
@@ -193,8 +281,7 @@ class Transformer(nnx.Module):
         if self.encoder is not None:
             enc_tokens = batch["encoder_input_tokens"]
             enc_segments = _segments(batch, "encoder", enc_tokens)
-            x = dropout(self.token_embedder(enc_tokens), cfg.dropout_rate, keys.fold(1).dropout)
-            encoded, stats["encoder"] = self.encoder(x, enc_segments, keys.fold(2), train=train)
+            encoded, stats["encoder"] = self.encode(enc_tokens, enc_segments, keys, train=train)
         dec_tokens = batch["decoder_input_tokens"]
         targets = batch.get("decoder_target_tokens")
         if targets is None:  # inference: the BOS = 0 opening every decoder input is real
@@ -209,6 +296,50 @@ class Transformer(nnx.Module):
             encoded=encoded,
             encoder_segments_BS=enc_segments,
         )
+        return self._logits(y), stats
+
+    def encode(self, tokens_BS, segments_BS, keys: Keys = NO_NOISE, *, train: bool = False):
+        """(encoder output [B, S, D], encoder RouterStats)."""
+        x = dropout(self.token_embedder(tokens_BS), self.cfg.dropout_rate, keys.fold(1).dropout)
+        return self.encoder(x, segments_BS, keys.fold(2), train=train)
+
+    def init_cache(self, batch_size: int, length: int, encoded_BSD=None, encoder_valid_BS=None):
+        """Empty decoder cache for `length` positions; cross K/V of `encoded_BSD` filled now."""
+        cache = {
+            "decoder": self.decoder.init_cache(batch_size, length, encoded_BSD),
+            "valid": jnp.zeros((batch_size, length), jnp.int32),
+        }
+        if encoded_BSD is not None:
+            cache["encoder_valid"] = encoder_valid_BS.astype(jnp.int32)
+        return cache
+
+    def decode(self, tokens_BQ, cache: dict, *, index, valid_BQ=None, token_mask_BQ=None):
+        """(logits_BQV, cache, decoder RouterStats) of decoder inputs at positions index...
+
+        Args:
+          tokens_BQ: decoder input tokens (BOS = 0 first) at positions index..index+Q-1.
+          cache: from `init_cache`, or the one the previous call returned.
+          index: position of the first new token (a traced int is fine).
+          valid_BQ: 0 marks padding that later positions must not attend to (left-padded
+            prompts); default all real.
+          token_mask_BQ: tokens that take MoE capacity (default `valid_BQ`); finished rows pass 0.
+        """
+        valid_BQ = jnp.ones(tokens_BQ.shape, jnp.int32) if valid_BQ is None else valid_BQ
+        valid_BQ = valid_BQ.astype(jnp.int32)
+        token_mask_BQ = valid_BQ > 0 if token_mask_BQ is None else token_mask_BQ
+        key_valid_BS = jax.lax.dynamic_update_slice_in_dim(cache["valid"], valid_BQ, index, 1)
+        y, decoder_cache, stats = self.decoder.decode(
+            self.token_embedder(tokens_BQ),
+            cache["decoder"],
+            index=index,
+            key_valid_BS=key_valid_BS,
+            token_mask_BQ=token_mask_BQ,
+            encoder_valid_BS=cache.get("encoder_valid"),
+        )
+        return self._logits(y), {**cache, "decoder": decoder_cache, "valid": key_valid_BS}, stats
+
+    def _logits(self, y):
+        cfg = self.cfg
         if self.logits_dense is None:
             # Tied logits are rescaled so their magnitude does not grow with d_model (T5).
             logits_BLV = self.token_embedder.attend(y * (cfg.d_model**-0.5))
@@ -216,7 +347,7 @@ class Transformer(nnx.Module):
             logits_BLV = jnp.einsum(
                 "bld,dv->blv", y.astype(jnp.float32), self.logits_dense[...].astype(jnp.float32)
             )
-        return constrain(logits_BLV, ("batch", "length", "vocab")), stats
+        return constrain(logits_BLV, ("batch", "length", "vocab"))
 
 
 def _segments(batch: dict, prefix: str, tokens_BL: jax.Array) -> jax.Array:
