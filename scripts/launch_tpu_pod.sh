@@ -12,7 +12,7 @@
 #   scripts/launch_tpu_pod.sh stop | delete
 #
 # Every worker runs the same command; JAX finds the other hosts by itself on TPU
-# (switch_jax.distributed.initialize -> jax.distributed.initialize()). Re-running `train` after a
+# (switch_jax.cli.join_hosts -> jax.distributed.initialize()). Re-running `train` after a
 # preemption or `stop` resumes from the latest checkpoint in MODEL_DIR.
 set -euo pipefail
 

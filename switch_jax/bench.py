@@ -18,9 +18,8 @@ import sys
 
 from absl import flags
 
-from switch_jax import gin_utils
+from switch_jax import cli, gin_utils
 
-gin_utils.define_flags()
 VARIANTS = ("step", "dense", "dispatch", "pipeline", "checkpoint")
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"subset of {VARIANTS}")
 _JSON = flags.DEFINE_bool("json", False, "print JSON on stdout (the table goes to stderr)")
@@ -33,13 +32,14 @@ _EXPERTS = flags.DEFINE_list("dispatch_experts", ["8", "16", "32", "64"], "E")
 _TOKENS = flags.DEFINE_integer("dispatch_tokens", 8192, "tokens per MoE layer call (G x T)")
 
 
-def run_benchmarks(model_cfg, run_cfg, opt_cfg, variants, *, steps, warmup, dispatch) -> dict:
+def run_benchmarks(configs, variants, *, steps, warmup, dispatch) -> dict:
     """All requested variants; returns the JSON-ready results dict."""
     import jax
 
     from switch_jax import metrics
     from switch_jax.benchmarks import step as step_bench
 
+    model_cfg = configs.model
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise gin_utils.ConfigError(
@@ -58,12 +58,10 @@ def run_benchmarks(model_cfg, run_cfg, opt_cfg, variants, *, steps, warmup, disp
     }
     runner = None
     if {"step", "dense", "pipeline", "checkpoint"} & set(variants):
-        runner = step_bench.StepRunner(model_cfg, run_cfg, opt_cfg)
+        runner = step_bench.StepRunner(configs)
         runners = [runner]
         if "dense" in variants and model_cfg.moe is not None:
-            runners.append(
-                step_bench.StepRunner(step_bench.dense_twin(model_cfg), run_cfg, opt_cfg)
-            )
+            runners.append(step_bench.StepRunner(step_bench.dense_twin(configs)))
         seconds = step_bench.time_interleaved(runners, steps, warmup)
         out["step"] = step_bench.report(runner, seconds[0], peak)
         if len(runners) > 1:
@@ -158,8 +156,6 @@ def _check_finite(tree, where="") -> None:
 
 def main(argv) -> None:
     del argv
-    gin_utils.parse_gin_flags()
-    model_cfg, run_cfg, opt_cfg = gin_utils.load_run_configs()
     dispatch = dict(
         group_sizes=[int(x) for x in _GROUPS.value],
         experts=[int(x) for x in _EXPERTS.value],
@@ -167,9 +163,7 @@ def main(argv) -> None:
         repeats=_REPEATS.value,
     )
     result = run_benchmarks(
-        model_cfg,
-        run_cfg,
-        opt_cfg,
+        cli.configs(),
         _VARIANTS.value,
         steps=_STEPS.value,
         warmup=_WARMUP.value,
@@ -185,10 +179,7 @@ def main(argv) -> None:
             f.write(text + "\n")
 
 
-def run() -> None:
-    """Console script `switch-bench`."""
-    gin_utils.run(main)
-
+run = cli.entry(main)  # console script `switch-bench`
 
 if __name__ == "__main__":
     run()

@@ -19,7 +19,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from switch_jax.models.config import ConfigError
+from switch_jax import run_config
+from switch_jax.models.config import ConfigError, ModelConfig, MoeConfig
 
 
 class CheckpointError(RuntimeError):
@@ -30,28 +31,12 @@ class CheckpointError(RuntimeError):
 # so restore catches them all; the traceback stays available at --verbosity=1.
 _READ_ERRORS = (Exception,)
 
-# Settings a resumed run may change: schedules of side work, where things live, and the mesh
-# (restore reshards). Any other difference means MODEL_DIR would silently train another model.
-RESUMABLE_CHANGES = frozenset(
-    {
-        "TrainConfig.model_dir",
-        "TrainConfig.train_steps",
-        "TrainConfig.checkpoint_period",
-        "TrainConfig.keep_checkpoints",
-        "TrainConfig.eval_period",
-        "TrainConfig.eval_steps",
-        "TrainConfig.log_period",
-        "TrainConfig.profile_steps",
-        "TrainConfig.tfds_data_dir",
-        "TrainConfig.init_checkpoint",
-        "TrainConfig.mesh_shape",
-        "TrainConfig.dcn_mesh_shape",
-        "TrainConfig.partition_rules",
-        "TrainConfig.skip_nonfinite_updates",
-        "OptimizerConfig.microbatches",
-        "MoeConfig.num_expert_partitions",
-    }
-)
+
+def resumable_settings() -> frozenset[str]:
+    """'Class.field' settings a resumed run may change: the fields marked resumable (where
+    things live, schedules of side work, the mesh: restore reshards)."""
+    classes = (ModelConfig, MoeConfig, *run_config.RUN_CONFIG_CLASSES)
+    return frozenset().union(*(run_config.resumable_fields(cls) for cls in classes))
 
 
 class SavableIterator(Protocol):
@@ -271,10 +256,10 @@ def read_meta(step_dir: str) -> dict:
     return json.loads((epath.Path(step_dir) / "meta" / "metadata").read_text())
 
 
-def run_settings(model_cfg, run, opt) -> dict[str, Any]:
+def run_settings(configs) -> dict[str, Any]:
     """Flat {'ModelConfig.d_model': 128, 'MoeConfig.num_experts': 8, ...}, JSON values."""
     flat: dict[str, Any] = {}
-    for cfg in (model_cfg, run, opt):
+    for cfg in configs:
         for field in dataclasses.fields(cfg):
             value = getattr(cfg, field.name)
             if dataclasses.is_dataclass(value):
@@ -289,7 +274,7 @@ def check_same_run(saved: dict | None, current: dict, model_dir: str) -> None:
     """Refuse to resume MODEL_DIR with settings that would train something else."""
     if saved is None:
         return
-    keys = sorted((set(saved) | set(current)) - RESUMABLE_CHANGES)
+    keys = sorted((set(saved) | set(current)) - resumable_settings())
     missing = object()
     diffs = [
         f"{k}: {saved.get(k, '<unset>')!r} -> {current.get(k, '<unset>')!r}"

@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import json
 
-from switch_jax import gin_utils
-from switch_jax.train import run_configured
-
-gin_utils.define_flags()
+from switch_jax import cli
 
 
 def main(argv: list[str]) -> None:
     del argv
     from switch_jax import trainer
 
-    step, metrics = run_configured(trainer.evaluate_checkpoint)
+    step, metrics = trainer.evaluate_checkpoint(cli.configs())
     print(json.dumps({"step": step, **metrics}, sort_keys=True))
 
 
-def run() -> None:
-    """Console script `switch-eval`."""
-    gin_utils.run(main)
-
+run = cli.entry(main)  # console script `switch-eval`
 
 if __name__ == "__main__":
     run()

@@ -1,18 +1,7 @@
 """gin for switch_jax: T5X-style flags, search paths, and typed config dataclasses out of gin.
 
-Entry points use it like this (this is all an entry point needs)::
-
-    from absl import app
-    from switch_jax import gin_utils
-
-    gin_utils.define_flags()  # --gin_file (repeatable), --gin_bindings, --gin_search_paths
-
-    def main(argv):
-        gin_utils.parse_gin_flags()  # raises ConfigError with one line on any bad input
-        model_cfg, train_cfg, opt_cfg = gin_utils.load_run_configs()
-
-    if __name__ == "__main__":
-        gin_utils.run(main)  # app.run with --gin.NAME=VALUE rewritten into gin bindings
+Entry points do not use it directly: switch_jax.cli (the one entry module) defines the flags
+with `define_flags`, rewrites `--gin.*` with `flags_parser` and parses with `parse_gin`.
 
 Parsing order: `switch_jax/configs/defaults.gin` (every standard macro with its default), then each
 --gin_file in order, then each binding. `--gin.NAME=VALUE` becomes the binding `NAME = VALUE`
@@ -20,10 +9,11 @@ Parsing order: `switch_jax/configs/defaults.gin` (every standard macro with its 
 path or a name (`--gin.MODEL_DIR=/tmp/run`) is taken as a string, so shell quoting is optional.
 A binding of a macro that no file defines is an error (a typo would otherwise be ignored).
 
-gin binds four names: `ModelConfig`, `MoeConfig`, `OptimizerConfig`, `TrainConfig`. Each is a
-factory with the dataclass's signature that checks value types against the annotations and
-turns dicts/lists into the tuples the frozen dataclasses want (`TASK_FEATURE_LENGTHS` may be
-T5X's `{'inputs': 512, 'targets': 114}`), then builds the real dataclass.
+gin binds the config dataclasses: `ModelConfig`, `MoeConfig`, `OptimizerConfig`,
+`TrainConfig`, `DataConfig`, `CheckpointConfig`. Each is a factory with the dataclass's
+signature that checks value types against the annotations and turns dicts/lists into the tuples
+the frozen dataclasses want (`TASK_FEATURE_LENGTHS` may be T5X's
+`{'inputs': 512, 'targets': 114}`), then builds the real dataclass.
 """
 
 from __future__ import annotations
@@ -44,10 +34,23 @@ import gin.config
 
 from switch_jax import gin_checks
 from switch_jax.models.config import ConfigError, ModelConfig, MoeConfig
-from switch_jax.run_config import OptimizerConfig, TrainConfig
+from switch_jax.run_config import (
+    CheckpointConfig,
+    Configs,
+    DataConfig,
+    OptimizerConfig,
+    TrainConfig,
+)
 
 T = TypeVar("T")
-CONFIG_CLASSES = (ModelConfig, MoeConfig, OptimizerConfig, TrainConfig)
+CONFIG_CLASSES = (
+    ModelConfig,
+    MoeConfig,
+    OptimizerConfig,
+    TrainConfig,
+    DataConfig,
+    CheckpointConfig,
+)
 DEFAULTS_FILE = "defaults.gin"
 # Shipped inside the package (package data), so an installed wheel finds models/*.gin, runs/*.gin.
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -288,9 +291,15 @@ def configured(cls: type[T]) -> T:
         raise ConfigError(f"{cls.__name__}: {_first_line(e)}") from None
 
 
-def load_run_configs() -> tuple[ModelConfig, TrainConfig, OptimizerConfig]:
-    """(ModelConfig, TrainConfig, OptimizerConfig) of the parsed gin config."""
-    return configured(ModelConfig), configured(TrainConfig), configured(OptimizerConfig)
+def load_configs() -> Configs:
+    """Every config dataclass of the parsed gin config."""
+    return Configs(
+        model=configured(ModelConfig),
+        train=configured(TrainConfig),
+        data=configured(DataConfig),
+        checkpoint=configured(CheckpointConfig),
+        optimizer=configured(OptimizerConfig),
+    )
 
 
 def operative_config() -> str:
@@ -333,27 +342,3 @@ def flags_parser(argv: list[str]) -> list[str]:
     from absl import app
 
     return app.parse_flags_with_usage(rewrite_gin_args(argv))
-
-
-def parse_gin_flags(finalize: bool = True) -> None:
-    """parse_gin from the absl flags defined by define_flags()."""
-    from absl import flags
-
-    f = flags.FLAGS
-    parse_gin(f.gin_file, f.gin_bindings, f.gin_search_paths, finalize=finalize)
-
-
-def run(main: Callable[[list[str]], Any]) -> None:
-    """app.run(main) with --gin.* support and ConfigError printed as one line (exit 2)."""
-    import sys
-
-    from absl import app
-
-    def guarded(argv: list[str]) -> Any:
-        try:
-            return main(argv)
-        except ConfigError as e:
-            print(f"ConfigError: {e}", file=sys.stderr)
-            sys.exit(2)
-
-    app.run(guarded, flags_parser=flags_parser)

@@ -21,14 +21,15 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 from flax import nnx
 from flax.core import spmd as core_spmd
 from jax.sharding import PartitionSpec as P
 
-from switch_jax import gin_utils, optim, partitioning
+from switch_jax import cli, gin_utils, optim, partitioning
 from switch_jax.models import info as models_info
 from switch_jax.models.config import ConfigError, ModelConfig
-from switch_jax.run_config import OptimizerConfig, TrainConfig
+from switch_jax.run_config import Configs, OptimizerConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,14 +159,10 @@ def model_info(cfg: ModelConfig, input_length: int, target_length: int) -> model
     )
 
 
-def report(
-    model_cfg: ModelConfig,
-    run: TrainConfig,
-    optimizer: OptimizerConfig | None = None,
-    num_devices: int | None = None,
-) -> dict:
+def report(configs: Configs, num_devices: int | None = None) -> dict:
     """Model info (parameters, FLOPs) and per-device memory as one JSON-able dict."""
-    lengths = run.feature_lengths
+    model_cfg, run, optimizer = configs.model, configs.train, configs.optimizer
+    lengths = configs.data.feature_lengths
     inputs = lengths.get("inputs", 0) if model_cfg.is_encoder_decoder else 0
     info = model_info(model_cfg, inputs, lengths.get("targets", 114))
     devices = num_devices or math.prod(n for n in run.mesh_shape if n != -1)
@@ -241,41 +238,24 @@ def run_info(
 ) -> str:
     """What `python -m switch_jax.info` prints, for these gin files and bindings."""
     gin_utils.parse_gin(gin_files, gin_bindings, search_paths)
-    model_cfg, run, optimizer = gin_utils.load_run_configs()
-    r = report(model_cfg, run, optimizer, num_devices)
+    r = report(gin_utils.load_configs(), num_devices)
     return json.dumps(r) if as_json else format_report(r)
 
 
-def main(argv: Sequence[str]) -> None:
-    from absl import flags
+_JSON = flags.DEFINE_bool("json", False, "print one JSON object instead of text")
+_NUM_DEVICES = flags.DEFINE_integer(
+    "num_devices", None, "total devices, to resolve a -1 in MESH_SHAPE (default: it counts 1)"
+)
 
+
+def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise ConfigError(f"unexpected arguments {list(argv[1:])}; use --gin_file / --gin.NAME=")
-    f = flags.FLAGS
-    print(
-        run_info(
-            f.gin_file,
-            f.gin_bindings,
-            f.gin_search_paths,
-            num_devices=f.num_devices,
-            as_json=f.json,
-        )
-    )
+    r = report(cli.configs(), _NUM_DEVICES.value)
+    print(json.dumps(r) if _JSON.value else format_report(r))
 
 
-def run() -> None:
-    """Console script `switch-info` (flags defined here: importing info defines none)."""
-    from absl import flags
-
-    gin_utils.define_flags()
-    flags.DEFINE_bool("json", False, "print one JSON object instead of text")
-    flags.DEFINE_integer(
-        "num_devices",
-        None,
-        "total devices, to resolve a -1 in MESH_SHAPE (default: it counts 1)",
-    )
-    gin_utils.run(main)
-
+run = cli.entry(main, hosts=False)  # console script `switch-info`; needs no device
 
 if __name__ == "__main__":
     run()

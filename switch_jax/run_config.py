@@ -1,11 +1,33 @@
-"""Typed, frozen settings of a training run (optimizer, mesh, data, checkpoints); gin binds them."""
+"""Typed, frozen settings of a training run, one dataclass per concern; gin binds them.
+
+`DataConfig` (what is read), `CheckpointConfig` (where the run lives), `OptimizerConfig`
+(Adafactor and its schedule) and `TrainConfig` (the loop, the mesh, seeds). The loss
+coefficients live with the model (`ModelConfig.z_loss`, `MoeConfig.aux_loss_coef`,
+`MoeConfig.router_z_loss_coef`), each in one place.
+
+A field built with `resumable(...)` may differ when a run resumes from its MODEL_DIR (where
+things live, how often side work happens, the mesh); any other difference means the directory
+holds another run, and the trainer refuses it (checkpoints.check_same_run).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
-from switch_jax.models.config import ConfigError
+from switch_jax.models.config import ConfigError, ModelConfig
+
+
+def resumable(default: Any) -> Any:
+    """A dataclass field whose value may change between a run and its resumption."""
+    return dataclasses.field(default=default, metadata={"resumable": True})
+
+
+def resumable_fields(cls: type) -> frozenset[str]:
+    """'Class.field' names marked with `resumable` (the settings check skips them)."""
+    return frozenset(
+        f"{cls.__name__}.{f.name}" for f in dataclasses.fields(cls) if f.metadata.get("resumable")
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,7 +42,8 @@ class OptimizerConfig:
     multiply_by_parameter_scale: bool = True
     factored: bool = True
     min_dim_size_to_factor: int = 128  # factor second moments only over dims at least this large
-    microbatches: int = 1  # gradient accumulation steps inside one train step
+    # Gradient accumulation inside one step; the summed gradient is the same, so it may change.
+    microbatches: int = resumable(1)
 
     def __post_init__(self):
         if self.schedule not in ("rsqrt", "constant"):
@@ -32,45 +55,95 @@ class OptimizerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Everything a run needs besides the model; T5X macro names in comments."""
+class DataConfig:
+    """What the run reads; T5X macro names in comments."""
 
-    model_dir: str = ""  # MODEL_DIR (local path or gs://)
-    train_steps: int = 1000  # TRAIN_STEPS (total, not additional)
-    batch_size: int = 32  # BATCH_SIZE (global, sequences)
     mixture_or_task_name: str = "embedded_span_corruption"  # MIXTURE_OR_TASK_NAME
     task_feature_lengths: tuple[tuple[str, int], ...] = (("inputs", 512), ("targets", 114))
-    mesh_shape: tuple[int, int, int] = (-1, 1, 1)  # MESH_SHAPE (data, expert, model)
-    dcn_mesh_shape: tuple[int, int, int] | None = None  # multi-slice (across DCN)
-    partition_rules: Literal["default", "fsdp"] = "default"
-    z_loss: float = 1e-4  # output-logits z-loss
-    seed: int = 0
-    tfds_data_dir: str | None = None
-    checkpoint_period: int = 1000
-    keep_checkpoints: int = 3
-    eval_period: int = 1000
-    eval_steps: int = 20
-    log_period: int = 10
-    init_checkpoint: str | None = None  # parameters only, for fine-tuning
-    profile_steps: tuple[int, int] | None = None  # (first, last) step of a profiler trace
-    skip_nonfinite_updates: bool = False
+    batch_size: int = 32  # BATCH_SIZE (global, sequences)
+    tfds_data_dir: str | None = resumable(None)  # TFDS_DATA_DIR
+    # 'shard': each host reads its 1/N of the data (seqio ShardInfo, T5X's way). 'global': every
+    # host builds the whole global batch and feeds its rows, so the batches (and losses) do not
+    # depend on the number of processes, at N times the host input work.
+    host_input: Literal["shard", "global"] = "shard"  # HOST_INPUT
 
     def __post_init__(self):
-        if self.train_steps < 0:
-            raise ConfigError(f"TrainConfig.train_steps={self.train_steps} must be >= 0")
         if self.batch_size < 1:
-            raise ConfigError(f"TrainConfig.batch_size={self.batch_size} must be >= 1")
+            raise ConfigError(f"DataConfig.batch_size={self.batch_size} must be >= 1")
         for name, length in self.task_feature_lengths:
             if length < 1:
                 raise ConfigError(f"TASK_FEATURE_LENGTHS[{name!r}]={length} must be >= 1")
-        if len(self.mesh_shape) != 3:
-            raise ConfigError(
-                f"MESH_SHAPE={self.mesh_shape} must have 3 entries (data, expert, model)"
-            )
-        for name in ("checkpoint_period", "eval_period", "log_period", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"TrainConfig.{name} must be >= 1")
+        if self.host_input not in ("shard", "global"):
+            raise ConfigError(f"HOST_INPUT={self.host_input!r} must be 'shard' or 'global'")
 
     @property
     def feature_lengths(self) -> dict[str, int]:
         return dict(self.task_feature_lengths)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Where the run lives and how its Orbax checkpoints are kept."""
+
+    model_dir: str = resumable("")  # MODEL_DIR (local path or gs://)
+    period: int = resumable(1000)  # CHECKPOINT_PERIOD
+    keep: int = resumable(3)  # KEEP_CHECKPOINTS
+    init_checkpoint: str | None = resumable(None)  # INIT_CHECKPOINT: parameters only
+
+    def __post_init__(self):
+        for name in ("period", "keep"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"CheckpointConfig.{name} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The loop: steps, mesh, seed, eval and logging cadence."""
+
+    train_steps: int = resumable(1000)  # TRAIN_STEPS (total, not additional)
+    mesh_shape: tuple[int, int, int] = resumable((-1, 1, 1))  # MESH_SHAPE (data, expert, model)
+    dcn_mesh_shape: tuple[int, int, int] | None = resumable(None)  # multi-slice (across DCN)
+    partition_rules: Literal["default", "fsdp"] = resumable("default")
+    seed: int = 0
+    eval_period: int = resumable(1000)
+    eval_steps: int = resumable(20)
+    log_period: int = resumable(10)
+    # (first, last) step of a jax.profiler trace, written to MODEL_DIR/train/profile.
+    profile_steps: tuple[int, int] | None = resumable(None)
+    skip_nonfinite_updates: bool = resumable(False)
+
+    def __post_init__(self):
+        if self.train_steps < 0:
+            raise ConfigError(f"TrainConfig.train_steps={self.train_steps} must be >= 0")
+        if len(self.mesh_shape) != 3:
+            raise ConfigError(
+                f"MESH_SHAPE={self.mesh_shape} must have 3 entries (data, expert, model)"
+            )
+        for name in ("eval_period", "log_period"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"TrainConfig.{name} must be >= 1")
+        if self.eval_steps < 0:
+            raise ConfigError("TrainConfig.eval_steps must be >= 0")
+        if self.profile_steps is not None:
+            first, last = self.profile_steps
+            if not 1 <= first <= last:
+                raise ConfigError(
+                    f"TrainConfig.profile_steps={self.profile_steps} must be (first, last) "
+                    "with 1 <= first <= last"
+                )
+
+
+class Configs(NamedTuple):
+    """Everything one entry point reads from gin."""
+
+    model: ModelConfig
+    train: TrainConfig
+    data: DataConfig
+    checkpoint: CheckpointConfig
+    optimizer: OptimizerConfig
+
+    def replace(self, **changes) -> Configs:
+        return self._replace(**changes)
+
+
+RUN_CONFIG_CLASSES = (TrainConfig, DataConfig, CheckpointConfig, OptimizerConfig)

@@ -2,7 +2,7 @@
 
 Public API:
 
-    setup = setup_training(model_cfg, opt_cfg, partitioner, seed=0, z_loss=1e-4)
+    setup = setup_training(model_cfg, opt_cfg, partitioner, seed=0)
     setup.init_state() -> TrainState          # created under jit, already sharded
     setup.train_step(state, batch) -> (state, metrics)   # state donated
     setup.eval_step(params, batch) -> metrics # eval capacity factor, no noise
@@ -10,9 +10,9 @@ Public API:
 
     abstract_train_state(model_cfg, opt_cfg, partitioner) -> AbstractState
     init_train_state(model_cfg, opt_cfg, partitioner, seed=0) -> TrainState
-    make_train_step(model_cfg, opt_cfg, partitioner, z_loss=1e-4) -> train_step
-    make_eval_step(model_cfg, partitioner, z_loss=1e-4) -> eval_step
-    compute_loss(model_cfg, graphdef, params, batch, keys, train=, z_loss=) -> (loss, metrics)
+    make_train_step(model_cfg, opt_cfg, partitioner) -> train_step
+    make_eval_step(model_cfg, partitioner) -> eval_step
+    compute_loss(model_cfg, graphdef, params, batch, keys, train=) -> (loss, metrics)
 
 `model_cfg` should come from `partitioner.adapt_model_config` (MoE groups split over the mesh).
 Batches are dicts of [B, L] arrays with seqio feature-converter names; `decoder_loss_weights`
@@ -206,10 +206,9 @@ def compute_loss(
     keys: Keys = NO_NOISE,
     *,
     train: bool = True,
-    z_loss: float = 1e-4,
 ) -> tuple[jax.Array, dict]:
     """(loss, metrics) of one batch; differentiable in `params` (an nnx.State of Params)."""
-    sums, router = _forward(graphdef, params, batch, keys, train=train, z_loss=z_loss)
+    sums, router = _forward(graphdef, params, batch, keys, train=train, z_loss=model_cfg.z_loss)
     metrics = _finish_metrics(sums, router, model_cfg)
     return metrics["loss"], metrics
 
@@ -254,7 +253,6 @@ def make_train_step(
     opt_cfg: OptimizerConfig,
     partitioner: Partitioner,
     *,
-    z_loss: float = 1e-4,
     abstract: AbstractState | None = None,
     skip_nonfinite: bool = False,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
@@ -279,7 +277,9 @@ def make_train_step(
 
         def loss_fn(params, microbatch, index):
             keys = _step_keys(state.rng, state.step, index)
-            sums, router = _forward(graphdef, params, microbatch, keys, train=True, z_loss=z_loss)
+            sums, router = _forward(
+                graphdef, params, microbatch, keys, train=True, z_loss=model_cfg.z_loss
+            )
             m = _finish_metrics(sums, router, model_cfg)
             loss = (sums["cross_entropy"] + sums["z_loss"]) / norm
             loss = loss + (m["aux_loss"] + m["router_z_loss"]) / k
@@ -336,8 +336,6 @@ def make_train_step(
 def make_eval_step(
     model_cfg: ModelConfig,
     partitioner: Partitioner,
-    *,
-    z_loss: float = 1e-4,
 ) -> Callable[[Any, dict], dict]:
     """jit(eval_step(params, batch) -> metrics): eval capacity factor, no dropout or jitter."""
     model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
@@ -345,7 +343,7 @@ def make_eval_step(
 
     def eval_fn(params, batch):
         _check_batch(model_cfg, batch, partitioner, 1)
-        return compute_loss(model_cfg, graphdef, params, batch, train=False, z_loss=z_loss)[1]
+        return compute_loss(model_cfg, graphdef, params, batch, train=False)[1]
 
     jitted = jax.jit(
         eval_fn,
@@ -367,7 +365,6 @@ def setup_training(
     partitioner: Partitioner,
     *,
     seed: int = 0,
-    z_loss: float = 1e-4,
     skip_nonfinite: bool = False,
 ) -> TrainingSetup:
     """Everything the trainer needs, sharing one abstract state."""
@@ -383,9 +380,8 @@ def setup_training(
             model_cfg,
             opt_cfg,
             partitioner,
-            z_loss=z_loss,
             abstract=abstract,
             skip_nonfinite=skip_nonfinite,
         ),
-        eval_step=make_eval_step(model_cfg, partitioner, z_loss=z_loss),
+        eval_step=make_eval_step(model_cfg, partitioner),
     )

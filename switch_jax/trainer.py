@@ -12,10 +12,9 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from switch_jax import checkpoints, partitioning, steps
-from switch_jax.models.config import ConfigError, ModelConfig
-from switch_jax.models.info import model_info
-from switch_jax.run_config import OptimizerConfig, TrainConfig
+from switch_jax import checkpoints, run_builder
+from switch_jax.models.config import ConfigError
+from switch_jax.run_config import Configs, TrainConfig
 
 
 class NonFiniteLossError(RuntimeError):
@@ -41,39 +40,25 @@ class _Preemption:
         return self.requested
 
 
-def train(
-    model_cfg: ModelConfig, run: TrainConfig, opt: OptimizerConfig, *, operative_config: str = ""
-) -> dict:
-    """Train to `run.train_steps`, resuming from MODEL_DIR; returns the last logged metrics.
+def train(configs: Configs, *, operative_config: str = "") -> dict:
+    """Train to TRAIN_STEPS, resuming from MODEL_DIR; returns the last logged metrics.
 
     Every check that can fail on user input (mesh, MODEL_DIR, a conflicting earlier run, disk
     space) runs before the first step; a failure never deletes or rewrites a checkpoint.
     """
-    partitioner = partitioning.Partitioner(run.mesh_shape, run.dcn_mesh_shape, run.partition_rules)
-    settings = checkpoints.run_settings(model_cfg, run, opt)
-    model_cfg = partitioner.adapt_model_config(model_cfg, run.batch_size)
-    model_dir = _prepare_model_dir(run.model_dir)
-    ckpts = checkpoints.Checkpoints(
-        os.fspath(model_dir), period=run.checkpoint_period, keep=run.keep_checkpoints
-    )
+    model_dir = _prepare_model_dir(configs.checkpoint.model_dir)
+    run = run_builder.build_run(configs)
+    ckpts = run.checkpoints()
     try:
         latest = ckpts.latest_step()
         if latest is not None:  # before config.gin is overwritten: refuse another run's dir
-            checkpoints.check_same_run(ckpts.saved_settings(latest), settings, run.model_dir)
-        info = model_info(model_cfg, *_lengths(model_cfg, run))
-        if jax.process_index() == 0:
-            _write_run_files(model_dir, operative_config, info)
-        with partitioner.activate():
-            setup = steps.setup_training(
-                model_cfg,
-                opt,
-                partitioner,
-                seed=run.seed,
-                z_loss=run.z_loss,
-                skip_nonfinite=run.skip_nonfinite_updates,
+            checkpoints.check_same_run(
+                ckpts.saved_settings(latest), run.settings, configs.checkpoint.model_dir
             )
-            ckpts.check_free_space(setup.abstract_state, run.keep_checkpoints)
-        return _run(model_cfg, run, partitioner, setup, ckpts, info, settings)
+        if jax.process_index() == 0:
+            _write_run_files(model_dir, operative_config, run.info)
+        ckpts.check_free_space(run.setup.abstract_state, configs.checkpoint.keep)
+        return _run(run, ckpts)
     except NonFiniteLossError as e:
         ckpts.wait()
         raise NonFiniteLossError(f"{e}; last committed checkpoint: {ckpts.latest_step()}") from None
@@ -81,47 +66,79 @@ def train(
         ckpts.close()  # waits for an in-flight save: the last good checkpoint gets committed
 
 
-def _run(model_cfg, run: TrainConfig, partitioner, setup, ckpts, info, settings) -> dict:
+def _run(run: run_builder.Run, ckpts) -> dict:
     from switch_jax import metrics as metrics_lib  # noqa: PLC0415 (optional deps: clu)
     from switch_jax.data import pipeline  # noqa: PLC0415 (TensorFlow only where data is read)
 
-    batches = pipeline.make_batches(**_pipeline_args(model_cfg, run, "train"))
+    train_cfg, ckpt_cfg = run.configs.train, run.configs.checkpoint
+    batches = pipeline.make_batches(**run.pipeline_args("train"))
     preemption = _Preemption()
     preemption.install()
     # Created outside the mesh context: it may time a single-device matmul for the CPU peak.
     logger = metrics_lib.MetricsLogger(
-        run.model_dir,
-        total_steps=run.train_steps,
+        ckpt_cfg.model_dir,
+        total_steps=train_cfg.train_steps,
         is_chief=jax.process_index() == 0,
-        flops_per_step=3 * info.flops_per_sequence * run.batch_size,
+        flops_per_step=metrics_lib.train_flops_per_step(run.info, run.configs.data.batch_size),
         start_step=ckpts.latest_step(),
-        moe_layers=metrics_lib.moe_layer_ids(model_cfg),
+        moe_layers=metrics_lib.moe_layer_ids(run.model_cfg),
     )
-    with partitioner.activate():
-        state, first_step = _initial_state(setup, ckpts, batches, run)
-        loop = _Loop(run, logger, tokens=run.batch_size * sum(_lengths(model_cfg, run)))
+    profiler = _Profiler(train_cfg.profile_steps, ckpt_cfg.model_dir)
+    with run.partitioner.activate():
+        state, first_step = _initial_state(run, ckpts, batches)
+        loop = _Loop(train_cfg, logger, tokens=run.tokens_per_step)
         eval_dataset = None
         step = first_step
-        while step < run.train_steps:
-            state, step_metrics = setup.train_step(state, partitioner.shard_batch(next(batches)))
+        while step < train_cfg.train_steps:
+            profiler.before(step + 1)
+            state, step_metrics = run.setup.train_step(state, run.device_batch(next(batches)))
             step += 1
             # Step N-1's metrics are read only after step N is dispatched: the device stays busy.
             loop.dispatched(step, step_metrics)
+            profiler.after(step, step_metrics)
             preempted = preemption.reached(step)
-            if step == run.train_steps or preempted or step % run.checkpoint_period == 0:
+            last = step == train_cfg.train_steps
+            if last or preempted or step % ckpt_cfg.period == 0:
                 loop.flush()  # a non-finite loss raises here, before anything is committed
-                ckpts.save(step, state, iterator=batches, meta=_meta(batches, settings), force=True)
+                meta = _meta(batches, run.settings)
+                ckpts.save(step, state, iterator=batches, meta=meta, force=True)
             if preempted:
                 # No eval: the grace period before SIGKILL is short, the save must finish first.
                 print(f"preempted: saved step {step}, exiting", flush=True)
                 break
-            if step % run.eval_period == 0 or step == run.train_steps:
-                eval_dataset = eval_dataset or _eval_dataset(model_cfg, run)
-                results = _evaluate(setup, state, run, partitioner, eval_dataset)
-                logger.log_eval(step, results)
+            if train_cfg.eval_steps and (step % train_cfg.eval_period == 0 or last):
+                eval_dataset = eval_dataset or _eval_dataset(run)
+                logger.log_eval(step, _evaluate(run, state, eval_dataset))
         loop.flush()
+    profiler.close()
     logger.close()
     return loop.last
+
+
+class _Profiler:
+    """A jax.profiler trace of steps [first, last] into MODEL_DIR/train/profile (TensorBoard's
+    profile tab reads it); process 0 only."""
+
+    def __init__(self, steps: tuple[int, int] | None, model_dir: str):
+        self.steps = steps if jax.process_index() == 0 else None
+        self.logdir = os.path.join(model_dir, "train", "profile")
+        self.active = False
+
+    def before(self, step: int) -> None:
+        if self.steps and step == self.steps[0] and not self.active:
+            jax.profiler.start_trace(self.logdir)
+            self.active = True
+
+    def after(self, step: int, step_metrics) -> None:
+        if self.active and step >= self.steps[1]:
+            jax.block_until_ready(step_metrics)  # the trace must hold the whole last step
+            self.close()
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+            print(f"profile of steps {self.steps[0]}-{self.steps[1]}: {self.logdir}", flush=True)
 
 
 class _Loop:
@@ -163,37 +180,36 @@ class _Loop:
             self.logger.log_train(step, self.last, step_time=step_time, tokens=self.tokens)
 
 
-def evaluate_checkpoint(
-    model_cfg: ModelConfig, run: TrainConfig, opt: OptimizerConfig
-) -> tuple[int, dict]:
+def evaluate_checkpoint(configs: Configs) -> tuple[int, dict]:
     """Scalar eval metrics of the latest checkpoint in MODEL_DIR (eval capacity factor)."""
     from switch_jax import metrics as metrics_lib  # noqa: PLC0415
 
-    partitioner = partitioning.Partitioner(run.mesh_shape, run.dcn_mesh_shape, run.partition_rules)
-    model_cfg = partitioner.adapt_model_config(model_cfg, run.batch_size)
-    ckpts = checkpoints.Checkpoints(
-        run.model_dir, period=run.checkpoint_period, keep=run.keep_checkpoints
-    )
-    step = ckpts.latest_step()
-    if step is None:
-        raise checkpoints.CheckpointError(f"MODEL_DIR={run.model_dir} has no checkpoint")
-    with partitioner.activate():
-        setup = steps.setup_training(model_cfg, opt, partitioner, seed=run.seed, z_loss=run.z_loss)
-        state, _ = ckpts.restore(step, setup.abstract_state)
-        results = _evaluate(setup, state, run, partitioner, _eval_dataset(model_cfg, run))
-    ckpts.close()
+    run = run_builder.build_run(configs)
+    model_dir = configs.checkpoint.model_dir
+    ckpts = run.checkpoints()
+    try:
+        step = ckpts.latest_step()
+        if step is None:
+            raise checkpoints.CheckpointError(f"MODEL_DIR={model_dir} has no checkpoint")
+        with run.partitioner.activate():
+            state, _ = ckpts.restore(step, run.setup.abstract_state)
+            results = _evaluate(run, state, _eval_dataset(run))
+    finally:
+        ckpts.close()
     logger = metrics_lib.MetricsLogger(
-        run.model_dir,
-        total_steps=run.train_steps,
+        model_dir,
+        total_steps=configs.train.train_steps,
         is_chief=jax.process_index() == 0,
         flops_per_step=0,
+        moe_layers=metrics_lib.moe_layer_ids(run.model_cfg),
     )
     logger.log_eval(step, results)
     logger.close()
     return step, {k: float(v) for k, v in results.items() if np.ndim(v) == 0}
 
 
-def _initial_state(setup, ckpts, batches, run: TrainConfig):
+def _initial_state(run: run_builder.Run, ckpts, batches):
+    setup = run.setup
     latest = ckpts.latest_step()
     if latest is not None:
         state, meta = ckpts.restore(latest, setup.abstract_state, iterator=batches)
@@ -201,54 +217,30 @@ def _initial_state(setup, ckpts, batches, run: TrainConfig):
         return state, int(meta["step"])
     # A wrong init_checkpoint is refused before the (slow) initialisation.
     params = None
-    if run.init_checkpoint:
-        params = checkpoints.restore_params(run.init_checkpoint, setup.abstract_state.params)
+    init_checkpoint = run.configs.checkpoint.init_checkpoint
+    if init_checkpoint:
+        params = checkpoints.restore_params(init_checkpoint, setup.abstract_state.params)
     state = setup.init_state()
     return (state if params is None else state._replace(params=params)), 0
 
 
-def _evaluate(setup, state, run: TrainConfig, partitioner, dataset) -> dict:
-    """Mean metrics over the first `eval_steps` validation batches (the same ones every time)."""
+def _evaluate(run: run_builder.Run, state, dataset) -> dict:
+    """Mean metrics over the first EVAL_STEPS validation batches (the same ones every time)."""
     batches = iter(dataset)
     totals: dict = {}
-    for _ in range(run.eval_steps):
+    for _ in range(run.configs.train.eval_steps):
         host = {k: v.numpy() for k, v in next(batches).items()}
-        out = jax.device_get(setup.eval_step(state.params, partitioner.shard_batch(host)))
+        out = jax.device_get(run.setup.eval_step(state.params, run.device_batch(host)))
         for name, value in out.items():
             totals.setdefault(name, []).append(np.asarray(value))
     return {name: np.mean(values, axis=0) for name, values in totals.items()}
 
 
-def _eval_dataset(model_cfg, run: TrainConfig):
+def _eval_dataset(run: run_builder.Run):
     """The validation tf.data pipeline, built once; each evaluation iterates it afresh."""
     from switch_jax.data import pipeline  # noqa: PLC0415
 
-    return pipeline.make_dataset(**_pipeline_args(model_cfg, run, "validation"))
-
-
-def _pipeline_args(model_cfg: ModelConfig, run: TrainConfig, split: str) -> dict:
-    train = split == "train"
-    options = {"tfds_data_dir": run.tfds_data_dir} if run.tfds_data_dir else {}
-    return dict(
-        task_or_mixture=run.mixture_or_task_name,
-        split=split,
-        feature_lengths=run.feature_lengths,
-        batch_size=run.batch_size // jax.process_count(),
-        architecture=model_cfg.architecture,
-        seed=run.seed,
-        shard_index=jax.process_index(),
-        num_shards=jax.process_count(),
-        shuffle=train,
-        repeat=True,
-        **options,
-    )
-
-
-def _lengths(model_cfg: ModelConfig, run: TrainConfig) -> tuple[int, int]:
-    lengths = run.feature_lengths
-    if model_cfg.is_encoder_decoder:
-        return lengths.get("inputs", 0), lengths["targets"]
-    return 0, lengths["targets"]
+    return pipeline.make_dataset(**run.pipeline_args("validation"))
 
 
 def _meta(batches, settings: dict) -> dict:

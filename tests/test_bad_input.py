@@ -38,8 +38,8 @@ SMALL = [
 
 def _train(model_dir, *bindings):
     gin_utils.parse_gin(["runs/demo.gin"], [f"MODEL_DIR = '{model_dir}'", *SMALL, *bindings])
-    model_cfg, run_cfg, opt_cfg = gin_utils.load_run_configs()
-    return trainer.train(model_cfg, run_cfg, opt_cfg, operative_config=gin_utils.operative_config())
+    configs = gin_utils.load_configs()
+    return trainer.train(configs, operative_config=gin_utils.operative_config())
 
 
 def _refused(error, match, model_dir, *bindings):

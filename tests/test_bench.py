@@ -25,12 +25,9 @@ def _positive(x) -> bool:
 
 def test_bench_json_has_finite_positive_figures(tmp_path):
     gin_utils.parse_gin(["models/tiny.gin"], BINDINGS)
-    model_cfg, run_cfg, opt_cfg = gin_utils.load_run_configs()
     dispatch = dict(group_sizes=[32], experts=[2], total_tokens=64, repeats=1)
     result = bench.run_benchmarks(
-        model_cfg,
-        run_cfg,
-        opt_cfg,
+        gin_utils.load_configs(),
         ["step", "dense", "dispatch", "checkpoint"],
         steps=2,
         warmup=1,

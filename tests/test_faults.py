@@ -201,7 +201,7 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_pa
 
 def test_skip_nonfinite_updates_keeps_training(tmp_path):
     """In-process (8 devices): the same overflow, skipped in-graph; params stay as after step 1."""
-    from switch_jax import checkpoints, gin_utils, partitioning, steps, trainer
+    from switch_jax import checkpoints, gin_utils, run_builder, trainer
 
     model_dir = str(tmp_path / "skip")
     bindings = [
@@ -217,8 +217,8 @@ def test_skip_nonfinite_updates_keeps_training(tmp_path):
         "TrainConfig.skip_nonfinite_updates = True",
     ]
     gin_utils.parse_gin(["runs/demo.gin"], bindings, [])
-    model_cfg, run_cfg, opt_cfg = gin_utils.load_run_configs()
-    trainer.train(model_cfg, run_cfg, opt_cfg)
+    configs = gin_utils.load_configs()
+    trainer.train(configs)
     with open(os.path.join(model_dir, "train", "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     assert [r["skipped_updates"] for r in rows] == [0.0, 1.0, 1.0]
@@ -226,9 +226,7 @@ def test_skip_nonfinite_updates_keeps_training(tmp_path):
     assert not (np.isfinite(rows[1]["loss"]) and np.isfinite(rows[1]["grad_norm"]))
     assert _committed(model_dir) == [1, 2, 3]
 
-    partitioner = partitioning.Partitioner(run_cfg.mesh_shape)
-    cfg = partitioner.adapt_model_config(model_cfg, run_cfg.batch_size)
-    abstract = steps.abstract_train_state(cfg, opt_cfg, partitioner).state.params
+    abstract = run_builder.build_run(configs).setup.abstract_state.params
     first, last = (
         checkpoints.restore_params(os.path.join(model_dir, "checkpoints", str(s)), abstract)
         for s in (1, 3)

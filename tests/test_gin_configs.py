@@ -7,7 +7,7 @@ import pytest
 
 from switch_jax import gin_utils
 from switch_jax.models.config import ConfigError, ModelConfig, MoeConfig
-from switch_jax.run_config import OptimizerConfig, TrainConfig
+from switch_jax.run_config import CheckpointConfig, DataConfig, OptimizerConfig, TrainConfig
 
 CONFIGS = gin_utils.REPO_CONFIGS
 MODELS = sorted(os.path.relpath(p, CONFIGS) for p in glob.glob(str(CONFIGS / "models/*.gin")))
@@ -16,7 +16,7 @@ RUNS = sorted(os.path.relpath(p, CONFIGS) for p in glob.glob(str(CONFIGS / "runs
 
 def load(files, bindings=()):
     gin_utils.parse_gin(files, bindings)
-    return gin_utils.load_run_configs()
+    return gin_utils.load_configs()
 
 
 def test_catalogue_is_complete():
@@ -37,9 +37,10 @@ def test_every_file_starts_with_the_command_that_runs_it(path):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_model_configs_parse(model):
-    model_cfg, run, opt = load([model])
+    model_cfg, run, data, ckpt, opt = load([model])
     assert type(model_cfg) is ModelConfig and type(run) is TrainConfig
-    assert type(opt) is OptimizerConfig
+    assert type(opt) is OptimizerConfig and type(data) is DataConfig
+    assert type(ckpt) is CheckpointConfig
     if model_cfg.moe is not None:
         assert type(model_cfg.moe) is MoeConfig
     assert (model_cfg.moe is None) == os.path.basename(model).startswith("t5_")
@@ -50,18 +51,18 @@ def test_model_configs_parse(model):
     "model", ["models/switch_base.gin", "models/t5_base.gin", "models/tiny.gin"]
 )
 def test_run_configs_parse_with_a_model(model, run_file):
-    model_cfg, run, opt = load([model, run_file], ["MODEL_DIR=/tmp/x"])
-    assert run.model_dir == "/tmp/x"
+    model_cfg, run, _, ckpt, opt = load([model, run_file], ["MODEL_DIR=/tmp/x"])
+    assert ckpt.model_dir == "/tmp/x"
     assert len(run.mesh_shape) == 3 and model_cfg.d_model > 0 and opt.learning_rate > 0
 
 
 def test_released_shapes():
-    base, _, _ = load(["models/switch_base.gin"])
+    base = load(["models/switch_base.gin"]).model
     assert (base.d_model, base.d_ff, base.activation, base.tied_logits) == (768, 3072, "relu", True)
     assert (base.moe.num_experts, base.moe.group_size, base.moe.min_capacity) == (128, 8192, 4)
     assert [i for i in range(12) if base.is_sparse(i)] == [1, 3, 5, 7, 9, 11]
-    assert load(["models/switch_base_16.gin"])[0].moe.num_experts == 16
-    xxl, _, _ = load(["models/switch_xxl.gin"])
+    assert load(["models/switch_base_16.gin"]).model.moe.num_experts == 16
+    xxl = load(["models/switch_xxl.gin"]).model
     assert (xxl.activation, xxl.d_ff, xxl.tied_logits, xxl.moe.num_experts) == (
         "geglu",
         10240,
@@ -73,7 +74,7 @@ def test_released_shapes():
         2,
         4096,
     )
-    c, _, _ = load(["models/switch_c.gin"])
+    c = load(["models/switch_c.gin"]).model
     assert (c.d_model, c.d_ff, c.num_heads, c.num_encoder_layers, c.tied_logits) == (
         2080,
         6144,
@@ -82,25 +83,25 @@ def test_released_shapes():
         False,
     )
     assert (c.moe.num_experts, c.moe.sparse_every, c.moe.capacity_factor_train) == (2048, 1, 1.0)
-    assert load(["models/tiny_lm.gin"])[0].architecture == "decoder_only"
+    assert load(["models/tiny_lm.gin"]).model.architecture == "decoder_only"
 
 
 def test_run_settings():
-    _, run, opt = load(["models/switch_base.gin", "runs/pretrain.gin"])
-    assert run.mixture_or_task_name == "c4_v301_span_corruption"
-    assert run.feature_lengths == {"inputs": 512, "targets": 114}
-    assert run.batch_size * 512 == 2**20 and run.train_steps == 550_000
+    _, run, data, _, opt = load(["models/switch_base.gin", "runs/pretrain.gin"])
+    assert data.mixture_or_task_name == "c4_v301_span_corruption"
+    assert data.feature_lengths == {"inputs": 512, "targets": 114}
+    assert data.batch_size * 512 == 2**20 and run.train_steps == 550_000
     assert (opt.schedule, opt.learning_rate, opt.warmup_steps) == ("rsqrt", 1.0, 10_000)
-    model_cfg, run, opt = load(["models/switch_base.gin", "runs/finetune.gin"])
+    model_cfg, run, data, _, opt = load(["models/switch_base.gin", "runs/finetune.gin"])
     assert (opt.schedule, opt.learning_rate) == ("constant", 1e-3)
     assert (model_cfg.dropout_rate, model_cfg.moe.expert_dropout_rate) == (0.1, 0.4)
-    model_cfg, run, _ = load(["runs/demo.gin"])
-    assert model_cfg.d_model <= 256 and run.mixture_or_task_name == "embedded_span_corruption"
-    assert run.checkpoint_period <= 100 and run.train_steps <= 1000
+    model_cfg, run, data, ckpt, _ = load(["runs/demo.gin"])
+    assert model_cfg.d_model <= 256 and data.mixture_or_task_name == "embedded_span_corruption"
+    assert ckpt.period <= 100 and run.train_steps <= 1000
 
 
 def test_bindings_override_and_coerce():
-    model_cfg, run, opt = load(
+    model_cfg, run, data, ckpt, opt = load(
         ["models/tiny.gin"],
         [
             "MESH_SHAPE=(2, 4, 1)",
@@ -111,8 +112,8 @@ def test_bindings_override_and_coerce():
             "ModelConfig.activation=geglu",
         ],
     )
-    assert run.mesh_shape == (2, 4, 1) and run.model_dir == "gs://bucket/run"
-    assert run.task_feature_lengths == (("inputs", 64), ("targets", 16))
+    assert run.mesh_shape == (2, 4, 1) and ckpt.model_dir == "gs://bucket/run"
+    assert data.task_feature_lengths == (("inputs", 64), ("targets", 16))
     assert opt.learning_rate == 1.0 and isinstance(opt.learning_rate, float)
     assert model_cfg.moe.num_experts == 4 and model_cfg.activation == "geglu"
 

@@ -51,12 +51,12 @@ def test_reference_totals(gin_file):
 
 
 def test_agrees_with_models_info():
-    from switch_jax.gin_utils import load_run_configs, parse_gin
+    from switch_jax.gin_utils import load_configs, parse_gin
     from switch_jax.models.info import model_info
 
     for gin_file in ("models/tiny.gin", "models/tiny_lm.gin"):
         parse_gin([gin_file])
-        cfg, run, _ = load_run_configs()
+        cfg = load_configs().model
         lengths = (512 if cfg.is_encoder_decoder else 0, 114)
         assert info.model_info(cfg, *lengths) == model_info(cfg, *lengths)
 

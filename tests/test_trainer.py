@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 
@@ -20,6 +21,7 @@ def _configs(model_dir, **overrides):
     bindings = [
         f"MODEL_DIR = '{model_dir}'",
         f"TRAIN_STEPS = {overrides.pop('steps', STEPS)}",
+        f"PROFILE_STEPS = {overrides.pop('profile', None)}",
         "BATCH_SIZE = 8",
         "TASK_FEATURE_LENGTHS = {'inputs': 64, 'targets': 16}",
         f"MESH_SHAPE = {overrides.pop('mesh', (2, 2, 2))}",
@@ -29,13 +31,11 @@ def _configs(model_dir, **overrides):
         "LOG_PERIOD = 1",
     ]
     gin_utils.parse_gin(["runs/demo.gin"], bindings, [])
-    model_cfg, run_cfg, opt_cfg = gin_utils.load_run_configs()
-    return model_cfg, run_cfg, opt_cfg
+    return gin_utils.load_configs()
 
 
 def _train(model_dir, **overrides):
-    model_cfg, run_cfg, opt_cfg = _configs(model_dir, **overrides)
-    trainer.train(model_cfg, run_cfg, opt_cfg, operative_config=gin_utils.operative_config())
+    trainer.train(_configs(model_dir, **overrides), operative_config=gin_utils.operative_config())
 
 
 def _losses(model_dir) -> dict[int, float]:
@@ -48,11 +48,18 @@ def _losses(model_dir) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     model_dir = str(tmp_path_factory.mktemp("uninterrupted"))
-    _train(model_dir)
-    return _losses(model_dir)
+    _train(model_dir, profile=(2, 3))  # a profiler trace must not change the losses
+    return _losses(model_dir), model_dir
+
+
+def test_profile_steps_write_a_trace(uninterrupted):
+    profile = os.path.join(uninterrupted[1], "train", "profile")
+    traces = glob.glob(os.path.join(profile, "**", "*.xplane.pb"), recursive=True)
+    assert traces, "PROFILE_STEPS=(2, 3) wrote no jax.profiler trace"
 
 
 def test_resume_continues_exactly(uninterrupted, tmp_path, monkeypatch):
+    uninterrupted = uninterrupted[0]
     monkeypatch.chdir(tmp_path)
     model_dir = "resumed"  # relative, as users type it
     _train(model_dir, steps=HALF)
@@ -68,6 +75,7 @@ def test_resume_continues_exactly(uninterrupted, tmp_path, monkeypatch):
 
 
 def test_resume_onto_another_mesh(uninterrupted, tmp_path):
+    uninterrupted = uninterrupted[0]
     model_dir = str(tmp_path / "remeshed")
     _train(model_dir, steps=HALF)
     # Same data x expert product, so MoE groups (and routing) are unchanged by the move.

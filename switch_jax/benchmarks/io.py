@@ -20,7 +20,7 @@ def bench_pipeline(runner: StepRunner, step_s: float, batches: int = 20) -> dict
         return {"skipped": "TensorFlow / seqio not installed (pip install .[data])"}
     from switch_jax.data import pipeline  # noqa: PLC0415 (TensorFlow only when asked for)
 
-    run = runner.run
+    run = runner.data
     t0 = time.perf_counter()
     it = pipeline.make_batches(
         run.mixture_or_task_name,
@@ -28,7 +28,7 @@ def bench_pipeline(runner: StepRunner, step_s: float, batches: int = 20) -> dict
         run.feature_lengths,
         run.batch_size,
         runner.model_cfg.architecture,
-        seed=run.seed,
+        seed=runner.configs.train.seed,
     )
     next(it)
     first_s = time.perf_counter() - t0

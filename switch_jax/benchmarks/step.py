@@ -8,17 +8,10 @@ import time
 import jax
 import numpy as np
 
-from switch_jax import metrics, partitioning, steps
+from switch_jax import metrics, run_builder
 from switch_jax.benchmarks import timing
 from switch_jax.models.config import ModelConfig
-from switch_jax.models.info import model_info
-from switch_jax.run_config import OptimizerConfig, TrainConfig
-
-
-def lengths(model_cfg: ModelConfig, run: TrainConfig) -> tuple[int, int]:
-    """(input, target) lengths of the run; input 0 for decoder-only models."""
-    fl = run.feature_lengths
-    return (fl.get("inputs", 0) if model_cfg.is_encoder_decoder else 0), fl["targets"]
+from switch_jax.run_config import Configs
 
 
 def synthetic_batch(model_cfg: ModelConfig, batch_size: int, lens, seed: int = 0) -> dict:
@@ -49,18 +42,17 @@ def synthetic_batch(model_cfg: ModelConfig, batch_size: int, lens, seed: int = 0
 class StepRunner:
     """A compiled train step on one fixed synthetic batch, for timing and the I/O benchmarks."""
 
-    def __init__(self, model_cfg: ModelConfig, run: TrainConfig, opt: OptimizerConfig):
-        self.partitioner = partitioning.Partitioner(
-            run.mesh_shape, run.dcn_mesh_shape, run.partition_rules
-        )
-        self.model_cfg = self.partitioner.adapt_model_config(model_cfg, run.batch_size)
-        self.run, self.lens = run, lengths(model_cfg, run)
-        self.info = model_info(self.model_cfg, *self.lens)
+    def __init__(self, configs: Configs):
+        self.configs = configs
+        built = run_builder.build_run(configs)
+        self.partitioner, self.model_cfg, self.info = built.partitioner, built.model_cfg, built.info
+        self.data, self.lens = configs.data, built.lengths
         p = self.partitioner
         with p.activate():
-            self.setup = steps.setup_training(self.model_cfg, opt, p, seed=run.seed)
+            self.setup = built.setup
             self.state = self.setup.init_state()
-            self.batch = p.shard_batch(synthetic_batch(self.model_cfg, run.batch_size, self.lens))
+            batch = synthetic_batch(self.model_cfg, self.data.batch_size, self.lens)
+            self.batch = p.shard_batch(batch)
             t0 = time.perf_counter()
             self.compiled = self.setup.train_step.jitted.lower(self.state, self.batch).compile()
             self.compile_s = time.perf_counter() - t0
@@ -72,11 +64,11 @@ class StepRunner:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.run.batch_size * sum(self.lens)
+        return self.data.batch_size * sum(self.lens)
 
     @property
     def flops_per_step(self) -> float:
-        return metrics.train_flops_per_step(self.info, self.run.batch_size)
+        return metrics.train_flops_per_step(self.info, self.data.batch_size)
 
 
 def time_interleaved(runners: list[StepRunner], steps: int, warmup: int) -> list[list[float]]:
@@ -100,7 +92,7 @@ def report(runner: StepRunner, seconds: list[float], peak: float | None) -> dict
     step_s = t["median_s"]
     return {
         "model": "switch" if runner.model_cfg.moe else "dense",
-        "batch_size": runner.run.batch_size,
+        "batch_size": runner.data.batch_size,
         "lengths": list(runner.lens),
         "tokens_per_step": runner.tokens_per_step,
         "params": runner.info.total_params,
@@ -131,6 +123,6 @@ def ratio(a: list[float], b: list[float]) -> dict:
     }
 
 
-def dense_twin(model_cfg: ModelConfig) -> ModelConfig:
+def dense_twin(configs: Configs) -> Configs:
     """The dense model with the same FLOPs per token: same shapes, moe=None (k=1 routing)."""
-    return model_cfg.replace(moe=None)
+    return configs.replace(model=configs.model.replace(moe=None))

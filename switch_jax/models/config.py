@@ -29,7 +29,7 @@ class MoeConfig:
     group_size: int = 8192
     # Groups must also be a multiple of this (the expert-parallel partition count), so that each
     # expert shard receives whole groups; partitioning sets it from the mesh.
-    num_expert_partitions: int = 1
+    num_expert_partitions: int = dataclasses.field(default=1, metadata={"resumable": True})
     aux_loss_coef: float = 1e-2
     router_z_loss_coef: float = 0.0
     jitter_eps: float = 0.0
@@ -90,6 +90,7 @@ class ModelConfig:
     init_scale: float = 0.1
     embedding_init_stddev: float = 1.0
     scan_layers: bool = False
+    z_loss: float = 1e-4  # output-logits z-loss coefficient (T5X's EncoderDecoderModel z_loss)
     moe: MoeConfig | None = dataclasses.field(default_factory=MoeConfig)
 
     def __post_init__(self):
@@ -109,6 +110,7 @@ class ModelConfig:
         )
         _require(0 <= self.dropout_rate < 1, "ModelConfig.dropout_rate must be in [0, 1)")
         _require(self.init_scale > 0, "ModelConfig.init_scale must be > 0")
+        _require(self.z_loss >= 0, "ModelConfig.z_loss must be >= 0")
         if self.scan_layers and self.moe is not None and self.moe.sparse_every > 0:
             for n in self.stack_depths():
                 _require(

@@ -1,0 +1,167 @@
+"""The one entry module: absl flags + gin, host set-up, and user errors as one line.
+
+Every entry point (train, eval, infer, info, bench, compile, convert, plot) is written as::
+
+    from absl import flags
+    from switch_jax import cli
+
+    _OUT = flags.DEFINE_string("output_file", None, "...")   # the entry's own flags, if any
+
+    def main(argv):                     # absl argv, gin already parsed (see `entry`)
+        configs = cli.configs()         # run_config.Configs from the parsed gin
+        ...
+
+    run = cli.entry(main)               # the console script (pyproject [project.scripts])
+    if __name__ == "__main__":
+        run()
+
+`entry(main)` returns a function that parses the flags (`--gin.NAME=VALUE` rewritten into gin
+bindings, T5X's spelling), joins the hosts (`join_hosts`, before anything touches a device),
+parses gin (defaults.gin, each --gin_file, each binding; `entry(main, gin=False)` leaves that to
+`main`, e.g. to read a MODEL_DIR's config.gin first), quiets library INFO logs unless
+--verbosity was given, and calls `main(argv)`. A `ConfigError` ends the process with one line
+and exit status 2; the other user errors (bad checkpoint, missing data, non-finite loss, a full
+disk: `user_errors()` plus the entry's `extra_errors=`) with one line and status 1; Ctrl-C with
+one line and status 130.
+
+Host flags (T5X's names): --coordinator_address=HOST:PORT --process_count=N --process_index=I.
+Without them the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables are
+used, and on a TPU pod slice or under Slurm JAX finds the other hosts itself. On CPU with more
+than one process the gloo collectives are enabled.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from absl import app, flags, logging
+
+from switch_jax import distributed, gin_utils
+from switch_jax.models.config import ConfigError
+from switch_jax.run_config import Configs
+
+gin_utils.define_flags()
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0 (multi-host runs; T5X's flag)"
+)
+_PROCESS_COUNT = flags.DEFINE_integer("process_count", None, "number of processes (hosts)")
+_PROCESS_INDEX = flags.DEFINE_integer("process_index", None, "this process's index")
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout_s", 300, "seconds to wait for the other processes to join"
+)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's to fix: printed as one line, no traceback."""
+    from switch_jax.checkpoints import CheckpointError
+    from switch_jax.trainer import NonFiniteLossError
+
+    # OSError: a full disk or a vanished mount mid-run is the operator's to fix, not a bug.
+    errors: list[type[BaseException]] = [CheckpointError, NonFiniteLossError, OSError]
+    try:
+        from switch_jax.data import DataError
+
+        errors.append(DataError)
+    except ImportError:  # the data extra is not installed; ConfigError still covers the rest
+        pass
+    return tuple(errors)
+
+
+def join_hosts(*, log_devices: bool = True) -> bool:
+    """jax.distributed.initialize from the host flags / environment / cluster; True if joined.
+
+    Logs the process index and count and the local / global devices once (process 0 prints).
+    """
+    joined = distributed.initialize(
+        _COORDINATOR.value,
+        _PROCESS_COUNT.value,
+        _PROCESS_INDEX.value,
+        timeout_s=_INIT_TIMEOUT.value,
+    )
+    if log_devices or joined:
+        import jax
+
+        devices = jax.devices()
+        line = (
+            f"process {jax.process_index()}/{jax.process_count()}: "
+            f"{jax.local_device_count()} local / {len(devices)} global "
+            f"{devices[0].platform} devices ({devices[0].device_kind})"
+        )
+        logging.info(line)
+        if jax.process_index() == 0 and joined:
+            print(line, flush=True)
+    return joined
+
+
+def quiet_library_logs() -> None:
+    """Orbax and TensorFlow log every save at INFO; keep the console to our own lines unless
+    the user asked for more with --verbosity."""
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+
+
+def configs() -> Configs:
+    """The configs of the gin parsed by `entry` (or by `parse_gin` in the entry's main)."""
+    return gin_utils.load_configs()
+
+
+def parse_gin(extra_files: Sequence[str] = (), *, finalize: bool = True) -> None:
+    """Parse `extra_files` (e.g. a MODEL_DIR's config.gin), then --gin_file and bindings."""
+    f = flags.FLAGS
+    gin_utils.parse_gin(
+        [*extra_files, *f.gin_file], f.gin_bindings, f.gin_search_paths, finalize=finalize
+    )
+
+
+def operative_config() -> str:
+    return gin_utils.operative_config()
+
+
+def fail(error: BaseException, status: int) -> None:
+    """Print `error` as one line on stderr and exit with `status`."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    name = type(error).__name__
+    print(text if text.startswith(name) else f"{name}: {text}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def entry(
+    main: Callable[[list[str]], Any],
+    *,
+    gin: bool = True,
+    hosts: bool = True,
+    extra_errors: Sequence[type[BaseException]] = (),
+) -> Callable[[], None]:
+    """The console-script function of an entry point (see the module docstring).
+
+    Args:
+      main: called with absl's remaining argv once flags, hosts and gin are set up.
+      gin: parse the gin flags before `main` (False: `main` calls cli.parse_gin).
+      hosts: join the hosts and log the devices (False for entries that use no device).
+      extra_errors: more exception types to report as one line with status 1.
+    """
+
+    def guarded(argv: list[str]) -> Any:
+        try:
+            quiet_library_logs()
+            if hosts:
+                join_hosts()
+            if gin:
+                parse_gin()
+            return main(argv)
+        except ConfigError as e:
+            fail(e, 2)
+        except KeyboardInterrupt:
+            fail(KeyboardInterrupt("interrupted"), 130)
+        except (*user_errors(), *extra_errors) as e:
+            fail(e, 1)
+
+    def run() -> None:
+        try:
+            app.run(guarded, flags_parser=gin_utils.flags_parser)
+        except ConfigError as e:  # raised while rewriting --gin.* flags
+            fail(e, 2)
+
+    return run
