@@ -99,9 +99,7 @@ def test_train_cli_on_two_processes_matches_one(tmp_path):
 
     multi, single = _metrics(multi_dir), _metrics(single_dir)
     assert [r["step"] for r in multi] == list(range(1, STEPS + 1))  # one writer, no duplicates
-    np.testing.assert_allclose(
-        [r["loss"] for r in multi], [r["loss"] for r in single], rtol=2e-5
-    )
+    np.testing.assert_allclose([r["loss"] for r in multi], [r["loss"] for r in single], rtol=2e-5)
     assert len(glob.glob(os.path.join(multi_dir, "train", "events.out.tfevents.*"))) == 1
 
     # The two-process checkpoint restores here, in one process, onto the same 8-device mesh.
