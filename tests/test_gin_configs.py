@@ -222,7 +222,7 @@ def test_standard_and_file_local_macros_stay_accepted(tmp_path):
         "include 'models/t5_base.gin'\nEXPERT_DROPOUT_RATE = 0.4\nMY_STEPS = 7\n"
         "TrainConfig.train_steps = %MY_STEPS\n"
     )
-    _, run, _ = load([str(path)])
+    run = load([str(path)]).train
     assert run.train_steps == 7
 
 
