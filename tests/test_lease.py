@@ -1,0 +1,119 @@
+"""MODEL_DIR lease: a live holder refuses a second trainer, a stale lease is taken over."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from switch_jax import lease as lease_lib
+from switch_jax.lease import LEASE_FILE, Lease, LeaseError
+
+
+def _write(model_dir, **fields):
+    now = time.time()
+    holder = {
+        "host": "other-host",
+        "pid": 4242,
+        "started": now - 60,
+        "refreshed": now,
+        "token": "t0",
+        **fields,
+    }
+    (model_dir / LEASE_FILE).write_text(json.dumps(holder))
+
+
+def _holder(model_dir) -> dict:
+    return json.loads((model_dir / LEASE_FILE).read_text())
+
+
+def test_first_takes_second_is_refused_naming_the_holder(tmp_path):
+    first = Lease(tmp_path, refresh_s=60)
+    assert first.acquire() is None
+    held = _holder(tmp_path)
+    assert (held["pid"], held["token"]) == (os.getpid(), first.holder.token)
+    with pytest.raises(LeaseError) as e:
+        Lease(tmp_path).acquire()
+    message = str(e.value)
+    assert "\n" not in message
+    assert f"MODEL_DIR={tmp_path} is in use by another trainer (host " in message
+    assert f"pid {os.getpid()}," in message
+    first.release()
+    assert not (tmp_path / LEASE_FILE).exists()
+    second = Lease(tmp_path)
+    assert second.acquire() is None  # free again after release
+    second.release()
+
+
+def test_live_lease_on_another_host_is_refused(tmp_path):
+    _write(tmp_path, refreshed=time.time() - 30)
+    with pytest.raises(LeaseError, match="host other-host, pid 4242, .*refreshed 30s ago"):
+        Lease(tmp_path, ttl_s=120).acquire()
+    assert _holder(tmp_path)["token"] == "t0"  # untouched
+
+
+def test_expired_lease_is_taken_over_with_a_message(tmp_path):
+    _write(tmp_path, refreshed=time.time() - 500)
+    lease = Lease(tmp_path, ttl_s=120)
+    message = lease.acquire()
+    assert message.startswith(f"took over the lease of MODEL_DIR={tmp_path} from an expired run")
+    assert "host other-host, pid 4242" in message
+    assert _holder(tmp_path)["token"] == lease.holder.token
+    assert [p.name for p in tmp_path.iterdir()] == [LEASE_FILE]  # no stale/tmp files left
+    lease.release()
+
+
+def test_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _write(tmp_path, host=Lease(tmp_path).holder.host, pid=dead.pid)
+    lease = Lease(tmp_path)
+    assert "no longer running" in lease.acquire()
+    lease.release()
+
+
+def test_refresh_keeps_a_live_lease_and_notices_a_take_over(tmp_path):
+    lease = Lease(tmp_path, ttl_s=0.5, refresh_s=0.05)
+    lease.acquire()
+    first = _holder(tmp_path)["refreshed"]
+    time.sleep(0.3)
+    assert _holder(tmp_path)["refreshed"] > first
+    with pytest.raises(LeaseError):  # refreshed, so not stale despite the short TTL
+        Lease(tmp_path, ttl_s=0.5).acquire()
+    _write(tmp_path, refreshed=time.time())  # someone else now holds it
+    deadline = time.time() + 5
+    while not lease.lost and time.time() < deadline:
+        time.sleep(0.02)
+    with pytest.raises(LeaseError, match="was taken over by another trainer"):
+        lease.check()
+    lease.release()
+    assert _holder(tmp_path)["token"] == "t0"  # the new holder's lease is not deleted
+
+
+def test_racing_takers_of_a_stale_lease_only_one_wins(tmp_path):
+    _write(tmp_path, refreshed=0.0)
+    results = []
+
+    def take():
+        try:
+            results.append(Lease(tmp_path, refresh_s=60).acquire() is not None)
+        except LeaseError:
+            results.append(False)
+
+    threads = [threading.Thread(target=take) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(results) == 1, results
+
+
+def test_hold_releases_on_error(tmp_path):
+    with pytest.raises(ValueError), lease_lib.hold(tmp_path):
+        raise ValueError
+    assert not (tmp_path / LEASE_FILE).exists()
