@@ -21,7 +21,7 @@ import pytest
 pytestmark = pytest.mark.slow  # builds and installs a wheel, then trains 2 steps in a subprocess
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = ("switch-train", "switch-eval", "switch-info", "switch-bench")
+SCRIPTS = ("switch-train", "switch-eval", "switch-info", "switch-bench", "switch-plot")
 # The fault tests' cache and shapes: the train step below compiles once per machine.
 CACHE = os.environ.get(
     "SWITCH_JAX_FAULTS_CACHE", os.path.expanduser("~/.cache/switch_jax/jax_faults")
@@ -113,3 +113,8 @@ def test_installed_info_and_train_from_another_directory(installed, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "train" / "metrics.jsonl").open()]
     assert [r["step"] for r in rows] == [1, 2]
     assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
+
+    pytest.importorskip("matplotlib")
+    drawn = _run(target, tmp_path, str(target / "bin" / "switch-plot"), "run")
+    assert drawn.returncode == 0, drawn.stderr[-2000:]
+    assert (tmp_path / "run" / "plots" / "expert_load.png").is_file()

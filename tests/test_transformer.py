@@ -364,3 +364,22 @@ def test_decoder_without_targets_keeps_bos_and_causality():
     changed["decoder_input_tokens"][0, 9] += 1
     c, _ = forward(model, changed)
     np.testing.assert_array_equal(np.asarray(c)[0, :9], np.asarray(a)[0, :9])
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0])
+def test_relative_bias_init_is_t5x_variance_scaling(scale):
+    """T5X MoE configs: variance_scaling(SCALE=0.1, 'fan_avg', 'uniform') on the [H, 32] table:
+    uniform in +-sqrt(3 * scale / ((H + 32) / 2))."""
+    from switch_jax.models.config import ModelConfig
+    from switch_jax.models.layers import RelativePositionBias
+
+    cfg = ModelConfig(num_heads=64, relative_bias_init_scale=scale, moe=None)
+    table = np.asarray(
+        RelativePositionBias(cfg, bidirectional=True, rngs=nnx.Rngs(0)).rel_embedding[...]
+    )
+    limit = math.sqrt(3 * scale / ((64 + 32) / 2))
+    assert table.shape == (64, 32)
+    assert np.abs(table).max() <= limit
+    assert np.abs(table).max() > 0.95 * limit  # 2048 draws reach the edge
+    np.testing.assert_allclose(table.std(), limit / math.sqrt(3), rtol=0.05)
+    assert ModelConfig().relative_bias_init_scale == 0.1  # the default is T5X's MoE setting

@@ -89,6 +89,9 @@ class ModelConfig:
     # Truncated normal with sigma = sqrt(init_scale / fan_in) for every kernel (paper Table 3).
     init_scale: float = 0.1
     embedding_init_stddev: float = 1.0
+    # Relative-position bias table: variance-scaling(scale, fan_avg, uniform). 0.1 is T5X's MoE
+    # configs (moe.gin's SCALE, set to 0.1 by tokens_choose_base.gin); T5.1.1 dense uses 1.0.
+    relative_bias_init_scale: float = 0.1
     scan_layers: bool = False
     z_loss: float = 1e-4  # output-logits z-loss coefficient (T5X's EncoderDecoderModel z_loss)
     moe: MoeConfig | None = dataclasses.field(default_factory=MoeConfig)
@@ -111,6 +114,9 @@ class ModelConfig:
         _require(0 <= self.dropout_rate < 1, "ModelConfig.dropout_rate must be in [0, 1)")
         _require(self.init_scale > 0, "ModelConfig.init_scale must be > 0")
         _require(self.z_loss >= 0, "ModelConfig.z_loss must be >= 0")
+        _require(
+            self.relative_bias_init_scale > 0, "ModelConfig.relative_bias_init_scale must be > 0"
+        )
         if self.scan_layers and self.moe is not None and self.moe.sparse_every > 0:
             for n in self.stack_depths():
                 _require(

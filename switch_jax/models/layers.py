@@ -159,7 +159,7 @@ class RelativePositionBias(nnx.Module):
     """One learned [H, buckets] table per stack, shared by all its self-attention layers."""
 
     def __init__(self, cfg: ModelConfig, *, bidirectional: bool, rngs: nnx.Rngs):
-        init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+        init = nnx.initializers.variance_scaling(cfg.relative_bias_init_scale, "fan_avg", "uniform")
         self.rel_embedding = param(
             init(rngs.params(), (cfg.num_heads, cfg.relative_buckets), cfg.param_dtype),
             ("heads", "relpos_buckets"),
