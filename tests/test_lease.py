@@ -77,18 +77,21 @@ def test_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
     lease.release()
 
 
+def _wait_for(condition, timeout=20.0):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.02)
+
+
 def test_refresh_keeps_a_live_lease_and_notices_a_take_over(tmp_path):
-    lease = Lease(tmp_path, ttl_s=0.5, refresh_s=0.05)
+    lease = Lease(tmp_path, refresh_s=0.05)
     lease.acquire()
     first = _holder(tmp_path)["refreshed"]
-    time.sleep(0.3)
-    assert _holder(tmp_path)["refreshed"] > first
-    with pytest.raises(LeaseError):  # refreshed, so not stale despite the short TTL
-        Lease(tmp_path, ttl_s=0.5).acquire()
+    _wait_for(lambda: _holder(tmp_path)["refreshed"] > first)
+    assert _holder(tmp_path)["token"] == lease.holder.token
     _write(tmp_path, refreshed=time.time())  # someone else now holds it
-    deadline = time.time() + 5
-    while not lease.lost and time.time() < deadline:
-        time.sleep(0.02)
+    _wait_for(lambda: lease.lost)
     with pytest.raises(LeaseError, match="was taken over by another trainer"):
         lease.check()
     lease.release()
