@@ -1,275 +1,338 @@
-"""Small-scale reproduction of the Switch paper's scaling claims on the embedded corpus.
+"""Small-scale reproduction of the Switch paper's expert-count trend and its distillation result.
 
-  python scripts/reproduce_scaling.py                 # ~1 hour on a 2-core CPU
-  python scripts/reproduce_scaling.py --quick         # a few minutes: 2 and 4 experts, 60 steps
-  python scripts/reproduce_scaling.py --steps=150 --experts=2,4,8,16 --batch_size=8
+  python scripts/reproduce_scaling.py                      # --scale=cpu: ~1 h, shared 2 cores
+  python scripts/reproduce_scaling.py --scale=smoke        # ~2 minutes, checks the whole path
+  python scripts/reproduce_scaling.py --scale=gpu          # the larger version for one GPU
+  python scripts/reproduce_scaling.py --phases=distill     # distillation only, on saved teachers
+  python scripts/scaling_report.py --out=out/scaling       # plots + tables from results.json again
 
-Trains, on the same batches of `embedded_span_corruption`, the dense T5 baseline and Switch
-models with E experts at equal FLOPs per token (same shapes; every other FFN a Switch layer),
-then writes to --out (default out/scaling):
-  results.json              validation loss curves (step, training seconds) of every run
-  loss_vs_step.png          the paper's Figure 1 (right) / Appendix D trend
-  loss_vs_time.png          the same against training wall-clock (compilation excluded)
-  speedup.png               steps for each Switch model to reach the dense model's final loss
-and two selective checks on the Switch model with --check_experts experts (REFERENCE Tables 2, 3):
-  float32 vs bfloat16 router, and init scale 0.1 vs 1.0 (over --seeds seeds).
-Needs the `data` and `bench` extras (pip install -e .[data,bench]).
+Phase `scaling` trains, on the same batches, the dense T5 baseline and Switch models with E
+experts at equal FLOPs per token (same shapes, every FFN of the `--sparse_every` pattern a Switch
+layer), for each of --seeds seeds (seed s = init seed s and data order s, shared by all models so
+that differences between models are paired). Phase `distill` distils each seed's Switch teacher
+(--distill_experts) into its dense twin with switch_jax.distill (student initialised from the
+teacher's non-expert weights, 0.25 x soft + 0.75 x hard loss; paper §4.2), plus, for seed 0, the
+two ablations of Table 6 (init only, distillation without init). Outputs in --out:
+  results.json       every run's validation curve (step, training seconds) and the summary
+  teachers/          each seed's teacher parameters (what phase `distill` reads)
+  *.png              loss vs step / vs wall-clock, step speedup vs experts, distillation gain kept
+Needs the `data` and `bench` extras (pip install -e '.[data,bench]'); both are checked first.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import os
+import sys
 import time
 
-import jax
 import numpy as np
 
-from switch_jax import partitioning, steps
-from switch_jax.models.config import ModelConfig, MoeConfig
-from switch_jax.run_config import OptimizerConfig
-
 TASK = "embedded_span_corruption"
+
+# Each scale is a full set of defaults; any flag given explicitly overrides it.
+SCALES = {
+    # FFN-heavy (d_ff = 8 d_model), one layer per stack, every FFN a Switch layer, vocab 2048
+    # (a vocabulary trained on the embedded corpus): the experts hold most of the parameters and
+    # the FLOPs, so their count can matter within the ~0.5 M tokens a shared CPU trains per run.
+    "cpu": dict(
+        experts="2,8,32",
+        seeds=2,
+        steps=400,
+        batch_size=16,
+        inputs_length=64,
+        targets_length=16,
+        d_model=128,
+        d_ff=1024,
+        heads=4,
+        layers=1,
+        sparse_every=1,
+        vocab_size=2048,
+        learning_rate=0.05,
+        eval_every=50,
+        eval_batches=12,
+        eval_batch_size=32,
+        dtype="float32",
+        dispatch="scatter",
+        group_size=1024,
+    ),
+    "smoke": dict(
+        experts="2,4",
+        seeds=2,
+        steps=12,
+        batch_size=8,
+        inputs_length=32,
+        targets_length=8,
+        d_model=32,
+        d_ff=64,
+        heads=2,
+        layers=1,
+        sparse_every=1,
+        vocab_size=2048,
+        learning_rate=0.05,
+        eval_every=6,
+        eval_batches=2,
+        eval_batch_size=8,
+        dtype="float32",
+        dispatch="scatter",
+        group_size=256,
+    ),
+    # Unmeasured (no accelerator this session): Switch-Base-like layout at d_model 512.
+    "gpu": dict(
+        experts="2,4,8,16,32,64",
+        seeds=3,
+        steps=3000,
+        batch_size=64,
+        inputs_length=256,
+        targets_length=64,
+        d_model=512,
+        d_ff=2048,
+        heads=8,
+        layers=4,
+        sparse_every=2,
+        vocab_size=8192,
+        learning_rate=0.03,
+        eval_every=200,
+        eval_batches=32,
+        eval_batch_size=64,
+        dtype="bfloat16",
+        dispatch="scatter",
+        group_size=4096,
+    ),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--experts", default="2,4,8,16,32", help="comma list of expert counts")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--inputs_length", type=int, default=128)
-    p.add_argument("--targets_length", type=int, default=32)
-    p.add_argument("--d_model", type=int, default=128)
-    p.add_argument("--d_ff", type=int, default=512)
-    p.add_argument("--layers", type=int, default=2, help="encoder and decoder layers each")
-    p.add_argument("--learning_rate", type=float, default=0.03, help="constant (Adafactor)")
-    p.add_argument("--eval_every", type=int, default=50)
-    p.add_argument("--eval_batches", type=int, default=8)
-    p.add_argument("--check_experts", type=int, default=8, help="E of the precision/init checks")
-    p.add_argument("--seeds", type=int, default=2, help="seeds of the init-scale check")
-    p.add_argument("--no_checks", action="store_true", help="skip the Table 2 / 3 checks")
-    p.add_argument("--quick", action="store_true", help="60 steps, experts 2,4, one seed")
-    p.add_argument("--out", default="out/scaling")
+    p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    p.add_argument("--phases", default="scaling,distill", help="scaling, distill or both")
+    p.add_argument("--out", default=None, help="default out/scaling_<scale>")
+    p.add_argument("--no_plots", action="store_true", help="skip the PNGs (no matplotlib)")
+    p.add_argument("--distill_experts", type=int, default=None, help="teacher E (default: max)")
+    p.add_argument("--soft_weight", type=float, default=0.25, help="weight of the teacher CE")
+    p.add_argument("--no_ablations", action="store_true", help="skip Table 6's ablations")
+    p.add_argument("--task", default=TASK)
+    for name, value in SCALES["cpu"].items():
+        p.add_argument(f"--{name}", type=type(value), default=None)
     args = p.parse_args(argv)
-    if args.quick:
-        args.steps, args.experts, args.seeds, args.eval_every = 60, "2,4", 1, 20
-        args.batch_size, args.eval_batches = 8, 4
-    args.experts = [int(e) for e in args.experts.split(",") if e]
+    for name, value in SCALES[args.scale].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.experts = [int(e) for e in str(args.experts).split(",") if e]
+    args.distill_experts = args.distill_experts or max(args.experts)
+    args.phases = [x for x in args.phases.split(",") if x]
+    args.out = args.out or os.path.join("out", f"scaling_{args.scale}")
+    if args.eval_every < 1 or args.steps < args.eval_every:
+        p.error("--eval_every must be in [1, --steps]")
     return args
 
 
-def model_config(args, experts: int | None, **moe_changes) -> ModelConfig:
+def check_extras(args) -> None:
+    """Fail before any training: the plots and the data need optional extras."""
+    missing = []
+    try:
+        import switch_jax.data  # noqa: F401, PLC0415
+    except ImportError as e:
+        missing.append(f"data ({e.name})")
+    if not args.no_plots:
+        try:
+            import matplotlib  # noqa: F401, PLC0415
+        except ImportError:
+            missing.append("bench (matplotlib, for the plots; or pass --no_plots)")
+    if missing:
+        sys.exit(
+            "reproduce_scaling.py needs the extras: "
+            + ", ".join(missing)
+            + ". Install them with: pip install -e '.[data,bench]'"
+        )
+
+
+def model_config(args, experts: int | None):
+    from switch_jax.models.config import ModelConfig, MoeConfig  # noqa: PLC0415
+
     moe = None
     if experts:
-        moe = MoeConfig(num_experts=experts, group_size=512, sparse_every=2, **moe_changes)
+        moe = MoeConfig(
+            num_experts=experts,
+            sparse_every=args.sparse_every,
+            group_size=args.group_size,
+            dispatch=args.dispatch,
+        )
     return ModelConfig(
-        vocab_size=8192,  # the embedded corpus SentencePiece vocabulary
+        vocab_size=args.vocab_size,
         d_model=args.d_model,
         d_ff=args.d_ff,
-        num_heads=4,
-        head_dim=args.d_model // 4,
+        num_heads=args.heads,
+        head_dim=args.d_model // args.heads,
         num_encoder_layers=args.layers,
         num_decoder_layers=args.layers,
+        dtype=args.dtype,
         moe=moe,
     )
 
 
-def load_batches(args) -> tuple[list[dict], list[dict]]:
-    """The same training batches for every run, and a fixed validation set."""
+def load_data(args) -> tuple[dict[int, list[dict]], list[dict]]:
+    """Training batches per seed (data order = seed) and one fixed validation set."""
     from switch_jax.data import pipeline  # noqa: PLC0415 (TensorFlow)
 
     lengths = {"inputs": args.inputs_length, "targets": args.targets_length}
-    common = dict(feature_lengths=lengths, batch_size=args.batch_size)
-    train_it = pipeline.make_batches(
-        TASK, "train", architecture="encoder_decoder", seed=0, **common
-    )
-    train = [next(train_it) for _ in range(args.steps)]
+    task = dict(feature_lengths=lengths, architecture="encoder_decoder")
+    if args.task == TASK:
+        task["vocab_size"] = args.vocab_size
+    train = {}
+    for seed in range(args.seeds):
+        it = pipeline.make_batches(
+            args.task, "train", seed=seed, batch_size=args.batch_size, **task
+        )
+        train[seed] = [next(it) for _ in range(args.steps)]
     val_ds = pipeline.make_dataset(
-        TASK, "validation", architecture="encoder_decoder", shuffle=False, repeat=True, **common
+        args.task, "validation", shuffle=False, repeat=True, batch_size=args.eval_batch_size, **task
     )
     val = [{k: v.numpy() for k, v in b.items()} for b in val_ds.take(args.eval_batches)]
     return train, val
 
 
-def train_run(name, model_cfg, args, train, val, seed=0) -> dict:
-    """Train on `train`, evaluating every --eval_every steps; returns the curves."""
-    part = partitioning.Partitioner((-1, 1, 1))
-    model_cfg = part.adapt_model_config(model_cfg, args.batch_size)
-    opt = OptimizerConfig(schedule="constant", learning_rate=args.learning_rate)
-    with part.activate():
-        setup = steps.setup_training(model_cfg, opt, part, seed=seed)
-        state = setup.init_state()
-        train_s, curve, t_compile = 0.0, [], 0.0
-        for step in range(1, args.steps + 1):
-            t0 = time.perf_counter()
-            state, m = setup.train_step(state, part.shard_batch(train[step - 1]))
-            loss = float(jax.device_get(m["loss"]))
-            dt = time.perf_counter() - t0
-            if step == 1:
-                t_compile = dt  # compilation + one step: kept out of the wall-clock axis
-            else:
-                train_s += dt
-            if step % args.eval_every == 0 or step == args.steps:
-                ce = np.mean(
-                    [
-                        float(setup.eval_step(state.params, part.shard_batch(b))["cross_entropy"])
-                        for b in val
-                    ]
-                )
-                curve.append(
-                    {"step": step, "train_s": train_s, "val_loss": float(ce), "train_loss": loss}
-                )
-                print(
-                    f"{name} step {step}: train {loss:.3f} val {ce:.3f} ({train_s:.0f}s)",
-                    flush=True,
-                )
-    return {
-        "name": name,
-        "seed": seed,
-        "compile_s": t_compile,
-        "curve": curve,
-        "finite": all(math.isfinite(c["val_loss"]) for c in curve),
-    }
+class Trainer:
+    """Compiled steps per model config, reused across seeds (only the init differs)."""
 
+    def __init__(self, args):
+        from switch_jax import partitioning  # noqa: PLC0415
+        from switch_jax.run_config import OptimizerConfig  # noqa: PLC0415
 
-def steps_to_reach(curve: list[dict], target: float, key: str = "step") -> float | None:
-    """First `key` value where the validation loss reaches `target` (linear interpolation)."""
-    prev = None
-    for point in curve:
-        if point["val_loss"] <= target:
-            if prev is None:
-                return float(point[key])
-            frac = (prev["val_loss"] - target) / (prev["val_loss"] - point["val_loss"])
-            return prev[key] + frac * (point[key] - prev[key])
-        prev = point
-    return None
+        self.args = args
+        self.part = partitioning.Partitioner((-1, 1, 1))
+        self.opt = OptimizerConfig(schedule="constant", learning_rate=args.learning_rate)
+        self._compiled: dict = {}
 
+    def compiled(self, key, model_cfg, make_step=None):
+        from switch_jax import steps  # noqa: PLC0415
 
-def speedups(runs: dict) -> dict:
-    dense = runs["dense"]["curve"]
-    target, last = dense[-1]["val_loss"], dense[-1]
-    out = {}
-    for name, run in runs.items():
-        if name == "dense":
-            continue
-        s = steps_to_reach(run["curve"], target)
-        t = steps_to_reach(run["curve"], target, "train_s")
-        out[name] = {
-            "steps_to_dense_final": s,
-            "step_speedup": last["step"] / s if s else None,
-            "time_speedup": last["train_s"] / t if t else None,
-            "final_val_loss": run["curve"][-1]["val_loss"],
-        }
-    return {"dense_final_val_loss": target, "switch": out}
-
-
-def plot(runs: dict, summary: dict, out: str) -> list[str]:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    paths = []
-    for key, label, fname in (
-        ("step", "training step", "loss_vs_step.png"),
-        ("train_s", "training seconds (2-core CPU)", "loss_vs_time.png"),
-    ):
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=90)
-        for name, run in runs.items():
-            xs = [p[key] for p in run["curve"]]
-            ax.plot(
-                xs,
-                [p["val_loss"] for p in run["curve"]],
-                label=name,
-                color="black" if name == "dense" else None,
-                lw=2 if name == "dense" else 1.2,
+        if key not in self._compiled:
+            cfg = self.part.adapt_model_config(model_cfg, self.args.batch_size)
+            abstract = steps.abstract_train_state(cfg, self.opt, self.part)
+            make_step = make_step or (
+                lambda: steps.make_train_step(cfg, self.opt, self.part, abstract=abstract)
             )
-        ax.axhline(summary["dense_final_val_loss"], color="gray", ls=":", lw=0.8)
-        ax.set(
-            xlabel=label,
-            ylabel="validation cross-entropy",
-            title="Dense T5 vs Switch, equal FLOPs/token",
-        )
-        ax.legend()
-        fig.tight_layout()
-        paths.append(os.path.join(out, fname))
-        fig.savefig(paths[-1])
-        plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=90)
-    names = [n for n, s in summary["switch"].items() if s["step_speedup"]]
-    ax.plot(
-        [int(n.split("-")[1]) for n in names],
-        [summary["switch"][n]["step_speedup"] for n in names],
-        "o-",
-    )
-    ax.set(
-        xscale="log",
-        xlabel="experts",
-        ylabel="step speedup to dense final loss",
-        title="Speedup vs experts",
-    )
-    fig.tight_layout()
-    paths.append(os.path.join(out, "speedup.png"))
-    fig.savefig(paths[-1])
-    plt.close(fig)
-    return paths
+            self._compiled[key] = (cfg, abstract, make_step(), steps.make_eval_step(cfg, self.part))
+        return self._compiled[key]
+
+    def init(self, key, seed: int):
+        from switch_jax import steps  # noqa: PLC0415
+
+        cfg, abstract, _, _ = self._compiled[key]
+        return steps.init_train_state(cfg, self.opt, self.part, seed, abstract=abstract)
+
+    def evaluate(self, key, params, val) -> float:
+        eval_step = self._compiled[key][3]
+        values = [float(eval_step(params, self.part.shard_batch(b))["cross_entropy"]) for b in val]
+        return float(np.mean(values))
+
+    def run(self, name, key, state, batches, val, *, extra=()) -> tuple[dict, object]:
+        """Train on `batches`, evaluating every --eval_every steps; returns (record, state)."""
+        import jax  # noqa: PLC0415
+
+        args, step_fn = self.args, self._compiled[key][2]
+        train_s, compile_s, curve = 0.0, 0.0, []
+        with self.part.activate():
+            for step in range(1, len(batches) + 1):
+                t0 = time.perf_counter()
+                state, m = step_fn(state, self.part.shard_batch(batches[step - 1]), *extra)
+                loss = float(jax.device_get(m["loss"]))
+                dt = time.perf_counter() - t0
+                compile_s, train_s = (dt, train_s) if step == 1 else (compile_s, train_s + dt)
+                if step % args.eval_every == 0 or step == len(batches):
+                    ce = self.evaluate(key, state.params, val)
+                    curve.append({"step": step, "train_s": train_s, "val_loss": ce, "loss": loss})
+                    print(
+                        f"{name} step {step}: loss {loss:.3f} val {ce:.4f} ({train_s:.0f}s)",
+                        flush=True,
+                    )
+        record = {
+            "name": name,
+            "compile_s": compile_s,
+            "curve": curve,
+            "finite": bool(np.all(np.isfinite([c["val_loss"] for c in curve]))),
+        }
+        return record, state
+
+
+def save_params(path: str, params) -> None:
+    import jax  # noqa: PLC0415
+
+    from switch_jax import optim  # noqa: PLC0415
+
+    leaves = jax.tree.leaves(optim.values(params))
+    np.savez(path, *[np.asarray(x) for x in jax.device_get(leaves)])
+
+
+def load_params(path: str, abstract_params, part):
+    """Leaves in tree order, placed with the abstract state's shardings."""
+    import jax  # noqa: PLC0415
+
+    data = np.load(path)
+    arrays = [data[f"arr_{i}"] for i in range(len(data.files))]
+    specs = jax.tree.leaves(abstract_params)  # ShapeDtypeStructs with shardings
+    if len(specs) != len(arrays):
+        raise SystemExit(f"{path} does not match the teacher config; rerun --phases=scaling")
+    values = [
+        jax.device_put(a.astype(s.dtype), s.sharding) for a, s in zip(arrays, specs, strict=True)
+    ]
+    return jax.tree.unflatten(jax.tree.structure(abstract_params), values)
+
+
+def run_scaling(args, trainer: Trainer, train, val, results: dict, flush) -> None:
+    models = [("dense", None)] + [(f"switch-{e}", e) for e in args.experts]
+    teachers = os.path.join(args.out, "teachers")
+    os.makedirs(teachers, exist_ok=True)
+    for seed in range(args.seeds):  # seed-major: one full set of models early, then more seeds
+        for name, experts in models:
+            trainer.compiled(name, model_config(args, experts))
+            state = trainer.init(name, seed)
+            record, state = trainer.run(f"{name} s{seed}", name, state, train[seed], val)
+            results["runs"].setdefault(name, {})[str(seed)] = record
+            if experts == args.distill_experts:
+                save_params(os.path.join(teachers, f"switch-{experts}-s{seed}.npz"), state.params)
+            flush()
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    check_extras(args)
     os.makedirs(args.out, exist_ok=True)
+    import jax  # noqa: PLC0415
+
     jax.config.update("jax_compilation_cache_dir", os.path.join(args.out, ".jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    path = os.path.join(args.out, "results.json")
+    results = {"runs": {}, "distill": {}}
+    if "scaling" not in args.phases and os.path.exists(path):
+        with open(path) as f:
+            results.update({k: v for k, v in json.load(f).items() if k in ("runs", "distill")})
+    results["args"] = vars(args)
     t_start = time.perf_counter()
-    train, val = load_batches(args)
-    runs = {"dense": train_run("dense", model_config(args, None), args, train, val)}
-    for e in args.experts:
-        runs[f"switch-{e}"] = train_run(f"switch-{e}", model_config(args, e), args, train, val)
-    summary = speedups(runs)
-    checks = {}
-    if not args.no_checks:
-        e = args.check_experts
-        base = runs.get(f"switch-{e}") or train_run(
-            f"switch-{e}", model_config(args, e), args, train, val
-        )
-        checks["router_dtype"] = {
-            "float32": base,
-            "bfloat16": train_run(
-                "bf16-router", model_config(args, e, router_dtype="bfloat16"), args, train, val
-            ),
-        }
-        init = {"0.1": [base], "1.0": []}
-        for seed in range(args.seeds):
-            if seed:
-                init["0.1"].append(
-                    train_run(f"init0.1-s{seed}", model_config(args, e), args, train, val, seed)
-                )
-            cfg = dataclasses.replace(model_config(args, e), init_scale=1.0)
-            init["1.0"].append(train_run(f"init1.0-s{seed}", cfg, args, train, val, seed))
-        checks["init_scale"] = {
-            k: {"final_val_loss": [r["curve"][-1]["val_loss"] for r in v], "runs": v}
-            for k, v in init.items()
-        }
-    results = {
-        "args": vars(args),
-        "runs": runs,
-        "summary": summary,
-        "checks": checks,
-        "total_s": time.perf_counter() - t_start,
-    }
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    plot(runs, summary, args.out)
-    print(json.dumps(summary, indent=1))
-    for name, c in checks.items():
-        for k, v in c.items():
-            finals = v["final_val_loss"] if "final_val_loss" in v else v["curve"][-1]["val_loss"]
-            print(f"{name} {k}: final val loss {finals}")
+
+    def flush() -> None:
+        results["total_s"] = time.perf_counter() - t_start
+        with open(path + ".tmp", "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(path + ".tmp", path)  # a kill mid-write keeps the previous results
+
+    train, val = load_data(args)
+    trainer = Trainer(args)
+    if "scaling" in args.phases:
+        run_scaling(args, trainer, train, val, results, flush)
+    if "distill" in args.phases:
+        import distill_phase  # noqa: PLC0415 (scripts/, next to this file)
+
+        distill_phase.run(args, trainer, train, val, results, flush, model_config, load_params)
+    flush()
+    import scaling_report  # noqa: PLC0415
+
+    scaling_report.report(results, args.out, plots=not args.no_plots)
     print(f"total {results['total_s'] / 60:.1f} min; outputs in {args.out}")
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     main()

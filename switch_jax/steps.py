@@ -170,10 +170,20 @@ def _router_metrics(stats: dict) -> dict:
     return out
 
 
-def _forward(graphdef, params, batch, keys: Keys, *, train: bool, z_loss: float):
+def _forward(
+    graphdef, params, batch, keys: Keys, *, train: bool, z_loss: float, objective=None, extra=()
+):
     model = nnx.merge(graphdef, params)
     logits_BLV, stats = model(batch, train=train, keys=keys)
-    return _token_sums(logits_BLV, batch, z_loss), _router_metrics(stats)
+    if objective is None:
+        return _token_sums(logits_BLV, batch, z_loss), _router_metrics(stats)
+    return objective(logits_BLV, batch, *extra, z_loss), _router_metrics(stats)
+
+
+token_sums = _token_sums  # public: objectives (switch_jax.distill) build on the standard sums
+
+
+_OBJECTIVE_SUMS = ("objective", "soft_cross_entropy")
 
 
 def _finish_metrics(sums: dict, router: dict, model_cfg: ModelConfig) -> dict:
@@ -189,8 +199,11 @@ def _finish_metrics(sums: dict, router: dict, model_cfg: ModelConfig) -> dict:
     ]
     metrics["accuracy"] = sums["accuracy"] / n
     metrics["num_tokens"] = sums["num_tokens"]
+    for name in _OBJECTIVE_SUMS:  # extra sums of a custom objective (e.g. distillation)
+        if name in sums:
+            metrics[name] = sums[name] / n
     metrics["loss"] = (
-        metrics["cross_entropy"]
+        metrics.get("objective", metrics["cross_entropy"])
         + metrics["z_loss"]
         + metrics["aux_loss"]
         + metrics["router_z_loss"]
@@ -255,11 +268,16 @@ def make_train_step(
     *,
     abstract: AbstractState | None = None,
     skip_nonfinite: bool = False,
-) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """jit(train_step) with explicit shardings; the input state is donated.
+    objective: Callable | None = None,
+    extra_shardings: tuple = (),
+) -> Callable[..., tuple[TrainState, dict]]:
+    """jit(train_step(state, batch, *extra)) with explicit shardings; the input state is donated.
 
     With `skip_nonfinite`, a step whose loss or gradient norm is not finite keeps the old params
     and optimizer state (decided in-graph, no host sync) and reports `skipped_updates` = 1.
+    `objective(logits_BLV, microbatch, *extra, z_loss) -> sums` replaces the label cross-entropy
+    (it must return `_token_sums`' keys plus `objective`, the sum to minimise); `extra` are
+    further jit inputs with `extra_shardings`, not donated (e.g. a distillation teacher's params).
     """
     abstract = abstract or abstract_train_state(model_cfg, opt_cfg, partitioner)
     graphdef = abstract.graphdef
@@ -269,7 +287,7 @@ def make_train_step(
     mesh = partitioner.mesh
     grads_sharding = optim.values(abstract.shardings.params)
 
-    def step_fn(state: TrainState, batch: dict):
+    def step_fn(state: TrainState, batch: dict, *extra):
         _check_batch(model_cfg, batch, partitioner, k)
         weights = batch.get("decoder_loss_weights", batch["decoder_target_tokens"] > 0)
         # Normalise by the whole batch's real tokens so k microbatches sum to the full-batch loss.
@@ -278,10 +296,17 @@ def make_train_step(
         def loss_fn(params, microbatch, index):
             keys = _step_keys(state.rng, state.step, index)
             sums, router = _forward(
-                graphdef, params, microbatch, keys, train=True, z_loss=model_cfg.z_loss
+                graphdef,
+                params,
+                microbatch,
+                keys,
+                train=True,
+                z_loss=model_cfg.z_loss,
+                objective=objective,
+                extra=extra,
             )
             m = _finish_metrics(sums, router, model_cfg)
-            loss = (sums["cross_entropy"] + sums["z_loss"]) / norm
+            loss = (sums.get("objective", sums["cross_entropy"]) + sums["z_loss"]) / norm
             loss = loss + (m["aux_loss"] + m["router_z_loss"]) / k
             return loss, (sums, router)
 
@@ -320,14 +345,14 @@ def make_train_step(
 
     jitted = jax.jit(
         step_fn,
-        in_shardings=(abstract.shardings, partitioner.batch_sharding),
+        in_shardings=(abstract.shardings, partitioner.batch_sharding, *extra_shardings),
         out_shardings=(abstract.shardings, partitioner.replicated),
         donate_argnums=0,
     )
 
-    def train_step(state: TrainState, batch: dict):
+    def train_step(state: TrainState, batch: dict, *extra):
         with partitioner.activate():  # the model's constraints need mesh + rules at trace time
-            return jitted(state, batch)
+            return jitted(state, batch, *extra)
 
     train_step.jitted = jitted  # for .lower(...) / HLO inspection
     return train_step

@@ -1,0 +1,276 @@
+"""Tables and PNGs of a reproduce_scaling.py results.json (re-runnable alone).
+
+python scripts/scaling_report.py --out=out/scaling_cpu     # writes summary.md and *.png there
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+
+def _final(run: dict) -> float:
+    return run["curve"][-1]["val_loss"]
+
+
+def steps_to_reach(curve: list[dict], target: float, key: str = "step") -> float | None:
+    """First `key` value where the validation loss reaches `target` (linear interpolation)."""
+    prev = None
+    for point in curve:
+        if point["val_loss"] <= target:
+            if prev is None:
+                return float(point[key])
+            frac = (prev["val_loss"] - target) / (prev["val_loss"] - point["val_loss"])
+            return prev[key] + frac * (point[key] - prev[key])
+        prev = point
+    return None
+
+
+def _stats(values: list[float]) -> dict:
+    v = np.asarray([x for x in values if x is not None], np.float64)
+    if not len(v):
+        return {"mean": None, "std": None, "n": 0, "min": None, "max": None}
+    std = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    return {
+        "mean": float(v.mean()),
+        "std": std,
+        "n": len(v),
+        "min": float(v.min()),
+        "max": float(v.max()),
+    }
+
+
+def _experts(name: str) -> int:
+    return 1 if name == "dense" else int(name.split("-")[1])
+
+
+def summarise(results: dict) -> dict:
+    """Per model: final loss over seeds; per Switch model: step / time speedup to dense quality.
+
+    The speedup of seed s compares with the dense run of the same seed (same data order), i.e.
+    steps of the dense model / steps of the Switch model to reach the dense model's final loss.
+    """
+    runs = results["runs"]
+    dense = runs.get("dense", {})
+    out = {}
+    for name in sorted(runs, key=_experts):
+        seeds = runs[name]
+        row = {"final": _stats([_final(r) for r in seeds.values()]), "seeds": sorted(seeds)}
+        if name != "dense":
+            step_up, time_up, gap = [], [], []
+            for seed, run in seeds.items():
+                if seed not in dense:
+                    continue
+                d = dense[seed]["curve"][-1]
+                s = steps_to_reach(run["curve"], d["val_loss"])
+                t = steps_to_reach(run["curve"], d["val_loss"], "train_s")
+                step_up.append(d["step"] / s if s else None)
+                time_up.append(d["train_s"] / t if t else None)
+                gap.append(d["val_loss"] - _final(run))
+            row.update(
+                step_speedup=_stats(step_up),
+                time_speedup=_stats(time_up),
+                gain_over_dense=_stats(gap),
+                reached=sum(x is not None for x in step_up),
+            )
+        out[name] = row
+    return {"models": out, "distill": _distill_summary(results)}
+
+
+def _distill_summary(results: dict) -> dict:
+    """Fraction of the teacher's gain over the dense baseline that each student keeps."""
+    runs, out = results["runs"], {}
+    for variant, seeds in results.get("distill", {}).items():
+        kept, finals = [], []
+        for seed, run in seeds.items():
+            teacher, dense = runs[run["teacher"]].get(seed), runs["dense"].get(seed)
+            finals.append(_final(run))
+            if teacher and dense:
+                gain = _final(dense) - _final(teacher)
+                kept.append((_final(dense) - _final(run)) / gain if gain > 0 else None)
+        out[variant] = {"final": _stats(finals), "kept": _stats(kept)}
+    return out
+
+
+def _fmt(s: dict, digits: int = 3, pm: bool = True) -> str:
+    if not s or s["mean"] is None:
+        return "not reached"
+    text = f"{s['mean']:.{digits}f}"
+    return text + (f" ± {s['std']:.{digits}f}" if pm and s["n"] > 1 else "")
+
+
+def markdown(summary: dict, results: dict) -> str:
+    steps = results["args"]["steps"]
+    lines = [
+        f"| model | final val loss (mean ± std over seeds) | gain over dense | steps to dense "
+        f"final ({steps}) reached in | step speedup | wall-clock speedup |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in summary["models"].items():
+        if name == "dense":
+            lines.append(f"| dense | {_fmt(row['final'], 4)} | - | - | 1.00 | 1.00 |")
+            continue
+        lines.append(
+            f"| {name} | {_fmt(row['final'], 4)} | {_fmt(row['gain_over_dense'], 4)} | "
+            f"{row['reached']}/{len(row['seeds'])} seeds | {_fmt(row['step_speedup'], 2)} | "
+            f"{_fmt(row['time_speedup'], 2)} |"
+        )
+    if summary["distill"]:
+        lines += [
+            "",
+            "| distillation run | final val loss | fraction of the teacher's gain kept |",
+            "|---|---|---|",
+        ]
+        for variant, row in summary["distill"].items():
+            kept = row["kept"]
+            pct = (
+                "-"
+                if kept["mean"] is None
+                else f"{100 * kept['mean']:.0f} %"
+                + (f" ± {100 * kept['std']:.0f}" if kept["n"] > 1 else "")
+            )
+            lines.append(f"| {variant} | {_fmt(row['final'], 4)} | {pct} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, results: dict, out: str) -> list[str]:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    runs, paths = results["runs"], []
+    names = sorted(runs, key=_experts)
+    colors = {
+        n: ("black" if n == "dense" else plt.cm.viridis(i / max(len(names) - 1, 1)))
+        for i, n in enumerate(names)
+    }
+
+    def save(fig, fname):
+        fig.tight_layout()
+        paths.append(os.path.join(out, fname))
+        fig.savefig(paths[-1])
+        plt.close(fig)
+
+    for key, label, fname in (
+        ("step", "training step", "loss_vs_step.png"),
+        ("train_s", "training seconds (shared 2-core CPU)", "loss_vs_time.png"),
+    ):
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=80)
+        lows, tops = [], []
+        for name in names:
+            curves = list(runs[name].values())
+            n = min(len(c["curve"]) for c in curves)
+            xs = np.mean([[p[key] for p in c["curve"][:n]] for c in curves], 0)
+            ys = np.asarray([[p["val_loss"] for p in c["curve"][:n]] for c in curves])
+            ax.plot(
+                xs,
+                ys.mean(0),
+                label=f"{name} ({len(curves)} seeds)",
+                color=colors[name],
+                lw=2 if name == "dense" else 1.3,
+            )
+            ax.fill_between(xs, ys.min(0), ys.max(0), color=colors[name], alpha=0.15)
+            lows.append(ys.min())
+            tops.append(ys[:, min(1, n - 1)].max())  # zoom past the first, steep evaluation
+        ax.set(
+            xlabel=label,
+            ylabel="validation cross-entropy (nats)",
+            title="Dense vs Switch-E at equal FLOPs/token (band: seed min-max)",
+        )
+        ax.set_ylim(min(lows) - 0.03, max(tops) + 0.03)
+        ax.legend(fontsize=8)
+        save(fig, fname)
+
+    rows = summary["models"]
+    experts = [_experts(n) for n in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=80)
+    means = [rows[n]["final"]["mean"] for n in rows]
+    errs = [rows[n]["final"]["std"] for n in rows]
+    ax1.errorbar(experts, means, yerr=errs, fmt="o-", capsize=3)
+    ax1.set(
+        xscale="log",
+        xlabel="experts (1 = dense)",
+        ylabel="final validation loss",
+        title="Loss vs experts (± std over seeds)",
+    )
+    sw = [n for n in rows if n != "dense"]
+    sp = [rows[n]["step_speedup"] for n in sw]
+    ok = [i for i, s in enumerate(sp) if s["mean"] is not None]
+    ax2.errorbar(
+        [_experts(sw[i]) for i in ok],
+        [sp[i]["mean"] for i in ok],
+        yerr=[sp[i]["std"] for i in ok],
+        fmt="o-",
+        capsize=3,
+        color="tab:green",
+    )
+    ax2.axhline(1.0, color="gray", ls=":", lw=0.8)
+    ax2.set(
+        xscale="log",
+        xlabel="experts",
+        ylabel="step speedup to dense final loss",
+        title="Step speedup vs experts (Fig. 4 / 5 style)",
+    )
+    save(fig, "speedup.png")
+
+    if summary["distill"]:
+        fig, ax = plt.subplots(figsize=(6, 3.6), dpi=80)
+        teacher = next(iter(results["distill"].values()))
+        teacher = next(iter(teacher.values()))["teacher"]
+        bars = [("dense", rows["dense"]["final"]), (teacher, rows[teacher]["final"])]
+        bars += [(v, r["final"]) for v, r in summary["distill"].items()]
+        ax.bar(
+            range(len(bars)),
+            [b[1]["mean"] for b in bars],
+            yerr=[b[1]["std"] for b in bars],
+            capsize=3,
+            color=["black", "tab:blue"] + ["tab:orange"] * (len(bars) - 2),
+        )
+        for i, (variant, _) in enumerate(bars[2:], start=2):
+            kept = summary["distill"][variant]["kept"]["mean"]
+            if kept is not None:
+                ax.text(
+                    i,
+                    bars[i][1]["mean"],
+                    f"{100 * kept:.0f} % kept",
+                    ha="center",
+                    va="bottom",
+                    fontsize=8,
+                )
+        lo = min(b[1]["mean"] for b in bars)
+        hi = max(b[1]["mean"] for b in bars)
+        ax.set_ylim(lo - (hi - lo) * 1.5 - 1e-3, hi + (hi - lo) * 0.8 + 1e-3)
+        ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
+        ax.set(ylabel="final validation loss", title="Distillation into the dense twin")
+        save(fig, "distill.png")
+    return paths
+
+
+def report(results: dict, out: str, *, plots: bool = True) -> dict:
+    summary = summarise(results)
+    text = markdown(summary, results)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(text)
+    if plots:
+        print("plots:", ", ".join(plot(summary, results, out)))
+    return summary
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", required=True, help="the --out of reproduce_scaling.py")
+    p.add_argument("--no_plots", action="store_true")
+    args = p.parse_args()
+    with open(os.path.join(args.out, "results.json")) as f:
+        report(json.load(f), args.out, plots=not args.no_plots)
+
+
+if __name__ == "__main__":
+    main()
