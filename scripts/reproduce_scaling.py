@@ -16,7 +16,7 @@ two ablations of Table 6 (init only, distillation without init). Outputs in --ou
   results.json       every run's validation curve (step, training seconds) and the summary
   teachers/          each seed's teacher parameters (what phase `distill` reads)
   *.png              loss vs step / vs wall-clock, step speedup vs experts, distillation gain kept
-Needs the `data` and `bench` extras (pip install -e '.[data,bench]'); both are checked first.
+Needs the `data` and `plot` extras (pip install -e '.[data,plot]'); both are checked first.
 """
 
 from __future__ import annotations
@@ -139,12 +139,12 @@ def check_extras(args) -> None:
         try:
             import matplotlib  # noqa: F401, PLC0415
         except ImportError:
-            missing.append("bench (matplotlib, for the plots; or pass --no_plots)")
+            missing.append("plot (matplotlib, for the PNGs; or pass --no_plots)")
     if missing:
         sys.exit(
             "reproduce_scaling.py needs the extras: "
             + ", ".join(missing)
-            + ". Install them with: pip install -e '.[data,bench]'"
+            + ". Install them with: pip install -e '.[data,plot]'"
         )
 
 
