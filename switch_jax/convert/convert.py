@@ -17,7 +17,8 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from switch_jax.convert import hf_config, layout, model_dir as md, sources
+from switch_jax.convert import hf_config, layout, sources
+from switch_jax.convert import model_dir as md
 from switch_jax.models.config import ConfigError, ModelConfig
 
 VOCAB_NAMES = ("spiece.model", "sentencepiece.model")
@@ -61,9 +62,10 @@ def import_hf(source_dir: str, model_dir: str, **write_options) -> ModelConfig:
     _check(entries, src, optional=unused)
     vocab = find_vocabulary(source_dir)
     header = [
-        f"Converted by switch_jax.convert from the HF {hf.flavor} checkpoint {os.path.abspath(source_dir)}",
-        f"({md.now()}). config.json dropout_rate={hf.dropout_rate} is the run files' DROPOUT_RATE;",
-        f"HF routes with expert_capacity={hf.expert_capacity} tokens per sequence (docs/checkpoints.md).",
+        f"Converted by switch_jax.convert from the HF {hf.flavor} checkpoint",
+        f"{os.path.abspath(source_dir)} ({md.now()}).",
+        f"config.json dropout_rate={hf.dropout_rate} is the run files' DROPOUT_RATE; HF routes",
+        f"with expert_capacity={hf.expert_capacity} per sequence (docs/checkpoints.md).",
     ]
     _write(
         model_dir,
@@ -119,9 +121,8 @@ def _check(entries: list[layout.Entry], src: sources.Source, *, optional: set[st
         want = _expected_source_shape(e)
         for name in e.sources:
             if name not in src.names():
-                raise ConfigError(
-                    f"{getattr(src, 'where', 'source')} has no tensor {name!r} (needed for {e.name})"
-                )
+                where = getattr(src, "where", "the source")
+                raise ConfigError(f"{where} has no tensor {name!r} (needed for {e.name})")
             have = src.shape(name)
             if have != want:
                 raise ConfigError(
@@ -146,7 +147,8 @@ def _tensors(entries: Iterable[layout.Entry], src: sources.Source) -> Iterator[m
                     out[j] = e.to_ours(src.read(name))
             elif rows is not None and len(e.shape) == 3 and e.to_ours is layout._same:
                 for start in range(0, e.shape[0], 8):  # 8 experts at a time (T5X [E, ...] kernels)
-                    out[start : start + 8] = rows(e.sources[0], start, start + 8)
+                    stop = min(start + 8, e.shape[0])
+                    out[start:stop] = rows(e.sources[0], start, stop)
             else:
                 out[...] = e.to_ours(src.read(e.sources[0]))
 

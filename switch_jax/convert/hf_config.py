@@ -1,4 +1,4 @@
-"""HF `config.json` (SwitchTransformers, T5 / T5.1.1) <-> ModelConfig, refusing what we do not model.
+"""HF `config.json` (SwitchTransformers, T5 / T5.1.1) <-> ModelConfig; refuses what we don't model.
 
 Every field of a config.json is either mapped, checked to have the one value we implement, or
 known not to change the forward pass; any other field is refused with a ConfigError naming it.

@@ -84,7 +84,7 @@ def _check_supported(cfg: ModelConfig) -> None:
 def hf_entries(cfg: ModelConfig, flavor: str) -> Iterator[Entry]:
     """Entries in HF names; `flavor` is 'switch' (SwitchTransformers) or 't5' (T5 / T5.1.1)."""
     _check_supported(cfg)
-    D, F, H, K = cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.head_dim
+    D, H, K = cfg.d_model, cfg.num_heads, cfg.head_dim
     V, R = cfg.vocab_size, cfg.relative_buckets
     if flavor == "switch" and cfg.activation == "geglu":
         raise ConfigError("ModelConfig.activation='geglu': HF SwitchTransformers has no gated MLP")
@@ -174,7 +174,7 @@ def _hf_mlp(cfg: ModelConfig, flavor: str, ours: Path, hf: str, *, sparse: bool)
 def t5x_entries(cfg: ModelConfig) -> Iterator[Entry]:
     """Entries in T5X / flaxformer names ('/'-joined paths under the checkpoint's `target`)."""
     _check_supported(cfg)
-    D, F, H, K = cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.head_dim
+    D, H, K = cfg.d_model, cfg.num_heads, cfg.head_dim
     V, R = cfg.vocab_size, cfg.relative_buckets
     yield Entry(
         ("token_embedder", "embedding"), (V, D), ("token_embedder/embedding",), _same, _same
