@@ -57,6 +57,8 @@ class Run:
         data, train = self.configs.data, self.configs.train
         hosts = 1 if data.host_input == "global" else jax.process_count()
         options = {"tfds_data_dir": data.tfds_data_dir} if data.tfds_data_dir else {}
+        if data.vocabulary:
+            options["vocabulary"] = data.vocabulary
         return dict(
             task_or_mixture=data.mixture_or_task_name,
             split=split,

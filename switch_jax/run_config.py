@@ -66,6 +66,9 @@ class DataConfig:
     # host builds the whole global batch and feeds its rows, so the batches (and losses) do not
     # depend on the number of processes, at N times the host input work.
     host_input: Literal["shard", "global"] = "shard"  # HOST_INPUT
+    # SentencePiece model for the built-in C4 / mC4 tasks (None: the task's default, T5's on GCS);
+    # a converted MODEL_DIR's config.gin points it at the spiece.model shipped with the weights.
+    vocabulary: str | None = None  # VOCABULARY
 
     def __post_init__(self):
         if self.batch_size < 1:

@@ -108,7 +108,7 @@ def _run(run: run_builder.Run, ckpts) -> dict:
                 break
             if train_cfg.eval_steps and (step % train_cfg.eval_period == 0 or last):
                 eval_dataset = eval_dataset or _eval_dataset(run)
-                logger.log_eval(step, _evaluate(run, state, eval_dataset))
+                logger.log_eval(step, _evaluate(run, state.params, eval_dataset))
         loop.flush()
     profiler.close()
     logger.close()
@@ -192,8 +192,12 @@ def evaluate_checkpoint(configs: Configs) -> tuple[int, dict]:
         if step is None:
             raise checkpoints.CheckpointError(f"MODEL_DIR={model_dir} has no checkpoint")
         with run.partitioner.activate():
-            state, _ = ckpts.restore(step, run.setup.abstract_state)
-            results = _evaluate(run, state, _eval_dataset(run))
+            # Parameters only: the optimizer state is not needed, and a converted MODEL_DIR
+            # (switch_jax.convert) holds none.
+            params = checkpoints.restore_params(
+                os.fspath(ckpts.directory / str(step)), run.setup.abstract_state.params
+            )
+            results = _evaluate(run, params, _eval_dataset(run))
     finally:
         ckpts.close()
     logger = metrics_lib.MetricsLogger(
@@ -224,13 +228,13 @@ def _initial_state(run: run_builder.Run, ckpts, batches):
     return (state if params is None else state._replace(params=params)), 0
 
 
-def _evaluate(run: run_builder.Run, state, dataset) -> dict:
+def _evaluate(run: run_builder.Run, params, dataset) -> dict:
     """Mean metrics over the first EVAL_STEPS validation batches (the same ones every time)."""
     batches = iter(dataset)
     totals: dict = {}
     for _ in range(run.configs.train.eval_steps):
         host = {k: v.numpy() for k, v in next(batches).items()}
-        out = jax.device_get(run.setup.eval_step(state.params, run.device_batch(host)))
+        out = jax.device_get(run.setup.eval_step(params, run.device_batch(host)))
         for name, value in out.items():
             totals.setdefault(name, []).append(np.asarray(value))
     return {name: np.mean(values, axis=0) for name, values in totals.items()}

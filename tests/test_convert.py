@@ -22,7 +22,7 @@ from switch_jax import checkpoints, gin_utils, partitioning, steps
 from switch_jax.convert import convert, hf_config, layout, model_dir, sources
 from switch_jax.models.config import ConfigError, ModelConfig
 from switch_jax.models.transformer import Transformer
-from switch_jax.run_config import OptimizerConfig
+from switch_jax.run_config import DataConfig, OptimizerConfig
 from tests.model_fixtures import tiny_config
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
@@ -44,8 +44,8 @@ def our_batch(ref: dict) -> dict:
 
 
 def parity_config(cfg: ModelConfig, ref: dict, expert_capacity: int | None) -> ModelConfig:
-    """float32 everywhere and HF's per-sequence capacity (docs/checkpoints.md)."""
-    cfg = cfg.replace(dtype="float32")
+    """float32 everywhere, no logits z-loss and HF's per-sequence capacity (docs/checkpoints.md)."""
+    cfg = cfg.replace(dtype="float32", z_loss=0.0)
     length = ref["input_ids"].shape[1]
     return hf_config.hf_routing(cfg, length, expert_capacity) if cfg.moe else cfg
 
@@ -60,7 +60,7 @@ def restore(model_path: str, cfg: ModelConfig):
 @functools.partial(jax.jit, static_argnames=("cfg", "graphdef"))
 def _forward(cfg, graphdef, params, batch):
     logits, stats = nnx.merge(graphdef, params)(batch)
-    _, metrics = steps.compute_loss(cfg, graphdef, params, batch, train=False, z_loss=0.0)
+    _, metrics = steps.compute_loss(cfg, graphdef, params, batch, train=False)
     return logits, stats, metrics
 
 
@@ -141,9 +141,11 @@ def test_t5_1_1_matches_hf_logits_and_loss(imported):
 
 
 def test_model_dir_config_gin_rebuilds_the_config(imported):
-    for path, cfg in imported.values():
+    for name, (path, cfg) in imported.items():
         gin_utils.parse_gin([os.path.join(path, "config.gin")])
         assert gin_utils.configured(ModelConfig) == cfg
+        vocab = gin_utils.configured(DataConfig).vocabulary
+        assert vocab == os.path.join(FIXTURES, name, "spiece.model")
         with open(os.path.join(path, "config.gin")) as f:
             text = f.read()
         assert "spiece.model" in text and "INIT_CHECKPOINT" in text

@@ -169,6 +169,12 @@ def test_unknown_task_is_a_clear_error():
         tasks.get_provider("c5_span")
 
 
+def test_an_option_a_builtin_task_does_not_take_is_a_clear_error():
+    # e.g. VOCABULARY (a converted checkpoint's spiece.model) with the embedded corpus tasks
+    with pytest.raises(DataError, match=r"options \['vocabulary'\] do not apply.*embedded_lm"):
+        tasks.get_provider("embedded_lm", vocabulary="/tmp/spiece.model")
+
+
 def test_import_registers_and_builds_nothing(tmp_path):
     code = (
         "import seqio, switch_jax.data.pipeline; "

@@ -21,7 +21,14 @@ import pytest
 pytestmark = pytest.mark.slow  # builds and installs a wheel, then trains 2 steps in a subprocess
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = ("switch-train", "switch-eval", "switch-info", "switch-bench", "switch-plot")
+SCRIPTS = (
+    "switch-train",
+    "switch-eval",
+    "switch-info",
+    "switch-bench",
+    "switch-plot",
+    "switch-convert",
+)
 # The fault tests' cache and shapes: the train step below compiles once per machine.
 CACHE = os.environ.get(
     "SWITCH_JAX_FAULTS_CACHE", os.path.expanduser("~/.cache/switch_jax/jax_faults")
@@ -118,3 +125,23 @@ def test_installed_info_and_train_from_another_directory(installed, tmp_path):
     drawn = _run(target, tmp_path, str(target / "bin" / "switch-plot"), "run")
     assert drawn.returncode == 0, drawn.stderr[-2000:]
     assert (tmp_path / "run" / "plots" / "expert_load.png").is_file()
+
+    # Released-weights path on the trained run: export to HF, import back, evaluate the import.
+    convert = str(target / "bin" / "switch-convert")
+    out = _run(target, tmp_path, convert, "--to=hf", "--model_dir=run", "--output=hf")
+    assert out.returncode == 0, out.stderr[-2000:]
+    back = _run(target, tmp_path, convert, "--from=hf", "--source=hf", "--model_dir=imported")
+    assert back.returncode == 0, back.stderr[-2000:]
+    evaluated = _run(
+        target,
+        tmp_path,
+        str(target / "bin" / "switch-eval"),
+        "--gin_file=runs/demo.gin",
+        "--gin_file=imported/config.gin",  # after demo.gin: the imported model's bindings win
+        "--gin.MODEL_DIR=imported",
+        "--gin.BATCH_SIZE=8",
+        "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}",
+        "--gin.EVAL_STEPS=1",
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads(evaluated.stdout.strip().splitlines()[-1])["step"] == 0

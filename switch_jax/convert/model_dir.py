@@ -168,9 +168,10 @@ def config_gin(cfg: ModelConfig, *, header: list[str], vocabulary: str | None) -
     """A model gin file (like configs/models/*.gin) with every ModelConfig / MoeConfig field;
     dropout stays on the DROPOUT_RATE / EXPERT_DROPOUT_RATE macros the run files set."""
     lines = [f"# {line}" if line else "#" for line in header]
-    if vocabulary:
-        lines += [f"# SentencePiece vocabulary found next to the weights: {vocabulary}"]
     lines.append("")
+    if vocabulary:
+        lines += ["# The SentencePiece model found next to the weights (built-in C4 tasks use it)."]
+        lines += [f"VOCABULARY = {vocabulary!r}", ""]
     for field in dataclasses.fields(ModelConfig):
         value = getattr(cfg, field.name)
         if field.name == "moe":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from collections.abc import Callable, Sequence
 
@@ -226,6 +227,10 @@ def get_provider(name: str, **options) -> seqio.DatasetProviderBase:
     """
     registered = name in seqio.TaskRegistry.names() or name in seqio.MixtureRegistry.names()
     if name in _BUILTIN and (options or not registered):
+        accepted = inspect.signature(_BUILTIN[name]).parameters
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:  # e.g. VOCABULARY for an embedded task, which builds its own vocabulary
+            raise DataError(f"options {unknown} do not apply to the built-in task {name!r}")
         _BUILTIN[name](**options)
     elif options:
         raise DataError(f"options {sorted(options)} only apply to built-in tasks, not {name!r}")
