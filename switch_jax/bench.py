@@ -21,15 +21,21 @@ from absl import flags
 from switch_jax import cli, gin_utils
 
 VARIANTS = ("step", "dense", "dispatch", "pipeline", "checkpoint")
-_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"subset of {VARIANTS}")
-_JSON = flags.DEFINE_bool("json", False, "print JSON on stdout (the table goes to stderr)")
-_OUTPUT = flags.DEFINE_string("output", None, "also write the JSON to this file")
-_STEPS = flags.DEFINE_integer("steps", 10, "timed train steps (median reported)")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "timed calls per dispatch point")
-_GROUPS = flags.DEFINE_list("dispatch_groups", ["256", "512", "1024", "2048", "4096"], "T")
-_EXPERTS = flags.DEFINE_list("dispatch_experts", ["8", "16", "32", "64"], "E")
-_TOKENS = flags.DEFINE_integer("dispatch_tokens", 8192, "tokens per MoE layer call (G x T)")
+_VARIANTS = cli.define_flag(flags.DEFINE_list, "variants", list(VARIANTS), f"subset of {VARIANTS}")
+_JSON = cli.define_flag(
+    flags.DEFINE_bool, "json", False, "print JSON on stdout (the table goes to stderr)"
+)
+_OUTPUT = cli.define_flag(flags.DEFINE_string, "output", None, "also write the JSON to this file")
+_STEPS = cli.define_flag(flags.DEFINE_integer, "steps", 10, "timed train steps (median reported)")
+_WARMUP = cli.define_flag(flags.DEFINE_integer, "warmup", 2, "untimed steps after compilation")
+_REPEATS = cli.define_flag(flags.DEFINE_integer, "repeats", 5, "timed calls per dispatch point")
+_GROUPS = cli.define_flag(
+    flags.DEFINE_list, "dispatch_groups", ["256", "512", "1024", "2048", "4096"], "T"
+)
+_EXPERTS = cli.define_flag(flags.DEFINE_list, "dispatch_experts", ["8", "16", "32", "64"], "E")
+_TOKENS = cli.define_flag(
+    flags.DEFINE_integer, "dispatch_tokens", 8192, "tokens per MoE layer call (G x T)"
+)
 
 
 def run_benchmarks(configs, variants, *, steps, warmup, dispatch) -> dict:

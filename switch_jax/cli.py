@@ -5,7 +5,7 @@ Every entry point (train, eval, infer, info, bench, compile, convert, plot) is w
     from absl import flags
     from switch_jax import cli
 
-    _OUT = flags.DEFINE_string("output_file", None, "...")   # the entry's own flags, if any
+    _OUT = cli.define_flag(flags.DEFINE_string, "output_file", None, "...")  # its own flags
 
     def main(argv):                     # absl argv, gin already parsed (see `entry`)
         configs = cli.configs()         # run_config.Configs from the parsed gin
@@ -51,6 +51,17 @@ _PROCESS_INDEX = flags.DEFINE_integer("process_index", None, "this process's ind
 _INIT_TIMEOUT = flags.DEFINE_integer(
     "distributed_timeout_s", 300, "seconds to wait for the other processes to join"
 )
+
+
+def define_flag(define: Callable[..., Any], name: str, *args: Any, **kwargs: Any):
+    """`define(name, *args)` (a flags.DEFINE_*), or the flag already defined by that name.
+
+    One process runs one entry point, but tests import several entry modules into one process:
+    a second `--json` or `--output` must not be a DuplicateFlagError (the first help text wins).
+    """
+    if name in flags.FLAGS:
+        return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
+    return define(name, *args, **kwargs)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

@@ -242,9 +242,12 @@ def run_info(
     return json.dumps(r) if as_json else format_report(r)
 
 
-_JSON = flags.DEFINE_bool("json", False, "print one JSON object instead of text")
-_NUM_DEVICES = flags.DEFINE_integer(
-    "num_devices", None, "total devices, to resolve a -1 in MESH_SHAPE (default: it counts 1)"
+_JSON = cli.define_flag(flags.DEFINE_bool, "json", False, "print one JSON object instead of text")
+_NUM_DEVICES = cli.define_flag(
+    flags.DEFINE_integer,
+    "num_devices",
+    None,
+    "total devices, to resolve a -1 in MESH_SHAPE (default: it counts 1)",
 )
 
 

@@ -17,15 +17,28 @@ from absl import flags
 from switch_jax import cli
 from switch_jax.models.config import ConfigError
 
-_FROM = flags.DEFINE_enum("from", None, ["hf", "t5x"], "import: the source checkpoint's format")
-_TO = flags.DEFINE_enum("to", None, ["hf"], "export: write MODEL_DIR's checkpoint in this format")
-_SOURCE = flags.DEFINE_string("source", None, "import: HF directory or T5X checkpoint_<step> dir")
-_MODEL_DIR = flags.DEFINE_string("model_dir", None, "import: MODEL_DIR to create; export: input")
-_OUTPUT = flags.DEFINE_string("output", None, "export: the HF directory to create")
-_CAPACITY = flags.DEFINE_integer(
-    "expert_capacity", 64, "export: HF's fixed per-sequence expert capacity (config.json)"
+_FROM = cli.define_flag(
+    flags.DEFINE_enum, "from", None, ["hf", "t5x"], "import: the source checkpoint's format"
 )
-_MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "export: safetensors shard size limit")
+_TO = cli.define_flag(
+    flags.DEFINE_enum, "to", None, ["hf"], "export: write MODEL_DIR's checkpoint in this format"
+)
+_SOURCE = cli.define_flag(
+    flags.DEFINE_string, "source", None, "import: HF directory or T5X checkpoint_<step> dir"
+)
+_MODEL_DIR = cli.define_flag(
+    flags.DEFINE_string, "model_dir", None, "import: MODEL_DIR to create; export: input"
+)
+_OUTPUT = cli.define_flag(flags.DEFINE_string, "output", None, "export: the HF directory to create")
+_CAPACITY = cli.define_flag(
+    flags.DEFINE_integer,
+    "expert_capacity",
+    64,
+    "export: HF's fixed per-sequence expert capacity (config.json)",
+)
+_MAX_SHARD_GB = cli.define_flag(
+    flags.DEFINE_float, "max_shard_gb", 5.0, "export: safetensors shard size limit"
+)
 
 
 def _require(value, flag: str, why: str):

@@ -1,0 +1,54 @@
+"""The shared entry module: every console script imports side by side, errors are one line."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+from absl import flags
+
+from switch_jax import cli
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+def test_every_console_script_imports_in_one_process():
+    # Tests (and tools) import several entry modules at once: no DuplicateFlagError.
+    for name, target in SCRIPTS.items():
+        module, _, attr = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr)), name
+    assert {"switch-train", "switch-eval", "switch-info", "switch-bench"} <= set(SCRIPTS)
+
+
+def test_define_flag_returns_the_existing_flag():
+    first = cli.define_flag(flags.DEFINE_integer, "test_cli_flag", 3, "first")
+    again = cli.define_flag(flags.DEFINE_integer, "test_cli_flag", 5, "second")
+    flags.FLAGS.mark_as_parsed()
+    assert first.value == again.value == 3
+
+
+@pytest.mark.parametrize(
+    "args, status, first_words",
+    [
+        (["--gin.TRAIN_STEPZ=3"], 2, "ConfigError: unknown gin macro 'TRAIN_STEPZ'"),
+        (["--gin.MODEL_DIR"], 2, "ConfigError: --gin.MODEL_DIR needs a value"),
+        (["--gin_file=models/nope.gin"], 2, "ConfigError: gin file 'models/nope.gin' not found"),
+    ],
+)
+def test_user_errors_are_one_line_with_status(args, status, first_words):
+    out = subprocess.run(
+        [sys.executable, "-m", "switch_jax.info", "--gin_file=models/tiny.gin", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert out.returncode == status, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1].startswith(first_words), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
