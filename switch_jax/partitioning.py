@@ -3,6 +3,8 @@
 Public API (used by steps.py and the trainer):
 
     p = Partitioner(mesh_shape=(-1, 1, 1), dcn_mesh_shape=None, rules="default")
+    p = Partitioner(mesh_shape, devices=topology_devices)  # e.g. compile-only TPU devices
+    p = Partitioner(mesh_shape, num_devices=64)  # AbstractMesh: shardings, no devices (planning)
     model_cfg = p.adapt_model_config(model_cfg, batch_size)  # checks + num_expert_partitions
     with p.activate():                      # jax.set_mesh + logical rules: constraints work
         ...
@@ -26,7 +28,7 @@ import numpy as np
 from flax import nnx
 from flax.core import spmd as core_spmd
 from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from switch_jax.models.config import ConfigError, ModelConfig
@@ -104,6 +106,25 @@ def make_mesh(
     return Mesh(array, MESH_AXES, axis_types=axis_types)
 
 
+def make_abstract_mesh(
+    mesh_shape: Sequence[int], dcn_mesh_shape: Sequence[int] | None, num_devices: int
+) -> AbstractMesh:
+    """The mesh `make_mesh` would build on `num_devices` devices, as axis sizes only.
+
+    Across slices each axis is (per-slice size) x (DCN size), as in create_hybrid_device_mesh.
+    """
+    dcn = (1, 1, 1)
+    if dcn_mesh_shape:
+        if -1 in dcn_mesh_shape:
+            raise ConfigError(f"DCN_MESH_SHAPE={tuple(dcn_mesh_shape)}: give every size to plan")
+        dcn = resolve_mesh_shape(dcn_mesh_shape, math.prod(dcn_mesh_shape), "DCN_MESH_SHAPE")
+        if num_devices % math.prod(dcn):
+            raise ConfigError(f"DCN_MESH_SHAPE={dcn} does not divide the {num_devices} devices")
+    ici = resolve_mesh_shape(mesh_shape, num_devices // math.prod(dcn))
+    shape = tuple(i * d for i, d in zip(ici, dcn, strict=True))
+    return AbstractMesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
 def _granules_are_processes(devices) -> bool:
     """TPU slices are the DCN granules; without several slices (CPU/GPU hosts), processes are."""
     return len({getattr(d, "slice_index", 0) for d in devices}) <= 1
@@ -116,12 +137,20 @@ class Partitioner:
     mesh_shape: Sequence[int] = (-1, 1, 1)
     dcn_mesh_shape: Sequence[int] | None = None
     rules: RuleSet = "default"
-    devices: Sequence[jax.Device] | None = None
+    devices: Sequence[jax.Device] | None = None  # default jax.devices(); or compile-only ones
+    # Plan without devices: an AbstractMesh of this many devices. Shardings, state shapes and
+    # adapt_model_config work; anything that places data (shard_batch) does not.
+    num_devices: int | None = None
 
     def __post_init__(self):
         if self.rules not in ("default", "fsdp"):
             raise ConfigError(f"partition_rules={self.rules!r} must be 'default' or 'fsdp'")
-        self.mesh = make_mesh(self.mesh_shape, self.dcn_mesh_shape, self.devices)
+        if self.num_devices is not None and self.devices is not None:
+            raise ValueError("give Partitioner either devices or num_devices, not both")
+        if self.num_devices is not None:
+            self.mesh = make_abstract_mesh(self.mesh_shape, self.dcn_mesh_shape, self.num_devices)
+        else:
+            self.mesh = make_mesh(self.mesh_shape, self.dcn_mesh_shape, self.devices)
         self.activation_rules = DEFAULT_RULES
         overrides = dict(FSDP_PARAM_OVERRIDES) if self.rules == "fsdp" else {}
         self.param_rules = tuple((k, overrides.get(k, v)) for k, v in DEFAULT_RULES)
@@ -129,6 +158,10 @@ class Partitioner:
     # --- sizes -------------------------------------------------------------------------------
     def axis_size(self, name: str) -> int:
         return self.mesh.shape[name]
+
+    @property
+    def is_abstract(self) -> bool:
+        return isinstance(self.mesh, AbstractMesh)
 
     @property
     def batch_shards(self) -> int:
@@ -139,7 +172,9 @@ class Partitioner:
     @contextlib.contextmanager
     def activate(self):
         """Constraints in the model only act under both the mesh and the logical rules."""
-        with jax.set_mesh(self.mesh), core_spmd.logical_axis_rules(self.activation_rules):
+        # jax.set_mesh takes concrete meshes only; an abstract one is enough for tracing.
+        use = jax.sharding.use_abstract_mesh if self.is_abstract else jax.set_mesh
+        with use(self.mesh), core_spmd.logical_axis_rules(self.activation_rules):
             yield self
 
     # --- model config --------------------------------------------------------------------------
@@ -217,6 +252,7 @@ class Partitioner:
 
     def host_batch_slice(self, global_batch_size: int) -> slice:
         """Rows of the global batch that this process must feed to `shard_batch`."""
+        self._need_devices("host_batch_slice")
         index_map = self.batch_sharding.addressable_devices_indices_map((global_batch_size,))
         starts = sorted({idx[0].indices(global_batch_size)[:2] for idx in index_map.values()})
         rows = slice(starts[0][0], starts[-1][1])
@@ -232,7 +268,12 @@ class Partitioner:
 
         Host values must stay numpy: `jnp.array` under `jax.set_mesh` makes a replicated array.
         """
+        self._need_devices("shard_batch")
         return {
             name: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(value))
             for name, value in host_batch.items()
         }
+
+    def _need_devices(self, what: str) -> None:
+        if self.is_abstract:
+            raise ValueError(f"Partitioner.{what} needs devices; this one has an AbstractMesh")

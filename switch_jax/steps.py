@@ -9,6 +9,7 @@ Public API:
     setup.abstract_state / setup.state_shardings  # ShapeDtypeStructs with shardings (Orbax)
 
     abstract_train_state(model_cfg, opt_cfg, partitioner) -> AbstractState
+    batch_shapes(model_cfg, batch_size, (inputs, targets), sharding) -> {name: ShapeDtypeStruct}
     init_train_state(model_cfg, opt_cfg, partitioner, seed=0) -> TrainState
     make_train_step(model_cfg, opt_cfg, partitioner) -> train_step
     make_eval_step(model_cfg, partitioner) -> eval_step
@@ -109,6 +110,27 @@ def abstract_train_state(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
     )
     return AbstractState(graphdef, state, shardings)
+
+
+def batch_shapes(
+    model_cfg: ModelConfig,
+    batch_size: int,
+    lengths: tuple[int, int],
+    sharding: NamedSharding | None = None,
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes only of a packed batch (names as the pipeline and synthetic batches give them),
+    for lowering a step without data; `lengths` is (inputs, targets), inputs unused when
+    decoder-only."""
+    inputs, targets = lengths
+    features = ("input_tokens", "segment_ids", "positions")
+    stacks = [("decoder", targets, (*features, "target_tokens", "loss_weights"))]
+    if model_cfg.is_encoder_decoder:
+        stacks.append(("encoder", inputs, features))
+    return {
+        f"{stack}_{name}": jax.ShapeDtypeStruct((batch_size, length), jnp.int32, sharding=sharding)
+        for stack, length, names in stacks
+        for name in names
+    }
 
 
 def init_train_state(

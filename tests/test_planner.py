@@ -1,0 +1,97 @@
+"""The planner (`switch_jax.info`) sizes the state training builds, and refuses what it refuses.
+
+Its per-device bytes come from an AbstractMesh (no devices); here they must equal the bytes of
+the live state's addressable shards on each of the 8 CPU devices.
+"""
+
+from __future__ import annotations
+
+import collections
+import subprocess
+import sys
+
+import jax
+import pytest
+from model_fixtures import tiny_config
+
+from switch_jax import info, partitioning, steps
+from switch_jax.models.config import ConfigError
+from switch_jax.run_config import OptimizerConfig
+
+# Dims divisible by 2 on every axis; Adafactor factors dims >= 8 here, as >= 128 in real models,
+# so expert kernels keep per-expert [E, D] / [E, F] statistics and attention [D, H*K] ones.
+CFG = tiny_config(d_model=32, d_ff=64, num_heads=4, head_dim=8)
+OPT = OptimizerConfig(min_dim_size_to_factor=8)
+BATCH = 8
+MESHES = [((2, 2, 2), "default"), ((2, 2, 2), "fsdp"), ((4, 2, 1), "fsdp"), ((1, 4, 2), "default")]
+
+
+def live_bytes_per_device(tree) -> dict:
+    """Bytes each device holds of `tree`'s arrays, from their addressable shards."""
+    per_device = collections.Counter()
+    for x in jax.tree.leaves(tree):
+        for shard in x.addressable_shards:
+            per_device[shard.device] += shard.data.nbytes
+    return per_device
+
+
+@pytest.mark.parametrize("mesh_shape, rules", MESHES)
+def test_planned_bytes_equal_the_live_state_on_every_device(mesh_shape, rules):
+    planned = info.plan(
+        CFG, OPT, partitioning.Partitioner(mesh_shape, rules=rules, num_devices=8), BATCH
+    )
+    assert planned.partitioner.is_abstract
+    live_partitioner = partitioning.Partitioner(mesh_shape, rules=rules)
+    cfg = live_partitioner.adapt_model_config(CFG, BATCH)
+    assert cfg == planned.model_cfg  # the same MoE group partitioning
+    state = steps.init_train_state(cfg, OPT, live_partitioner)
+    mem = planned.memory
+    for part, want in (
+        (state.params, mem.param_bytes_per_device),
+        (state.opt_state, mem.optimizer_bytes_per_device),
+        ((state.step, state.rng), mem.other_bytes_per_device),
+    ):
+        per_device = live_bytes_per_device(part)
+        assert len(per_device) == 8 and set(per_device.values()) == {want}
+    totals = sum(x.nbytes for x in jax.tree.leaves(state.params))
+    assert totals == mem.param_bytes_total
+    assert sum(x.nbytes for x in jax.tree.leaves(state.opt_state)) == mem.optimizer_bytes_total
+
+
+def test_sharding_actually_splits_the_state():
+    # Guards the test above against a planner and a state that both replicate everything.
+    one = info.plan(CFG, OPT, partitioning.Partitioner((1, 1, 1), num_devices=1), BATCH).memory
+    fsdp = info.plan(
+        CFG, OPT, partitioning.Partitioner((2, 2, 2), rules="fsdp", num_devices=8), BATCH
+    ).memory
+    assert one.param_bytes_per_device == one.param_bytes_total
+    assert fsdp.param_bytes_per_device < one.param_bytes_total / 4
+    assert fsdp.optimizer_bytes_per_device < one.optimizer_bytes_per_device
+
+
+@pytest.mark.parametrize(
+    "gin_file, bindings, mesh_shape",
+    [("models/switch_c.gin", [], (1, 1, 8)), ("models/tiny.gin", ["NUM_EXPERTS=4"], (1, 8, 1))],
+)
+def test_info_refuses_a_mesh_with_the_trainers_message(gin_file, bindings, mesh_shape):
+    # Switch-C's 30 heads on a model axis of 8; 4 experts on an expert axis of 8.
+    from switch_jax import gin_utils
+
+    bindings = [*bindings, f"MESH_SHAPE={mesh_shape}"]
+    with pytest.raises(ConfigError) as planned:
+        info.run_info([gin_file], bindings)
+    gin_utils.parse_gin([gin_file], bindings)
+    cfg, run, _ = gin_utils.load_run_configs()
+    with pytest.raises(ConfigError) as trained:  # the trainer's partitioner, on the 8 devices
+        partitioning.Partitioner(run.mesh_shape).adapt_model_config(cfg, run.batch_size)
+    assert str(planned.value) == str(trained.value)
+
+
+def test_cli_prints_the_error_as_one_line():
+    cmd = [sys.executable, "-m", "switch_jax.info", "--gin_file=models/switch_c.gin"]
+    out = subprocess.run([*cmd, "--gin.MESH_SHAPE=(1, 1, 8)"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == (
+        "ConfigError: ModelConfig.num_heads=30 must be divisible by the model axis (8) of "
+        "MESH_SHAPE"
+    )
