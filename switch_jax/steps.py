@@ -98,7 +98,10 @@ def abstract_train_state(
     model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_params = nnx.split(model, nnx.Param)
     tx = _make_tx(model_cfg, opt_cfg, abstract_params)
-    shapes = jax.eval_shape(_init_fn(model_cfg, opt_cfg, tx), jax.random.PRNGKey(0))
+    # An abstract key: a concrete one would be placed on the active mesh, whose devices may
+    # be compile-only (aot) or absent (AbstractMesh).
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    shapes = jax.eval_shape(_init_fn(model_cfg, opt_cfg, tx), key)
     opt_specs = optim.state_logical_specs(opt_cfg, abstract_params)
     shardings = TrainState(
         params=partitioner.param_shardings(shapes.params),

@@ -1,0 +1,146 @@
+"""Which paper configs fit which Cloud TPU slices at the paper's batch: the table in docs/tpu.md.
+
+    python scripts/tpu_fit_table.py run [ROW ...] [--timeout=2400]   # compile rows, one at a time
+    python scripts/tpu_fit_table.py table                            # markdown from the results
+
+`run` calls `python -m switch_jax.compile ... --json` for each row (under `nice -n 5`, one
+compile at a time: a full-size compile takes minutes and ~8 GB of host RAM) and appends what it
+printed to docs/tpu_fit.jsonl: the JSON report, or the one-line "does not fit" message. `table`
+renders every row, saying which have no measurement yet. Every row uses runs/pretrain.gin:
+batch 2048 x 512 inputs / 114 targets (2^20 input tokens), Adafactor, float32 parameters.
+Needs libtpu (pip install 'switch_jax[tpu]').
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "docs" / "tpu_fit.jsonl"
+GiB = 2**30
+
+# id: (model, gin file, topology, MESH_SHAPE, extra gin bindings). Order = priority.
+ROWS = {
+    "sb128-v5p64": ("Switch-Base-128", "switch_base_128", "v5p-64", (1, 32, 1), ()),
+    "sb128-v4-64": ("Switch-Base-128", "switch_base_128", "v4-64", (1, 32, 1), ()),
+    "t5b-v5p32": ("T5-Base", "t5_base", "v5p-32", (16, 1, 1), ()),
+    "sxxl-v5p8": ("Switch-XXL-128", "switch_xxl", "v5p-8", (1, 4, 1), ()),
+    "sb128-v5p16": ("Switch-Base-128", "switch_base_128", "v5p-16", (1, 8, 1), ()),
+    "sb128-v5e64": ("Switch-Base-128", "switch_base_128", "v5e-64", (1, 64, 1), ()),
+    "t5l-v5p64": ("T5-Large", "t5_large", "v5p-64", (32, 1, 1), ()),
+    "sl128-v5p128": ("Switch-Large-128", "switch_large", "v5p-128", (1, 64, 1), ()),
+    "t5xxl-v5p256": ("T5-XXL", "t5_xxl", "v5p-256", (16, 1, 8), ("PARTITION_RULES='fsdp'",)),
+    "sxxl-v5p1024": (
+        "Switch-XXL-128",
+        "switch_xxl",
+        "v5p-1024",
+        (4, 128, 1),
+        ("PARTITION_RULES='fsdp'",),
+    ),
+    "sc2048-v5p4096": ("Switch-C-2048", "switch_c", "v5p-4096", (1, 2048, 1), ()),
+}
+
+
+def command(row: str) -> list[str]:
+    _, gin, topology, mesh, extra = ROWS[row]
+    return [
+        sys.executable,
+        "-m",
+        "switch_jax.compile",
+        f"--gin_file=models/{gin}.gin",
+        "--gin_file=runs/pretrain.gin",
+        f"--topology={topology}",
+        f"--gin.MESH_SHAPE={mesh}",
+        *(f"--gin.{b}" for b in extra),
+        "--json",
+    ]
+
+
+def run_row(row: str, timeout: int) -> dict:
+    t0 = time.time()
+    cmd = ["nice", "-n", "5", *command(row)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        return {"row": row, "outcome": "timeout", "wall_s": time.time() - t0}
+    record = {"row": row, "wall_s": time.time() - t0, "command": " ".join(command(row)[1:])}
+    last = (out.stderr.strip().splitlines() or [""])[-1]
+    if out.returncode == 0:
+        record.update(outcome="fits", report=json.loads(out.stdout.strip().splitlines()[-1]))
+    elif last.startswith("DoesNotFitError:"):
+        record.update(outcome="does not fit", message=last.split(":", 1)[1].strip())
+    else:
+        record.update(outcome="error", message=last, returncode=out.returncode)
+    return record
+
+
+def latest() -> dict[str, dict]:
+    if not RESULTS.exists():
+        return {}
+    records = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    return {r["row"]: r for r in records}
+
+
+def table() -> str:
+    head = (
+        "| model | slice (chips) | MESH_SHAPE | fits | HBM per chip, GiB (args + temps) "
+        "| all-to-all per chip and step | compile |\n|---|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    results = latest()
+    for row, (model, _, topology, mesh, extra) in ROWS.items():
+        mesh_text = f"`{mesh}`" + "".join(f" {b.split('=')[1].strip(chr(39))}" for b in extra)
+        r = results.get(row)
+        if r is None:
+            cells = ["not measured yet", "", "", ""]
+        elif r["outcome"] == "fits":
+            rep = r["report"]
+            m, a2a = rep["memory_per_chip"], rep["collectives_per_chip"]["all-to-all"]
+            hbm = rep["hbm_bytes_per_chip"] / GiB
+            cells = [
+                "yes" if rep["hbm_fraction"] <= 1 else "no",
+                f"{m['total'] / GiB:.1f} of {hbm:.2f} ({m['arguments'] / GiB:.1f} + "
+                f"{m['temporaries'] / GiB:.1f})",
+                f"{a2a['bytes'] / GiB:.2f} GiB in {a2a['count']}" if a2a["count"] else "none",
+                f"{rep['compile_s'] / 60:.1f} min",
+            ]
+        elif r["outcome"] == "does not fit":
+            cells = ["**no**: " + r["message"].split(";")[0], "", "", ""]
+        else:
+            cells = [f"{r['outcome']}: {r.get('message', '')}", "", "", ""]
+        chips = topology_chips(topology)
+        lines.append(f"| {model} | {topology} ({chips}) | {mesh_text} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def topology_chips(name: str) -> int:
+    from switch_jax.aot import parse_topology
+
+    return parse_topology(name).chips
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["run", "table"])
+    parser.add_argument("rows", nargs="*", help=f"row ids (default: all): {', '.join(ROWS)}")
+    parser.add_argument("--timeout", type=int, default=2400, help="seconds per compile")
+    args = parser.parse_args()
+    if args.action == "table":
+        print(table())
+        return
+    for row in args.rows or list(ROWS):
+        if row not in ROWS:
+            parser.error(f"unknown row {row!r}; known: {', '.join(ROWS)}")
+        record = run_row(row, args.timeout)
+        with RESULTS.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(row, record["outcome"], f"{record['wall_s']:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

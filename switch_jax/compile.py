@@ -1,0 +1,54 @@
+"""`python -m switch_jax.compile --gin_file=F --topology=v5p-64 [--json]`: will it fit the pod?
+
+Compiles the real train step ahead of time for a Cloud TPU slice on this (CPU) host and prints
+the compile time, HBM per chip (arguments, outputs, temporaries, code; total vs the chip's),
+FLOPs and bytes per step from the compiler's cost analysis, and the collectives in the optimised
+HLO with their sizes. MESH_SHAPE, BATCH_SIZE, TASK_FEATURE_LENGTHS, MICROBATCHES and
+PARTITION_RULES come from gin as for train. A run that does not fit ends with one line naming
+the shortfall and what to change (exit status 1); when the state alone exceeds the HBM it says
+so before compiling. Needs libtpu (`pip install 'switch_jax[tpu]'`); switch_jax.aot has the
+library side.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from absl import flags
+
+from switch_jax import aot, cli, info
+
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "Cloud TPU accelerator type: v4-N, v5p-N, v5e-N (v5litepod-N) or v6e-N"
+)
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "slices over DCN (with DCN_MESH_SHAPE)")
+if "json" not in flags.FLAGS:  # info defines it too; one process may import both
+    flags.DEFINE_bool("json", False, "print one JSON object instead of text")
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise cli.ConfigError(f"unexpected arguments {list(argv[1:])}; use --gin_file/--gin.")
+    if not _TOPOLOGY.value:
+        raise cli.ConfigError("--topology is required, e.g. --topology=v5p-64")
+    c = cli.configs()
+    r = aot.report(
+        c.model,
+        c.optimizer,
+        topology=_TOPOLOGY.value,
+        mesh_shape=c.train.mesh_shape,
+        dcn_mesh_shape=c.train.dcn_mesh_shape,
+        partition_rules=c.train.partition_rules,
+        batch_size=c.data.batch_size,
+        lengths=info.run_lengths(c.model, c.data),
+        num_slices=_NUM_SLICES.value,
+        z_loss=c.model.z_loss,
+    )
+    print(json.dumps(r) if flags.FLAGS.json else aot.format_report(r))
+
+
+run = cli.entry(main, hosts=False, extra_errors=(aot.DoesNotFitError,))  # `switch-compile`
+
+if __name__ == "__main__":
+    run()
