@@ -1,0 +1,95 @@
+"""The tiny config compiled ahead of time for a TPU topology (needs libtpu; ~1 min on 2 cores).
+
+One compile (module fixture) is checked against the planner (`info`), against hand-derived
+all-to-all sizes, and against the compiler's own argument bytes.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from switch_jax import aot, gin_utils, info
+
+pytest.importorskip("libtpu", reason=f"compiling for TPU needs libtpu: {aot.INSTALL_HINT}")
+
+TOPOLOGY, MESH, BATCH, LENGTHS = "v5e-4", (1, 4, 1), 8, (64, 16)
+
+
+def tiny(*bindings):
+    gin_utils.parse_gin(["models/tiny.gin"], list(bindings))
+    cfg, _, opt = gin_utils.load_run_configs()
+    return cfg, opt
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    cfg, opt = tiny()
+    return aot.report(
+        cfg, opt, topology=TOPOLOGY, mesh_shape=MESH, batch_size=BATCH, lengths=LENGTHS
+    )
+
+
+def test_info_and_compile_agree_on_state_bytes_per_chip(compiled):
+    planned = info.report(*_run_configs(), num_devices=4)
+    want = {
+        "params": planned["param_bytes_per_device"],
+        "optimizer": planned["optimizer_bytes_per_device"],
+        "other": planned["other_bytes_per_device"],
+    }
+    # compiled_state: the shardings XLA chose for the executable's inputs, on the TPU devices
+    assert compiled["compiled_state_per_chip"] == want == compiled["planned_state_per_chip"]
+    assert compiled["mesh_shape"] == list(MESH) and compiled["chips"] == 4
+
+
+def _run_configs():
+    gin_utils.parse_gin(["models/tiny.gin"], [f"MESH_SHAPE={MESH}", f"BATCH_SIZE={BATCH}"])
+    cfg, run, opt = gin_utils.load_run_configs()
+    return cfg, run, opt
+
+
+def test_compiler_argument_bytes_are_the_state_and_batch(compiled):
+    s = compiled["planned_state_per_chip"]
+    batch = BATCH // 4 * (3 * LENGTHS[0] + 5 * LENGTHS[1]) * 4  # int32 features per chip
+    arguments = compiled["memory_per_chip"]["arguments"]
+    # TPU tiling pads small dims; jit drops Adafactor's unused [.., 1] placeholders: within 1%.
+    assert arguments == pytest.approx(sum(s.values()) + batch, rel=0.01)
+    m = compiled["memory_per_chip"]
+    assert m["aliased"] >= 0.99 * (s["params"] + s["optimizer"])  # the donated state
+    assert 0 < m["total"] < compiled["hbm_bytes_per_chip"] and compiled["hbm_fraction"] < 0.01
+
+
+def test_all_to_all_volume_is_hand_computable(compiled):
+    # tiny: 8 experts, capacity factor 1.25, group size 512, num_expert_partitions 4. Encoder:
+    # 8 x 64 tokens in 4 groups of 128, capacity 1.25 * 128 / 8 = 20; decoder 8 x 16 in 4 groups
+    # of 32, capacity 5. One sparse layer per stack, a dispatch and a combine all-to-all each,
+    # forward and backward: 8 all-to-alls of [1 group, 8 experts, C, 128] bfloat16 per chip.
+    c = compiled["collectives_per_chip"]
+    assert c["all-to-all"]["count"] == 8
+    assert c["all-to-all"]["bytes"] == 2 * 2 * (1 * 8 * (20 + 5) * 128 * 2)
+    assert c["all-gather"]["count"] == 0  # expert parallelism moves tokens, not weights
+    assert c["all-reduce"]["count"] > 0  # gradients of the replicated dense weights
+
+
+def test_cost_analysis_is_the_model_flops(compiled):
+    # The compiler's per-chip FLOPs x chips against 3 x forward FLOPs (models.info, no
+    # rematerialisation): the same work up to elementwise ops and the dispatch einsums.
+    total = compiled["flops_per_chip"] * compiled["chips"]
+    assert 0.8 < total / compiled["model_train_flops_per_step"] < 1.6
+    assert compiled["step_s_at_peak"] == pytest.approx(compiled["flops_per_chip"] / 197e12)
+
+
+def test_text_report(compiled):
+    text = aot.format_report(compiled)
+    assert "train step for v5e-4 (4 chips, TPU v5 lite)" in text
+    assert "data 1 x expert 4 x model 1" in text and "(planner: the same)" in text
+    assert "all-to-all 8 x" in text
+
+
+def test_state_larger_than_hbm_is_refused_before_compiling():
+    # 8 experts with d_ff 2^20: 19.3 GB of float32 parameters on one 15.75 GiB v5e chip.
+    cfg, opt = tiny("ModelConfig.d_ff=1048576")
+    with pytest.raises(aot.DoesNotFitError) as e:
+        aot.report(cfg, opt, topology="v5e-1", mesh_shape=(1, 1, 1), batch_size=8, lengths=(8, 8))
+    text = str(e.value)
+    assert text.startswith("does not fit v5e-1 with MESH_SHAPE=(1, 1, 1), BATCH_SIZE=8")
+    assert "more than its 15.75 GiB of HBM" in text and "PARTITION_RULES=fsdp" in text
