@@ -114,7 +114,8 @@ def table() -> str:
         else:
             cells = [f"{r['outcome']}: {r.get('message', '')}", "", "", ""]
         chips = topology_chips(topology)
-        lines.append(f"| {model} | {topology} ({chips}) | {mesh_text} | " + " | ".join(cells) + " |")
+        cells = [model, f"{topology} ({chips})", mesh_text, *cells]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -1,15 +1,17 @@
 """Ahead-of-time compilation of the real train step for a Cloud TPU topology, on a CPU host.
 
-    topo = parse_topology("v5p-64")                # chips, usable HBM, get_topology_desc args
-    partitioner = Partitioner(mesh_shape, devices=topology_devices(topo))   # needs libtpu
-    result = compile_train_step(model_cfg, opt_cfg, partitioner, batch_size, lengths, hbm)
+    report(configs, "v5p-64") -> dict            # what `python -m switch_jax.compile` prints
+    topo = parse_topology("v5p-64")               # chips, usable HBM, get_topology_desc args
+    partitioner = run_builder.make_partitioner(configs, devices=topology_devices(topo))
+    result = compile_train_step(configs, partitioner, hbm_bytes=topo.spec.hbm_bytes)
 
-libtpu's `jax.experimental.topologies.get_topology_desc` gives compile-only devices of a slice
-(no TPU needed); the step is `steps.make_train_step(...).jitted`, lowered inside the mesh
-activation with the abstract train state and a ShapeDtypeStruct batch, so what compiles here is
-what trains there. Fake devices belong to several "hosts", so nothing here computes host batch
-slices or touches data. Names follow Cloud TPU's accelerator types: v4-N and v5p-N count
-TensorCores (2 per chip), v5e-N / v5litepod-N and v6e-N count chips.
+libtpu's `jax.experimental.topologies.get_topology_desc` gives compile-only devices of a slice (no
+TPU needed); the run is run_builder.build_run's on those devices, and its train step (`.jitted`) is
+lowered inside the mesh activation with the abstract train state and a ShapeDtypeStruct batch
+(steps.batch_shapes), so what compiles here is what trains there. Fake devices belong to several
+"hosts", so nothing here computes host batch slices or touches data. Names follow Cloud TPU's
+accelerator types: v4-N and v5p-N count TensorCores (2 per chip), v5e-N / v5litepod-N and v6e-N
+count chips.
 """
 
 from __future__ import annotations
@@ -19,13 +21,12 @@ import math
 import os
 import re
 import time
-from collections.abc import Sequence
 
 import jax
 
-from switch_jax import hlo, info, partitioning, steps
-from switch_jax.models.config import ConfigError, ModelConfig
-from switch_jax.run_config import OptimizerConfig
+from switch_jax import hlo, info, partitioning, run_builder, steps
+from switch_jax.models.config import ConfigError
+from switch_jax.run_config import Configs
 
 GiB = 2**30
 INSTALL_HINT = "pip install 'switch_jax[tpu]' (or: pip install 'libtpu==0.0.42.*' for jax 0.10)"
@@ -143,8 +144,7 @@ class DoesNotFitError(Exception):
 
 @dataclasses.dataclass
 class CompileResult:
-    model_cfg: ModelConfig
-    plan: info.Plan
+    plan: info.Plan  # .run: build_run's Run on the topology's devices
     compile_s: float
     memory: dict  # bytes per chip: arguments, outputs, aliased, temporaries, code, total
     cost: dict  # flops, bytes accessed (per chip, one step)
@@ -176,32 +176,29 @@ def check_state_fits(plan: info.Plan, batch_bytes: int, hbm_bytes: int, where: s
 
 
 def compile_train_step(
-    model_cfg: ModelConfig,
-    opt_cfg: OptimizerConfig,
+    configs: Configs,
     partitioner: partitioning.Partitioner,
-    batch_size: int,
-    lengths: tuple[int, int],
     *,
     hbm_bytes: int,
     where: str = "the topology",
-    z_loss: float = 1e-4,
 ) -> CompileResult:
-    """Compile the train step on `partitioner`'s (compile-only) devices and analyse it.
+    """build_run on `partitioner`'s (compile-only) devices, then compile its train step.
 
     Raises:
       DoesNotFitError: one line naming the shortfall and what to change.
       ConfigError: the model or batch does not split over the mesh (the trainer's checks).
     """
-    plan = info.plan(model_cfg, opt_cfg, partitioner, batch_size)
-    batch = steps.batch_shapes(plan.model_cfg, batch_size, lengths, partitioner.batch_sharding)
+    plan = info.plan(configs, partitioner)
+    run = plan.run
+    batch = steps.batch_shapes(
+        run.model_cfg, configs.data.batch_size, run.lengths, partitioner.batch_sharding
+    )
     check_state_fits(plan, sum(info.shard_bytes(x) for x in batch.values()), hbm_bytes, where)
+    abstract_state = run.setup.abstract_state
     with partitioner.activate():
-        step = steps.make_train_step(
-            plan.model_cfg, opt_cfg, partitioner, z_loss=z_loss, abstract=plan.abstract
-        )
         t0 = time.perf_counter()
         try:
-            compiled = step.jitted.lower(plan.abstract.state, batch).compile()
+            compiled = run.setup.train_step.jitted.lower(abstract_state, batch).compile()
         except jax.errors.JaxRuntimeError as e:
             raise _not_fit(e, where) from None
         compile_s = time.perf_counter() - t0
@@ -215,12 +212,11 @@ def compile_train_step(
     # stays on the device as planned.
     state_in = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s or a.sharding),
-        plan.abstract.state,
+        abstract_state,
         compiled.input_shardings[0][0],
         is_leaf=lambda x: x is None,
     )
     return CompileResult(
-        plan.model_cfg,
         plan,
         compile_s,
         memory,
@@ -276,63 +272,40 @@ def cost_per_chip(compiled) -> dict:
 # --- the report of switch_jax.compile -------------------------------------------------------
 
 
-def report(
-    model_cfg: ModelConfig,
-    opt_cfg: OptimizerConfig,
-    *,
-    topology: str,
-    mesh_shape: Sequence[int],
-    dcn_mesh_shape: Sequence[int] | None = None,
-    partition_rules: str = "default",
-    batch_size: int,
-    lengths: tuple[int, int],
-    num_slices: int = 1,
-    z_loss: float = 1e-4,
-) -> dict:
-    """Compile for `topology` and return the figures as one JSON-able dict.
+def report(configs: Configs, topology: str, num_slices: int = 1) -> dict:
+    """Compile the run of `configs` for `topology`; the figures as one JSON-able dict.
 
     Raises:
       DoesNotFitError: one line naming the shortfall and what to change.
     """
     topo = parse_topology(topology, num_slices)
-    partitioner = partitioning.Partitioner(
-        mesh_shape, dcn_mesh_shape, partition_rules, devices=topology_devices(topo)
-    )
+    partitioner = run_builder.make_partitioner(configs, devices=topology_devices(topo))
     mesh = tuple(partitioner.mesh.shape.values())
+    batch_size, rules = configs.data.batch_size, configs.train.partition_rules
     where = f"{topo.name} with MESH_SHAPE={mesh}, BATCH_SIZE={batch_size}"
-    where += f", MICROBATCHES={opt_cfg.microbatches}, PARTITION_RULES={partition_rules!r}"
-    r = compile_train_step(
-        model_cfg,
-        opt_cfg,
-        partitioner,
-        batch_size,
-        lengths,
-        hbm_bytes=topo.spec.hbm_bytes,
-        where=where,
-        z_loss=z_loss,
-    )
-    planned, compiled = r.plan.memory, r.input_state_bytes
-    model = info.model_info(r.model_cfg, r.plan.abstract.state.params, lengths)
+    where += f", MICROBATCHES={configs.optimizer.microbatches}, PARTITION_RULES={rules!r}"
+    r = compile_train_step(configs, partitioner, hbm_bytes=topo.spec.hbm_bytes, where=where)
+    run = r.plan.run
     return {
         "topology": topo.name,
         "device_kind": partitioner.mesh.devices.flat[0].device_kind,
         "chips": topo.devices,
         "num_slices": topo.num_slices,
         "mesh_shape": list(mesh),
-        "partition_rules": partition_rules,
+        "partition_rules": rules,
         "batch_size": batch_size,
-        "lengths": list(lengths),
-        "microbatches": opt_cfg.microbatches,
-        "total_params": model.total_params,
+        "lengths": list(run.lengths),
+        "microbatches": configs.optimizer.microbatches,
+        "total_params": run.info.total_params,
         "compile_s": r.compile_s,
         "hbm_bytes_per_chip": topo.spec.hbm_bytes,
         "memory_per_chip": r.memory,
         "hbm_fraction": r.memory["total"] / topo.spec.hbm_bytes,
-        "planned_state_per_chip": _state(planned),
-        "compiled_state_per_chip": _state(compiled),
+        "planned_state_per_chip": _state(r.plan.memory),
+        "compiled_state_per_chip": _state(r.input_state_bytes),
         "flops_per_chip": r.cost["flops"],
         "bytes_accessed_per_chip": r.cost["bytes"],
-        "model_train_flops_per_step": 3 * model.flops_per_sequence * batch_size,
+        "model_train_flops_per_step": 3 * run.info.flops_per_sequence * batch_size,
         "step_s_at_peak": r.cost["flops"] / topo.spec.peak_bf16_flops,
         "collectives_per_chip": r.collectives,
     }

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from switch_jax import aot, cli, info
+from switch_jax import aot, cli
+from switch_jax.models.config import ConfigError
 
 _TOPOLOGY = flags.DEFINE_string(
     "topology", None, "Cloud TPU accelerator type: v4-N, v5p-N, v5e-N (v5litepod-N) or v6e-N"
@@ -29,22 +30,10 @@ if "json" not in flags.FLAGS:  # info defines it too; one process may import bot
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
-        raise cli.ConfigError(f"unexpected arguments {list(argv[1:])}; use --gin_file/--gin.")
+        raise ConfigError(f"unexpected arguments {list(argv[1:])}; use --gin_file/--gin.")
     if not _TOPOLOGY.value:
-        raise cli.ConfigError("--topology is required, e.g. --topology=v5p-64")
-    c = cli.configs()
-    r = aot.report(
-        c.model,
-        c.optimizer,
-        topology=_TOPOLOGY.value,
-        mesh_shape=c.train.mesh_shape,
-        dcn_mesh_shape=c.train.dcn_mesh_shape,
-        partition_rules=c.train.partition_rules,
-        batch_size=c.data.batch_size,
-        lengths=info.run_lengths(c.model, c.data),
-        num_slices=_NUM_SLICES.value,
-        z_loss=c.model.z_loss,
-    )
+        raise ConfigError("--topology is required, e.g. --topology=v5p-64")
+    r = aot.report(cli.configs(), _TOPOLOGY.value, _NUM_SLICES.value)
     print(json.dumps(r) if flags.FLAGS.json else aot.format_report(r))
 
 

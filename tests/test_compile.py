@@ -16,21 +16,19 @@ TOPOLOGY, MESH, BATCH, LENGTHS = "v5e-4", (1, 4, 1), 8, (64, 16)
 
 
 def tiny(*bindings):
-    gin_utils.parse_gin(["models/tiny.gin"], list(bindings))
-    cfg, _, opt = gin_utils.load_run_configs()
-    return cfg, opt
+    lengths = f"{{'inputs': {LENGTHS[0]}, 'targets': {LENGTHS[1]}}}"
+    defaults = [f"MESH_SHAPE={MESH}", f"BATCH_SIZE={BATCH}", f"TASK_FEATURE_LENGTHS={lengths}"]
+    gin_utils.parse_gin(["models/tiny.gin"], [*defaults, *bindings])
+    return gin_utils.load_configs()
 
 
 @pytest.fixture(scope="module")
 def compiled() -> dict:
-    cfg, opt = tiny()
-    return aot.report(
-        cfg, opt, topology=TOPOLOGY, mesh_shape=MESH, batch_size=BATCH, lengths=LENGTHS
-    )
+    return aot.report(tiny(), TOPOLOGY)
 
 
 def test_info_and_compile_agree_on_state_bytes_per_chip(compiled):
-    planned = info.report(*_run_configs(), num_devices=4)
+    planned = info.report(tiny(), num_devices=4)
     want = {
         "params": planned["param_bytes_per_device"],
         "optimizer": planned["optimizer_bytes_per_device"],
@@ -39,12 +37,6 @@ def test_info_and_compile_agree_on_state_bytes_per_chip(compiled):
     # compiled_state: the shardings XLA chose for the executable's inputs, on the TPU devices
     assert compiled["compiled_state_per_chip"] == want == compiled["planned_state_per_chip"]
     assert compiled["mesh_shape"] == list(MESH) and compiled["chips"] == 4
-
-
-def _run_configs():
-    gin_utils.parse_gin(["models/tiny.gin"], [f"MESH_SHAPE={MESH}", f"BATCH_SIZE={BATCH}"])
-    cfg, run, opt = gin_utils.load_run_configs()
-    return cfg, run, opt
 
 
 def test_compiler_argument_bytes_are_the_state_and_batch(compiled):
@@ -87,9 +79,9 @@ def test_text_report(compiled):
 
 def test_state_larger_than_hbm_is_refused_before_compiling():
     # 8 experts with d_ff 2^20: 19.3 GB of float32 parameters on one 15.75 GiB v5e chip.
-    cfg, opt = tiny("ModelConfig.d_ff=1048576")
+    configs = tiny("ModelConfig.d_ff=1048576", "MESH_SHAPE=(1, 1, 1)")
     with pytest.raises(aot.DoesNotFitError) as e:
-        aot.report(cfg, opt, topology="v5e-1", mesh_shape=(1, 1, 1), batch_size=8, lengths=(8, 8))
+        aot.report(configs, "v5e-1")
     text = str(e.value)
     assert text.startswith("does not fit v5e-1 with MESH_SHAPE=(1, 1, 1), BATCH_SIZE=8")
     assert "more than its 15.75 GiB of HBM" in text and "PARTITION_RULES=fsdp" in text
