@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from switch_jax import aot, hlo
@@ -101,3 +103,9 @@ def test_state_check_names_the_shortfall():
     assert "21.00 GiB per chip, 5.25 GiB more than its 15.75 GiB" in str(e.value)
     assert "PARTITION_RULES=fsdp" in str(e.value)
     aot.check_state_fits(Plan, 0, 21 * aot.GiB, "v5p-8")  # fits: no error
+
+
+def test_missing_libtpu_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "libtpu", None)  # import libtpu now raises ImportError
+    with pytest.raises(ConfigError, match=r"needs libtpu: pip install 'switch_jax\[tpu\]'"):
+        aot.topology_devices(aot.parse_topology("v5e-4"))

@@ -6,6 +6,9 @@ all-to-all sizes, and against the compiler's own argument bytes.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from switch_jax import aot, gin_utils, info
@@ -85,3 +88,13 @@ def test_state_larger_than_hbm_is_refused_before_compiling():
     text = str(e.value)
     assert text.startswith("does not fit v5e-1 with MESH_SHAPE=(1, 1, 1), BATCH_SIZE=8")
     assert "more than its 15.75 GiB of HBM" in text and "PARTITION_RULES=fsdp" in text
+
+
+def test_cli_says_what_does_not_fit_in_one_line():
+    cmd = [sys.executable, "-m", "switch_jax.compile", "--gin_file=models/tiny.gin"]
+    cmd += ["--topology=v5e-1", "--gin.ModelConfig.d_ff=1048576", "--gin.MESH_SHAPE=(1, 1, 1)"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 1, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("DoesNotFitError: does not fit v5e-1 with MESH_SHAPE=(1, 1, 1)")
+    assert "GiB more than its 15.75 GiB of HBM" in last
