@@ -20,12 +20,16 @@ from absl import flags
 from switch_jax import aot, cli
 from switch_jax.models.config import ConfigError
 
-_TOPOLOGY = flags.DEFINE_string(
-    "topology", None, "Cloud TPU accelerator type: v4-N, v5p-N, v5e-N (v5litepod-N) or v6e-N"
+_TOPOLOGY = cli.define_flag(
+    flags.DEFINE_string,
+    "topology",
+    None,
+    "Cloud TPU accelerator type: v4-N, v5p-N, v5e-N (v5litepod-N) or v6e-N",
 )
-_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "slices over DCN (with DCN_MESH_SHAPE)")
-if "json" not in flags.FLAGS:  # info defines it too; one process may import both
-    flags.DEFINE_bool("json", False, "print one JSON object instead of text")
+_NUM_SLICES = cli.define_flag(
+    flags.DEFINE_integer, "num_slices", 1, "slices over DCN (with DCN_MESH_SHAPE)"
+)
+_JSON = cli.define_flag(flags.DEFINE_bool, "json", False, "print one JSON object instead of text")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -34,7 +38,7 @@ def main(argv: Sequence[str]) -> None:
     if not _TOPOLOGY.value:
         raise ConfigError("--topology is required, e.g. --topology=v5p-64")
     r = aot.report(cli.configs(), _TOPOLOGY.value, _NUM_SLICES.value)
-    print(json.dumps(r) if flags.FLAGS.json else aot.format_report(r))
+    print(json.dumps(r) if _JSON.value else aot.format_report(r))
 
 
 run = cli.entry(main, hosts=False, extra_errors=(aot.DoesNotFitError,))  # `switch-compile`
