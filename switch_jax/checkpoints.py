@@ -260,6 +260,8 @@ def run_settings(configs) -> dict[str, Any]:
     """Flat {'ModelConfig.d_model': 128, 'MoeConfig.num_experts': 8, ...}, JSON values."""
     flat: dict[str, Any] = {}
     for cfg in configs:
+        if cfg is None:  # an optional part that is off (Configs.distill)
+            continue
         for field in dataclasses.fields(cfg):
             value = getattr(cfg, field.name)
             if dataclasses.is_dataclass(value):

@@ -8,6 +8,7 @@ jitter at the eval capacity factor.
 
     objective = distill_objective(teacher_cfg, teacher_graphdef)   # steps.make_train_step(...)
     params, report = init_from_teacher(student_params, teacher_params, student_cfg, teacher_cfg)
+    run = attach_teacher(run_builder.build_run(configs))   # what the trainer does (distill.gin)
 
 Legend: B batch, L length, V vocab.
 """
@@ -22,27 +23,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from switch_jax import steps
-from switch_jax.models.config import ConfigError, ModelConfig
+from switch_jax.models.config import ConfigError, ModelConfig, MoeConfig
 from switch_jax.models.transformer import NO_NOISE
+from switch_jax.run_config import DistillConfig  # noqa: F401 (re-exported: gin binds it there)
 
 # Keys of the per-layer ("canonical") parameter names: (stack, LAYER, i, module..., leaf).
 LAYER = "layer"
-
-
-@dataclasses.dataclass(frozen=True)
-class DistillConfig:
-    """Settings of the `distill` objective (gin: TEACHER_MODEL_DIR, DISTILL_SOFT_WEIGHT, ...)."""
-
-    teacher_model_dir: str = ""  # TEACHER_MODEL_DIR: a MODEL_DIR (ours or the converter's)
-    soft_weight: float = 0.25  # DISTILL_SOFT_WEIGHT: share of the loss on the teacher's probs
-    temperature: float = 1.0  # softens both distributions; the soft term is scaled by T^2
-    init_from_teacher: bool = True  # copy the teacher's non-expert weights into the student
-
-    def __post_init__(self):
-        if not 0.0 <= self.soft_weight <= 1.0:
-            raise ConfigError(f"DISTILL_SOFT_WEIGHT={self.soft_weight} must be in [0, 1]")
-        if self.temperature <= 0:
-            raise ConfigError(f"DistillConfig.temperature={self.temperature} must be > 0")
 
 
 def dense_twin(cfg: ModelConfig) -> ModelConfig:
@@ -227,3 +213,102 @@ def init_from_teacher(
         [(path, var.replace(new_values[path])) for path, var in flat.items()]
     )
     return updated, report
+
+
+# --- the teacher of a run -------------------------------------------------------------------
+
+_READ_CONFIG = """
+import dataclasses, json, sys
+from switch_jax import gin_utils
+gin_utils.parse_gin([sys.argv[1]], finalize=False)
+print(json.dumps(dataclasses.asdict(gin_utils.load_configs().model)))
+"""
+
+
+def read_model_config(model_dir: str) -> ModelConfig:
+    """The ModelConfig that MODEL_DIR/config.gin describes (ours or the converter's).
+
+    Parsed in a child process: gin's state is global, and this process's gin holds the
+    student's run, which must stay as it is (it is the student's operative config).
+    """
+    import json  # noqa: PLC0415
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    from etils import epath  # noqa: PLC0415
+
+    path = epath.Path(model_dir) / "config.gin"
+    if not path.exists():
+        raise ConfigError(f"TEACHER_MODEL_DIR={model_dir} has no config.gin (not a MODEL_DIR?)")
+    with tempfile.TemporaryDirectory() as tmp:  # a local copy: gin reads local files only
+        local = os.path.join(tmp, "config.gin")
+        with open(local, "w") as f:
+            f.write(path.read_text())
+        command = [sys.executable, "-c", _READ_CONFIG, local]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode:
+        lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
+        last = lines[-1] if lines else f"exit status {done.returncode}"
+        raise ConfigError(f"TEACHER_MODEL_DIR={model_dir}: its config.gin fails: {last}")
+    fields = json.loads(done.stdout.strip().splitlines()[-1])
+    moe = fields.pop("moe")
+    return ModelConfig(**fields, moe=MoeConfig(**moe) if moe else None)
+
+
+def attach_teacher(run):
+    """`run` (run_builder.Run) with the distill objective: its train step runs the teacher of
+    DistillConfig.teacher_model_dir and minimises the mixed loss; a fresh state starts from the
+    teacher's non-expert weights. The teacher is restored read-only (params only), sharded with
+    the run's partitioner like any model.
+    """
+    from switch_jax import checkpoints  # noqa: PLC0415
+
+    cfg, part = run.configs.distill, run.partitioner
+    teacher_cfg = part.adapt_model_config(
+        read_model_config(cfg.teacher_model_dir), run.configs.data.batch_size
+    )
+    if teacher_cfg.vocab_size != run.model_cfg.vocab_size:
+        raise ConfigError(
+            f"the teacher's vocab_size {teacher_cfg.vocab_size} differs from the student's "
+            f"{run.model_cfg.vocab_size}: distillation compares their output distributions"
+        )
+    opt = run.configs.optimizer
+    t_abstract = steps.abstract_train_state(teacher_cfg, opt, part)
+    with part.activate():
+        teacher = checkpoints.restore_params(cfg.teacher_model_dir, t_abstract.state.params)
+    s_abstract = steps.abstract_train_state(run.model_cfg, opt, part)
+    objective = distill_objective(
+        teacher_cfg, t_abstract.graphdef, soft_weight=cfg.soft_weight, temperature=cfg.temperature
+    )
+    step = steps.make_train_step(
+        run.model_cfg,
+        opt,
+        part,
+        abstract=s_abstract,
+        skip_nonfinite=run.configs.train.skip_nonfinite_updates,
+        objective=objective,
+        extra_shardings=(t_abstract.shardings.params,),
+    )
+    init_state = run.setup.init_state
+    if cfg.init_from_teacher:
+
+        def merge(student, teacher):
+            return init_from_teacher(student, teacher, run.model_cfg, teacher_cfg)[0]
+
+        # Shapes only: a student that is not the teacher's dense twin fails here, before init.
+        jax.eval_shape(merge, s_abstract.state.params, t_abstract.state.params)
+        copy = jax.jit(merge, out_shardings=s_abstract.shardings.params)
+
+        def init_state():
+            state = run.setup.init_state()
+            with part.activate():
+                return state._replace(params=copy(state.params, teacher))
+
+    setup = dataclasses.replace(
+        run.setup,
+        train_step=lambda state, batch: step(state, batch, teacher),
+        init_state=init_state,
+    )
+    return dataclasses.replace(run, setup=setup)

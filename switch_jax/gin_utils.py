@@ -38,6 +38,7 @@ from switch_jax.run_config import (
     CheckpointConfig,
     Configs,
     DataConfig,
+    DistillConfig,
     OptimizerConfig,
     TrainConfig,
 )
@@ -50,6 +51,7 @@ CONFIG_CLASSES = (
     TrainConfig,
     DataConfig,
     CheckpointConfig,
+    DistillConfig,
 )
 DEFAULTS_FILE = "defaults.gin"
 # Shipped inside the package (package data), so an installed wheel finds models/*.gin, runs/*.gin.
@@ -293,12 +295,17 @@ def configured(cls: type[T]) -> T:
 
 def load_configs() -> Configs:
     """Every config dataclass of the parsed gin config."""
+    distill = configured(DistillConfig)
+    model = configured(ModelConfig)
+    if distill.enabled and distill.student == "dense_twin":
+        model = model.replace(moe=None)  # the student of runs/distill.gin (and of its eval)
     return Configs(
-        model=configured(ModelConfig),
+        model=model,
         train=configured(TrainConfig),
         data=configured(DataConfig),
         checkpoint=configured(CheckpointConfig),
         optimizer=configured(OptimizerConfig),
+        distill=distill if distill.enabled else None,
     )
 
 

@@ -136,6 +136,32 @@ class TrainConfig:
                 )
 
 
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """The `distill` objective (runs/distill.gin; paper §4.2, switch_jax.distill)."""
+
+    enabled: bool = False  # runs/distill.gin turns it on
+    teacher_model_dir: str = resumable("")  # TEACHER_MODEL_DIR: a MODEL_DIR, read-only
+    soft_weight: float = 0.25  # DISTILL_SOFT_WEIGHT: loss share on the teacher's probabilities
+    temperature: float = 1.0  # both distributions divided by it; the soft term scaled by T^2
+    init_from_teacher: bool = True  # student starts from the teacher's non-expert weights
+    # 'dense_twin': the model gin given with every Switch FFN made dense (the FLOP-matched
+    # student); 'as_given': the model gin as is (then init_from_teacher needs the same shapes).
+    student: Literal["dense_twin", "as_given"] = "dense_twin"
+
+    def __post_init__(self):
+        if not 0.0 <= self.soft_weight <= 1.0:
+            raise ConfigError(f"DISTILL_SOFT_WEIGHT={self.soft_weight} must be in [0, 1]")
+        if self.temperature <= 0:
+            raise ConfigError(f"DistillConfig.temperature={self.temperature} must be > 0")
+        if self.student not in ("dense_twin", "as_given"):
+            raise ConfigError(f"DistillConfig.student={self.student!r} must be dense_twin|as_given")
+        if self.enabled and not self.teacher_model_dir:
+            raise ConfigError(
+                "runs/distill.gin needs the teacher: pass --gin.TEACHER_MODEL_DIR=/path/to/run"
+            )
+
+
 class Configs(NamedTuple):
     """Everything one entry point reads from gin."""
 
@@ -144,9 +170,10 @@ class Configs(NamedTuple):
     data: DataConfig
     checkpoint: CheckpointConfig
     optimizer: OptimizerConfig
+    distill: DistillConfig | None = None  # set only when runs/distill.gin enables it
 
     def replace(self, **changes) -> Configs:
         return self._replace(**changes)
 
 
-RUN_CONFIG_CLASSES = (TrainConfig, DataConfig, CheckpointConfig, OptimizerConfig)
+RUN_CONFIG_CLASSES = (TrainConfig, DataConfig, CheckpointConfig, OptimizerConfig, DistillConfig)

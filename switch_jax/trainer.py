@@ -48,6 +48,10 @@ def train(configs: Configs, *, operative_config: str = "") -> dict:
     """
     model_dir = _prepare_model_dir(configs.checkpoint.model_dir)
     run = run_builder.build_run(configs)
+    if configs.distill is not None:  # runs/distill.gin: a teacher runs inside the train step
+        from switch_jax import distill  # noqa: PLC0415
+
+        run = distill.attach_teacher(run)
     ckpts = run.checkpoints()
     try:
         latest = ckpts.latest_step()
