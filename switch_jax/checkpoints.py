@@ -8,6 +8,7 @@ directory and renames it on commit, so a killed save never leaves a readable hal
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -88,6 +89,7 @@ class Checkpoints:
             cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.attempted: list[int] = []  # steps passed to save(), committed or not
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -107,6 +109,7 @@ class Checkpoints:
         }
         if iterator is not None:
             items["data"] = DataIteratorSave(iterator)
+        self.attempted.append(step)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, step: int, abstract_state, *, iterator: SavableIterator | None = None):
@@ -162,12 +165,34 @@ class Checkpoints:
                 f"or choose another MODEL_DIR"
             )
 
+    def committed_steps(self) -> list[int]:
+        """Steps committed on disk now (re-read: after a failed save the cached list is stale)."""
+        try:
+            self.manager.reload()
+        except _READ_ERRORS:  # noqa: BLE001  (a full disk may fail the re-read too)
+            logging.debug("reload of %s failed", self.directory, exc_info=True)
+        return sorted(self.manager.all_steps())
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def is_out_of_space(error: BaseException | None) -> bool:
+    """ENOSPC anywhere in the chain: OSError errno 28, or its text in TensorFlow's
+    ResourceExhaustedError (iterator save) and TensorStore's errors (array writes)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _absolute(path: str) -> epath.Path:

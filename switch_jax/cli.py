@@ -38,7 +38,7 @@ from typing import Any
 
 from absl import app, flags, logging
 
-from switch_jax import distributed, gin_utils
+from switch_jax import console, distributed, gin_utils
 from switch_jax.models.config import ConfigError
 from switch_jax.run_config import Configs
 
@@ -67,10 +67,11 @@ def define_flag(define: Callable[..., Any], name: str, *args: Any, **kwargs: Any
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix: printed as one line, no traceback."""
     from switch_jax.checkpoints import CheckpointError
+    from switch_jax.lease import LeaseError
     from switch_jax.trainer import NonFiniteLossError
 
     # OSError: a full disk or a vanished mount mid-run is the operator's to fix, not a bug.
-    errors: list[type[BaseException]] = [CheckpointError, NonFiniteLossError, OSError]
+    errors: list[type[BaseException]] = [CheckpointError, NonFiniteLossError, LeaseError, OSError]
     try:
         from switch_jax.data import DataError
 
@@ -111,6 +112,7 @@ def quiet_library_logs() -> None:
     the user asked for more with --verbosity."""
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+        console.quiet_known_noise()  # TF/CUDA C++ start-up lines, Orbax's metadata warning
 
 
 def configs() -> Configs:

@@ -135,7 +135,12 @@ class GcsStore:
     """
 
     def __init__(self, path: str):
-        from google.cloud import storage  # noqa: PLC0415
+        try:
+            from google.cloud import storage  # noqa: PLC0415
+        except ImportError:
+            raise LeaseError(
+                f"the lease {path} needs google-cloud-storage: pip install 'switch_jax[gcs]'"
+            ) from None
 
         bucket, _, name = path[len("gs://") :].partition("/")
         self.blob = storage.Client().bucket(bucket).blob(name)
@@ -273,6 +278,32 @@ def hold(model_dir: str, **kwargs) -> Iterator[Lease]:
         yield lease
     finally:
         lease.release()
+
+
+def acquire_for_job(model_dir: str, **kwargs) -> Lease | None:
+    """The trainer's lease: process 0 takes it and prints any take-over; every process of a
+    multi-host job raises LeaseError if process 0 could not. Returns process 0's Lease."""
+    import jax
+    import numpy as np
+
+    lease, error = None, None
+    if jax.process_index() == 0:
+        lease = Lease(model_dir, **kwargs)
+        try:
+            message = lease.acquire()
+            if message:
+                print(message, flush=True)
+        except LeaseError as e:
+            lease, error = None, e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+        if not int(ok) and error is None:
+            error = LeaseError(f"MODEL_DIR={model_dir} is in use (see process 0's message)")
+    if error is not None:
+        raise error
+    return lease
 
 
 def _running(pid: int) -> bool:

@@ -45,6 +45,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from switch_jax.console import Eta, duration
+
 # Dense bf16 peak FLOP/s per JAX device, by device_kind substring (first match wins, so the more
 # specific names come first). TPU v2/v3 expose each core as a device: half the chip's peak.
 PEAK_FLOPS = (
@@ -315,7 +317,7 @@ class MetricsLogger:
         self.moe_layers = moe_layers
         self.console = console and is_chief
         self._peak = peak if peak is not None else (peak_flops() if flops_per_step else None)
-        self._ema: float | None = None
+        self.eta = Eta(total_steps)
         self._files: dict[str, Any] = {}
         self._tb: dict[str, _TensorBoard] = {}
         if not is_chief:
@@ -325,6 +327,10 @@ class MetricsLogger:
             folder.mkdir(parents=True, exist_ok=True)
             self._files[kind] = _JsonLines(os.fspath(folder / "metrics.jsonl"), start_step)
             self._tb[kind] = _TensorBoard(os.fspath(folder))
+
+    def step_done(self, step: int) -> None:
+        """Call once per finished step (logged or not): the ETA's clock."""
+        self.eta.update(step)
 
     def log_train(
         self, step: int, metrics: Mapping[str, Any], *, step_time: float, tokens: int
@@ -357,9 +363,7 @@ class MetricsLogger:
         return row
 
     def _progress(self, step: int, s: dict, step_time: float) -> str:
-        # Smoothed step time: the first logged steps include compilation.
-        self._ema = step_time if self._ema is None else 0.8 * self._ema + 0.2 * step_time
-        eta = max(self.total_steps - step, 0) * self._ema
+        eta = self.eta.remaining_s()  # None until a step after the compiled one has finished
         width = len(str(self.total_steps))
         parts = [f"step {step:>{width}}/{self.total_steps}"]
         for key, label in (("loss", "loss"), ("cross_entropy", "ce"), ("accuracy", "acc")):
@@ -375,7 +379,7 @@ class MetricsLogger:
         parts.append(f"{step_time:.2f}s/step {s['tokens_per_s']:,.0f} tok/s")
         if "mfu" in s:
             parts.append(f"mfu {s['mfu']:.1%}")
-        parts.append(f"ETA {_duration(eta)}")
+        parts.append(f"ETA {duration(eta)}" if eta is not None else "ETA after step 2")
         return " | ".join(parts)
 
     def flush(self) -> None:
@@ -394,13 +398,6 @@ class MetricsLogger:
 
 def _fmt(x: float) -> str:
     return f"{x:.4f}" if abs(x) < 100 else f"{x:.1f}"
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 if __name__ == "__main__":  # pragma: no cover - quick manual check of the peak table / CPU peak

@@ -155,15 +155,15 @@ def _throughput(plt, train):
     fig, ax = _figure(plt, "throughput (after compilation)", figsize=(7, 3.5))
     ax.plot(steps, tokens, color="C0")
     ax.set_xlabel("step")
-    ax.set_ylabel("tokens / s", color="C0")
+    ax.set_ylabel("tokens / s")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     mfu_steps, mfu = series(rows, "mfu")
-    if len(mfu_steps):
-        twin = ax.twinx()
-        twin.plot(mfu_steps, 100 * mfu, color="C1", lw=0.8)
-        twin.set_ylabel("MFU %", color="C1")
-        twin.set_ylim(bottom=0)
+    if len(mfu_steps) == len(steps) and np.all(tokens > 0):
+        # MFU is tokens/s times a constant of the run: one line, a second scale on the right.
+        ratio = float(np.median(100 * mfu / tokens))
+        right = ax.secondary_yaxis("right", functions=(lambda t: t * ratio, lambda m: m / ratio))
+        right.set_ylabel("MFU %")
     return fig
 
 
@@ -178,16 +178,25 @@ def _expert_load(plt, train, layers):
     )
     axes = np.atleast_1d(axes)
     for ax, layer, (steps, load_ES) in zip(axes, layers, mats, strict=True):
-        extent = (steps[0], steps[-1], load_ES.shape[0] - 0.5, -0.5) if len(steps) > 1 else None
-        image = ax.imshow(
-            load_ES, aspect="auto", interpolation="nearest", cmap="RdBu_r", norm=norm, extent=extent
+        image = ax.pcolormesh(
+            _edges(steps), np.arange(load_ES.shape[0] + 1) - 0.5, load_ES, cmap="RdBu_r", norm=norm
         )
+        ax.invert_yaxis()  # expert 0 on top
         ax.set_ylabel(f"{layer}\nexpert", fontsize=8)
         ax.set_yticks(range(load_ES.shape[0]) if load_ES.shape[0] <= 16 else [])
         ax.tick_params(labelsize=7)
     axes[-1].set_xlabel("step")
     fig.colorbar(image, ax=list(axes), label="tokens / even share", shrink=0.9)
     return fig
+
+
+def _edges(steps: np.ndarray) -> np.ndarray:
+    """Cell edges around logged steps (which need not be evenly spaced: 1, 10, 20, ...)."""
+    steps = np.asarray(steps, np.float64)
+    if len(steps) == 1:
+        return np.array([steps[0] - 0.5, steps[0] + 0.5])
+    mids = (steps[1:] + steps[:-1]) / 2
+    return np.concatenate([[2 * steps[0] - mids[0]], mids, [2 * steps[-1] - mids[-1]]])
 
 
 def _moe_health(plt, train, evals, layers):

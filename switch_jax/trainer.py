@@ -12,7 +12,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from switch_jax import checkpoints, run_builder
+from switch_jax import checkpoints, console, run_builder
+from switch_jax import lease as lease_lib
 from switch_jax.models.config import ConfigError
 from switch_jax.run_config import Configs, TrainConfig
 
@@ -23,13 +24,28 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclasses.dataclass
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves at the next step boundary and exits cleanly."""
+    """SIGTERM or a first Ctrl-C sets a flag; the loop saves at the next step boundary and exits
+    cleanly. A second Ctrl-C exits at once (the last committed checkpoint stays intact)."""
 
     requested: bool = False
+    reason: str = ""
 
     def install(self) -> None:
         if jax.process_count() == 1:
-            signal.signal(signal.SIGTERM, lambda *_: setattr(self, "requested", True))
+            signal.signal(signal.SIGTERM, lambda *_: self._request("preempted"))
+            signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _request(self, reason: str) -> None:
+        self.requested, self.reason = True, self.reason or reason
+
+    def _on_sigint(self, *_) -> None:
+        if self.reason == "interrupted":
+            print("\nCtrl-C again: exiting now, without saving", flush=True)
+            os._exit(130)  # Orbax's save threads would otherwise be awaited
+        self._request("interrupted")
+        print(
+            "\nCtrl-C: saving at the next step, then exiting (Ctrl-C again: exit now)", flush=True
+        )
 
     def reached(self, step: int) -> bool:
         if jax.process_count() > 1:
@@ -47,34 +63,68 @@ def train(configs: Configs, *, operative_config: str = "") -> dict:
     space) runs before the first step; a failure never deletes or rewrites a checkpoint.
     """
     model_dir = _prepare_model_dir(configs.checkpoint.model_dir)
-    run = run_builder.build_run(configs)
-    if configs.distill is not None:  # runs/distill.gin: a teacher runs inside the train step
-        from switch_jax import distill  # noqa: PLC0415
-
-        run = distill.attach_teacher(run)
-    ckpts = run.checkpoints()
+    # Before Orbax is opened: it deletes unfinished saves, which may be a live trainer's.
+    lease = lease_lib.acquire_for_job(os.fspath(model_dir))
     try:
-        latest = ckpts.latest_step()
-        if latest is not None:  # before config.gin is overwritten: refuse another run's dir
-            checkpoints.check_same_run(
-                ckpts.saved_settings(latest), run.settings, configs.checkpoint.model_dir
-            )
-        if jax.process_index() == 0:
-            _write_run_files(model_dir, operative_config, run.info)
-        ckpts.check_free_space(run.setup.abstract_state, configs.checkpoint.keep)
-        return _run(run, ckpts)
-    except NonFiniteLossError as e:
-        ckpts.wait()
-        raise NonFiniteLossError(f"{e}; last committed checkpoint: {ckpts.latest_step()}") from None
+        run = run_builder.build_run(configs)
+        if configs.distill is not None:  # runs/distill.gin: a teacher runs inside the train step
+            from switch_jax import distill  # noqa: PLC0415
+
+            run = distill.attach_teacher(run)
+        ckpts = run.checkpoints()
+        progress = {"step": None}
+        try:
+            latest = ckpts.latest_step()
+            if latest is not None:  # before config.gin is overwritten: refuse another run's dir
+                checkpoints.check_same_run(
+                    ckpts.saved_settings(latest), run.settings, configs.checkpoint.model_dir
+                )
+            if jax.process_index() == 0:
+                _write_run_files(model_dir, operative_config, run.info)
+            ckpts.check_free_space(run.setup.abstract_state, configs.checkpoint.keep)
+            return _run(run, ckpts, lease, progress)
+        except NonFiniteLossError as e:
+            ckpts.wait()
+            last = ckpts.latest_step()
+            raise NonFiniteLossError(f"{e}; last committed checkpoint: {last}") from None
+        except Exception as e:
+            if checkpoints.is_out_of_space(e):
+                raise _out_of_space(ckpts, configs, progress["step"]) from None
+            raise
+        finally:
+            try:
+                ckpts.close()  # waits for an in-flight save: the last good one gets committed
+            except Exception as e:
+                if not checkpoints.is_out_of_space(e):
+                    raise
+                raise _out_of_space(ckpts, configs, progress["step"]) from None
     finally:
-        ckpts.close()  # waits for an in-flight save: the last good checkpoint gets committed
+        if lease is not None:
+            lease.release()
 
 
-def _run(run: run_builder.Run, ckpts) -> dict:
+def _out_of_space(ckpts, configs: Configs, step: int | None) -> checkpoints.CheckpointError:
+    """One line: where, which step was lost, and which checkpoint a rerun resumes from."""
+    committed = ckpts.committed_steps()
+    last = committed[-1] if committed else None
+    failed = next((s for s in ckpts.attempted if last is None or s > last), step)
+    intact = f"step {last} ({ckpts.directory / str(last)})" if last is not None else "none"
+    return checkpoints.CheckpointError(
+        f"out of space in MODEL_DIR={configs.checkpoint.model_dir} at step {failed} (not saved); "
+        f"last intact checkpoint: {intact}; free space and run the same command to resume"
+    )
+
+
+def _run(run: run_builder.Run, ckpts, lease, progress: dict) -> dict:
     from switch_jax import metrics as metrics_lib  # noqa: PLC0415 (optional deps: clu)
     from switch_jax.data import pipeline  # noqa: PLC0415 (TensorFlow only where data is read)
 
     train_cfg, ckpt_cfg = run.configs.train, run.configs.checkpoint
+    chief = jax.process_index() == 0
+    started = time.perf_counter()
+    resumed_from = ckpts.latest_step()
+    if chief:
+        print("\n".join(console.header_lines(run, ckpt_cfg.model_dir, resumed_from)), flush=True)
     batches = pipeline.make_batches(**run.pipeline_args("train"))
     preemption = _Preemption()
     preemption.install()
@@ -82,9 +132,9 @@ def _run(run: run_builder.Run, ckpts) -> dict:
     logger = metrics_lib.MetricsLogger(
         ckpt_cfg.model_dir,
         total_steps=train_cfg.train_steps,
-        is_chief=jax.process_index() == 0,
+        is_chief=chief,
         flops_per_step=metrics_lib.train_flops_per_step(run.info, run.configs.data.batch_size),
-        start_step=ckpts.latest_step(),
+        start_step=resumed_from,
         moe_layers=metrics_lib.moe_layer_ids(run.model_cfg),
     )
     profiler = _Profiler(train_cfg.profile_steps, ckpt_cfg.model_dir)
@@ -95,8 +145,15 @@ def _run(run: run_builder.Run, ckpts) -> dict:
         step = first_step
         while step < train_cfg.train_steps:
             profiler.before(step + 1)
+            compiling = step == first_step and chief
+            if compiling:
+                print("compiling the train step…", end=" ", flush=True)
+            t0 = time.perf_counter()
             state, step_metrics = run.setup.train_step(state, run.device_batch(next(batches)))
+            if compiling:  # the first call returns once compiled; the step itself runs async
+                print(f"done in {console.duration(time.perf_counter() - t0)}", flush=True)
             step += 1
+            progress["step"] = step
             # Step N-1's metrics are read only after step N is dispatched: the device stays busy.
             loop.dispatched(step, step_metrics)
             profiler.after(step, step_metrics)
@@ -104,11 +161,13 @@ def _run(run: run_builder.Run, ckpts) -> dict:
             last = step == train_cfg.train_steps
             if last or preempted or step % ckpt_cfg.period == 0:
                 loop.flush()  # a non-finite loss raises here, before anything is committed
+                if lease is not None:
+                    lease.check()  # never write beside a trainer that took MODEL_DIR over
                 meta = _meta(batches, run.settings)
                 ckpts.save(step, state, iterator=batches, meta=meta, force=True)
             if preempted:
                 # No eval: the grace period before SIGKILL is short, the save must finish first.
-                print(f"preempted: saved step {step}, exiting", flush=True)
+                print(f"{preemption.reason or 'preempted'}: saved step {step}, exiting", flush=True)
                 break
             if train_cfg.eval_steps and (step % train_cfg.eval_period == 0 or last):
                 eval_dataset = eval_dataset or _eval_dataset(run)
@@ -116,6 +175,19 @@ def _run(run: run_builder.Run, ckpts) -> dict:
         loop.flush()
     profiler.close()
     logger.close()
+    if chief:
+        ckpts.wait()  # the summary names a committed checkpoint
+        lines = console.summary_lines(
+            first_step=first_step,
+            step=step,
+            total_steps=train_cfg.train_steps,
+            elapsed_s=time.perf_counter() - started,
+            last_checkpoint=ckpts.latest_step(),
+            checkpoint_dir=os.fspath(ckpts.directory),
+            model_dir=ckpt_cfg.model_dir,
+            stopped=preemption.reason or None,
+        )
+        print("\n".join(lines), flush=True)
     return loop.last
 
 
@@ -178,6 +250,7 @@ class _Loop:
                     f"committed checkpoint was saved (lower LEARNING_RATE or set "
                     f"TrainConfig.skip_nonfinite_updates=True)"
                 )
+        self.logger.step_done(step)
         period = self.run.log_period
         if step % period == 0 or step == 1 or step == self.run.train_steps:
             self.last = jax.device_get(step_metrics)

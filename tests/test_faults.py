@@ -239,3 +239,156 @@ def jax_leaves(tree):
     import jax
 
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+# --- Ctrl-C, a full disk, a second trainer, the console ----------------------------------------
+def _last_line(out: str) -> str:
+    return out.strip().splitlines()[-1]
+
+
+def test_ctrl_c_saves_at_the_next_step_and_resumes_exactly(reference, tmp_path):
+    model_dir = str(tmp_path / "interrupted")
+    proc, log = _start(model_dir), []
+    _wait_for_line(proc, r"step 2/", log)
+    proc.send_signal(signal.SIGINT)
+    out = "".join(log) + _finish(proc)
+    assert proc.returncode == 0, out[-3000:]
+    assert "Ctrl-C: saving at the next step" in out
+    saved = int(re.search(r"interrupted: saved step (\d+), exiting", out).group(1))
+    assert 2 <= saved < STEPS and _committed(model_dir)[-1] == saved
+    assert re.search(rf"interrupted: trained steps 1-{saved} of {STEPS}", out), out[-2000:]
+    assert "resume: python -m switch_jax.train --gin_file=runs/demo.gin" in out
+    assert "Traceback" not in out
+
+    proc = _start(model_dir)
+    out = _finish(proc)
+    assert proc.returncode == 0, out[-3000:]
+    assert _resumed_from(out) == saved
+    losses, ref = _losses(model_dir), reference()
+    steps = list(range(1, STEPS + 1))
+    np.testing.assert_array_equal([losses[s] for s in steps], [ref[s] for s in steps])
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 96 MiB tmpfs: room for the demo's checkpoints (~16 MiB each) until the test fills it."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(path) -> None:
+    chunk = b"\0" * (1 << 20)
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(chunk)
+        except OSError:
+            pass
+        for size in (1 << 16, 1 << 12, 1):  # the last bytes too
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError:
+                pass
+
+
+def test_disk_full_during_a_save_is_one_line_and_resumes_exactly(reference, small_disk):
+    model_dir = str(small_disk / "run")
+    proc, log = _start(model_dir), []
+    _wait_for_line(proc, r"step 2/", log)
+    deadline = time.time() + 120
+    while len(_committed(model_dir)) < 2:
+        assert time.time() < deadline and proc.poll() is None, "no checkpoint committed"
+        time.sleep(0.01)
+    filler = small_disk / "filler"
+    _fill(filler)
+    out = "".join(log) + _finish(proc)
+    assert proc.returncode == 1, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    line = _last_line(out)
+    match = re.fullmatch(
+        rf"CheckpointError: out of space in MODEL_DIR={re.escape(model_dir)} at step (\d+) "
+        rf"\(not saved\); last intact checkpoint: step (\d+) \((.*)\); free space and run the "
+        r"same command to resume",
+        line,
+    )
+    assert match, line
+    failed, intact = int(match.group(1)), int(match.group(2))
+    assert intact < failed and _committed(model_dir)[-1] == intact
+    assert match.group(3) == os.path.join(model_dir, "checkpoints", str(intact))
+
+    filler.unlink()
+    proc = _start(model_dir)
+    out = _finish(proc)
+    assert proc.returncode == 0, out[-3000:]
+    assert _resumed_from(out) == intact
+    assert not glob.glob(os.path.join(model_dir, "checkpoints", TMP_GLOB))  # cleaned up
+    losses, ref = _losses(model_dir), reference()
+    steps = list(range(1, STEPS + 1))
+    np.testing.assert_array_equal([losses[s] for s in steps], [ref[s] for s in steps])
+
+
+def test_console_eta_and_a_second_trainer_on_a_live_model_dir(tmp_path):
+    """One 30-step run: header, ETA at step 10 within 2x of the real remaining time, summary; while
+    it is paused after step 10, a second trainer on its MODEL_DIR is refused in one line."""
+    total, model_dir = 30, str(tmp_path / "live")
+    extra = (f"--gin.TRAIN_STEPS={total}", "--gin.CHECKPOINT_PERIOD=1000")
+    proc, log = _start(model_dir, *extra), []
+    eta_line = _wait_for_line(proc, r"step 10/30 .*\| ETA (\d+)m(\d\d)s$", log)
+    t10 = time.perf_counter()
+    eta = 60 * int(eta_line.group(1)) + int(eta_line.group(2))
+
+    os.kill(proc.pid, signal.SIGSTOP)  # deterministic: the first is alive but not progressing
+    paused = time.perf_counter()
+    second = subprocess.run(
+        _cmd(model_dir, *extra),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    os.kill(proc.pid, signal.SIGCONT)
+    pause = time.perf_counter() - paused
+    assert second.returncode == 1, second.stdout + second.stderr
+    refused = _last_line(second.stderr)
+    assert refused.startswith(
+        f"LeaseError: MODEL_DIR={model_dir} is in use by another trainer "
+        f"(host {os.uname().nodename}, pid {proc.pid}, started "
+    ), refused
+    assert "Traceback" not in second.stderr + second.stdout
+
+    _wait_for_line(proc, rf"step {total}/{total} ", log)
+    remaining = time.perf_counter() - t10 - pause
+    out = "".join(log) + _finish(proc)
+    assert proc.returncode == 0, out[-3000:]
+    assert 0.5 <= max(eta, 1) / remaining <= 2.0, (eta, remaining)
+
+    head = out.splitlines()[:4]
+    assert head[0].startswith("devices: 1 x cpu (cpu) in 1 process(es) | mesh data=1 expert=1")
+    assert head[1].startswith("model: 3.8M parameters, ") and "8 experts top-1" in head[1]
+    assert head[2] == f"MODEL_DIR: {model_dir} (new run)"
+    assert re.fullmatch(r"compiling the train step… done in \d+m\d\ds", head[3]), head[3]
+    tail = out.strip().splitlines()[-3:]
+    assert re.fullmatch(
+        rf"finished: trained steps 1-{total} of {total} in \d+m\d\ds; last checkpoint: step "
+        rf"{total} \({re.escape(model_dir)}/checkpoints/{total}\)",
+        tail[0],
+    ), tail[0]
+    assert tail[1].startswith("continue: python -m switch_jax.train --gin_file=runs/demo.gin")
+    assert tail[1].endswith("--gin.TRAIN_STEPS=N") and f"--gin.TRAIN_STEPS={total}" not in tail[1]
+    assert (
+        tail[2] == f"look: tensorboard --logdir {model_dir} | python -m switch_jax.plot {model_dir}"
+    )
+    assert sorted(_losses(model_dir)) == list(range(1, total + 1))  # the first run, intact
+    assert _committed(model_dir) == [total]
+    assert not os.path.exists(os.path.join(model_dir, "trainer.lease"))  # released
+    for noise in ("cuInit", "cudart_stub", "absl::InitializeLog", "_CHECKPOINT_METADATA"):
+        assert noise not in out

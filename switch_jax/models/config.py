@@ -19,7 +19,7 @@ class MoeConfig:
     """
 
     num_experts: int = 8
-    top_k: int = 1  # 1 = Switch routing, 2 = the MoE-Base baseline of Table 1.
+    top_k: int = 1  # 1 = Switch routing; 2 = flaxformer's top-2, not Table 1's MoE (see docs)
     # A layer i is sparse iff i % sparse_every == sparse_every - 1 (flaxformer's MIXED layout:
     # 2 -> layers 1, 3, 5, ...; 1 -> every layer; 0 -> no sparse layer).
     sparse_every: int = 2

@@ -1,0 +1,198 @@
+"""What a training run prints besides the progress lines: header, ETA, summary, less noise.
+
+    eta = Eta(total_steps)             # ETA from steps after compilation only
+    eta.update(step)                   # once per finished step; eta.remaining_s() -> s or None
+    print(header_lines(run, model_dir, resumed_from))
+    print(summary_lines(...))
+    filter_native_stderr()             # drop known C++ library noise (cuInit, cudart, ...)
+
+The header names the devices and processes, the mesh, total and per-token active parameters,
+MODEL_DIR and the step resumed from. The summary names the steps done, the time taken, the last
+checkpoint, the command that resumes (or extends) the run, and how to look at it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import shlex
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+# C++ log lines of TensorFlow / XLA / CUDA stubs that a CPU run always prints and that say
+# nothing to the user; shown again with --verbosity.
+NATIVE_NOISE = re.compile(
+    rb"All log messages before absl::InitializeLog\(\) is called"
+    rb"|cudart_stub\.cc.*Could not find cuda drivers"
+    rb"|cuda_platform\.cc.*failed call to cuInit"
+    rb"|cuda_(?:dnn|fft|blas)\.cc.*Unable to register"
+    rb"|computation_placer\.cc.*already registered"
+    rb"|oneDNN custom operations are on"
+    rb"|This TensorFlow binary is optimized to use available CPU instructions"
+    rb"|TF-TRT Warning: Could not find TensorRT"
+    rb"|rebuild TensorFlow with the appropriate compiler flags"
+)
+# Python (absl) warnings of libraries that are expected on every run of ours.
+PYTHON_NOISE = re.compile(
+    r"Metadata file does not exist: .*_CHECKPOINT_METADATA"  # Orbax, reading an item's metadata
+)
+_FILTER_INSTALLED = False
+
+
+class Eta:
+    """Remaining time from the wall-clock rate of the steps after this process's first step.
+
+    The first step of a process includes tracing and compilation (minutes on a pod), so it is
+    the baseline, never part of the rate; evaluations and checkpoint saves are, as they will
+    recur until the end.
+    """
+
+    def __init__(self, total_steps: int, clock=time.perf_counter):
+        self.total_steps = total_steps
+        self.clock = clock
+        self._base: tuple[int, float] | None = None
+        self._last: tuple[int, float] | None = None
+
+    def update(self, step: int) -> None:
+        now = self.clock()
+        if self._base is None:
+            self._base = (step, now)
+        self._last = (step, now)
+
+    def seconds_per_step(self) -> float | None:
+        if self._base is None or self._last is None or self._last[0] <= self._base[0]:
+            return None
+        return (self._last[1] - self._base[1]) / (self._last[0] - self._base[0])
+
+    def remaining_s(self) -> float | None:
+        rate = self.seconds_per_step()
+        if rate is None:
+            return None
+        return max(self.total_steps - self._last[0], 0) * rate
+
+
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def _count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(int(n))
+
+
+def header_lines(run, model_dir: str, resumed_from: int | None) -> list[str]:
+    """Devices and processes, mesh, parameters, MODEL_DIR, resume point (process 0 prints)."""
+    import jax
+
+    devices = jax.devices()
+    mesh = run.partitioner.mesh
+    axes = " ".join(f"{name}={size}" for name, size in mesh.shape.items())
+    info = run.info
+    moe = run.model_cfg.moe
+    experts = f", {moe.num_experts} experts top-{moe.top_k}" if moe is not None else ", dense"
+    start = f"resuming from step {resumed_from}" if resumed_from is not None else "new run"
+    return [
+        f"devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}) in "
+        f"{jax.process_count()} process(es) | mesh {axes}",
+        f"model: {_count(info.total_params)} parameters, {_count(info.active_params_per_token)} "
+        f"active per token{experts}",
+        f"MODEL_DIR: {model_dir} ({start})",
+    ]
+
+
+def resume_command(argv: Sequence[str] | None = None) -> str:
+    """The command line of this process, as `python -m switch_jax.train ...`."""
+    argv = list(sys.argv if argv is None else argv)
+    args = [a for a in argv[1:] if not a.startswith("--gin.TRAIN_STEPS=")]
+    return " ".join(["python -m switch_jax.train", *map(_quote, args)])
+
+
+def _quote(arg: str) -> str:
+    """Shell quoting that keeps gin's own quotes readable: "--gin.X={'a': 1}"."""
+    if "'" in arg and not re.search(r'["$`\\!]', arg):
+        return f'"{arg}"'
+    return shlex.quote(arg)
+
+
+def summary_lines(
+    *,
+    first_step: int,
+    step: int,
+    total_steps: int,
+    elapsed_s: float,
+    last_checkpoint: int | None,
+    checkpoint_dir: str,
+    model_dir: str,
+    stopped: str | None = None,
+) -> list[str]:
+    """What was done and what to type next."""
+    done = f"trained steps {first_step + 1}-{step}" if step > first_step else "no step trained"
+    state = stopped or ("finished" if step >= total_steps else "stopped")
+    saved = "no checkpoint"
+    if last_checkpoint is not None:
+        path = os.path.join(checkpoint_dir, str(last_checkpoint))
+        saved = f"last checkpoint: step {last_checkpoint} ({path})"
+    again = "continue" if step >= total_steps else "resume"
+    more = " --gin.TRAIN_STEPS=N" if step >= total_steps else ""
+    return [
+        f"{state}: {done} of {total_steps} in {duration(elapsed_s)}; {saved}",
+        f"{again}: {resume_command()}{more}",
+        f"look: tensorboard --logdir {model_dir} | python -m switch_jax.plot {model_dir}",
+    ]
+
+
+def quiet_known_noise() -> None:
+    """Both filters (the default verbosity; --verbosity shows everything)."""
+    import logging
+
+    logging.getLogger("absl").addFilter(
+        lambda record: not PYTHON_NOISE.search(str(record.getMessage()))
+    )
+    filter_native_stderr()
+
+
+def filter_native_stderr(noise: re.Pattern = NATIVE_NOISE) -> None:
+    """Route file descriptor 2 through a thread that drops lines matching `noise`.
+
+    C++ libraries write to fd 2 directly (Python's logging cannot silence them); everything
+    else, Python's stderr included, passes through unchanged. Drained at exit.
+    """
+    global _FILTER_INSTALLED
+    if _FILTER_INSTALLED:
+        return
+    _FILTER_INSTALLED = True
+    sys.stderr.flush()
+    real = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump() -> None:
+        pending = b""
+        while chunk := os.read(read_end, 1 << 16):
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()
+            kept = [ln + b"\n" for ln in lines if not noise.search(ln)]
+            if kept:
+                os.write(real, b"".join(kept))
+        if pending and not noise.search(pending):
+            os.write(real, pending)
+        os.close(read_end)
+
+    thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
+    thread.start()
+
+    def drain() -> None:
+        sys.stderr.flush()
+        os.dup2(real, 2)  # closes the pipe's write end: the pump sees EOF once children exit
+        thread.join(timeout=5)
+
+    atexit.register(drain)

@@ -1,0 +1,100 @@
+"""Console: ETA from post-compile steps, the summary's commands, library noise filtered."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from switch_jax import console
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_eta_ignores_the_compiled_first_step():
+    clock = FakeClock()
+    eta = console.Eta(total_steps=100, clock=clock)
+    clock.now = 300.0  # step 1: 5 minutes of compilation
+    eta.update(1)
+    assert eta.remaining_s() is None  # nothing measured after compilation yet
+    for step in range(2, 11):
+        clock.now += 2.0
+        eta.update(step)
+    assert eta.seconds_per_step() == 2.0
+    assert eta.remaining_s() == 90 * 2.0
+
+
+def test_eta_of_a_resumed_run_starts_at_its_first_step():
+    clock = FakeClock()
+    eta = console.Eta(total_steps=500, clock=clock)
+    clock.now = 60.0
+    eta.update(401)  # first step after resuming from 400: compiled here
+    clock.now = 70.0
+    eta.update(411)
+    assert eta.remaining_s() == 89 * 1.0
+
+
+def test_summary_names_checkpoint_and_commands(monkeypatch):
+    argv = ["switch-train", "--gin_file=runs/demo.gin", "--gin.MODEL_DIR=/r", "--gin.TRAIN_STEPS=9"]
+    monkeypatch.setattr(sys, "argv", argv)
+    lines = console.summary_lines(
+        first_step=0,
+        step=9,
+        total_steps=9,
+        elapsed_s=125,
+        last_checkpoint=9,
+        checkpoint_dir="/r/checkpoints",
+        model_dir="/r",
+    )
+    assert lines == [
+        "finished: trained steps 1-9 of 9 in 2m05s; last checkpoint: step 9 (/r/checkpoints/9)",
+        "continue: python -m switch_jax.train --gin_file=runs/demo.gin --gin.MODEL_DIR=/r "
+        "--gin.TRAIN_STEPS=N",
+        "look: tensorboard --logdir /r | python -m switch_jax.plot /r",
+    ]
+    stopped = console.summary_lines(
+        first_step=4,
+        step=6,
+        total_steps=9,
+        elapsed_s=5,
+        last_checkpoint=6,
+        checkpoint_dir="/r/checkpoints",
+        model_dir="/r",
+        stopped="interrupted",
+    )
+    assert stopped[0].startswith("interrupted: trained steps 5-6 of 9")
+    assert (
+        stopped[1]
+        == "resume: python -m switch_jax.train --gin_file=runs/demo.gin --gin.MODEL_DIR=/r"
+    )
+
+
+def test_resume_command_keeps_gin_quotes_readable():
+    argv = ["x", "--gin.TASK_FEATURE_LENGTHS={'inputs': 64}", "--gin.MODEL_DIR=/a b"]
+    assert console.resume_command(argv) == (
+        "python -m switch_jax.train \"--gin.TASK_FEATURE_LENGTHS={'inputs': 64}\" "
+        "'--gin.MODEL_DIR=/a b'"
+    )
+
+
+def test_native_noise_is_dropped_and_everything_else_kept():
+    code = (
+        "import os, sys\n"
+        "from switch_jax import console\n"
+        "console.filter_native_stderr()\n"
+        "os.write(2, b'WARNING: All log messages before absl::InitializeLog() is called are "
+        "written to STDERR\\n')\n"
+        "os.write(2, b'E0000 00:00:1.0 1 cuda_platform.cc:52] failed call to cuInit: x\\n')\n"
+        "os.write(2, b'a real C++ error\\n')\n"
+        "print('ConfigError: one line', file=sys.stderr)\n"
+        "os.write(2, b'no newline at exit')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stderr == "a real C++ error\nConfigError: one line\nno newline at exit"
