@@ -189,7 +189,8 @@ def is_out_of_space(error: BaseException | None) -> bool:
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno == errno.ENOSPC:
             return True
-        if "No space left on device" in str(error):
+        text = str(error)  # not every RESOURCE_EXHAUSTED: device out-of-memory is one too
+        if "No space left on device" in text or "RESOURCE_EXHAUSTED: Error writing" in text:
             return True
         error = error.__cause__ or error.__context__
     return False

@@ -34,11 +34,16 @@ NATIVE_NOISE = re.compile(
     rb"|This TensorFlow binary is optimized to use available CPU instructions"
     rb"|TF-TRT Warning: Could not find TensorRT"
     rb"|rebuild TensorFlow with the appropriate compiler flags"
+    # XLA's slow-compile alarm (a banner of several lines); we print the compile time ourselves.
+    rb"|slow_operation_alarm\.cc|^\*{32}$|Very slow compile\? If you want to file a bug"
 )
 # Python (absl) warnings of libraries that are expected on every run of ours.
 PYTHON_NOISE = re.compile(
     r"Metadata file does not exist: .*_CHECKPOINT_METADATA"  # Orbax, reading an item's metadata
 )
+# A full disk: Orbax's save threads and asyncio log each failed write with a traceback; the
+# trainer reports it as one line naming the lost step and the last intact checkpoint.
+OUT_OF_SPACE = re.compile(r"No space left on device|RESOURCE_EXHAUSTED: Error writing")
 _FILTER_INSTALLED = False
 
 
@@ -153,10 +158,17 @@ def quiet_known_noise() -> None:
     """Both filters (the default verbosity; --verbosity shows everything)."""
     import logging
 
-    logging.getLogger("absl").addFilter(
-        lambda record: not PYTHON_NOISE.search(str(record.getMessage()))
-    )
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(lambda record: not _is_noise(record))
     filter_native_stderr()
+
+
+def _is_noise(record) -> bool:
+    text = str(record.getMessage())
+    error = record.exc_info[1] if record.exc_info else None
+    if error is not None:
+        text += f" {error}"
+    return bool(PYTHON_NOISE.search(text) or OUT_OF_SPACE.search(text))
 
 
 def filter_native_stderr(noise: re.Pattern = NATIVE_NOISE) -> None:
@@ -176,11 +188,16 @@ def filter_native_stderr(noise: re.Pattern = NATIVE_NOISE) -> None:
     os.close(write_end)
 
     def pump() -> None:
-        pending = b""
+        pending, dropped = b"", False
         while chunk := os.read(read_end, 1 << 16):
             lines = (pending + chunk).split(b"\n")
             pending = lines.pop()
-            kept = [ln + b"\n" for ln in lines if not noise.search(ln)]
+            kept = []
+            for line in lines:
+                # A blank line right after a dropped one belongs to the same message.
+                dropped = bool(noise.search(line)) or (dropped and not line.strip())
+                if not dropped:
+                    kept.append(line + b"\n")
             if kept:
                 os.write(real, b"".join(kept))
         if pending and not noise.search(pending):

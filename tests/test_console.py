@@ -90,11 +90,34 @@ def test_native_noise_is_dropped_and_everything_else_kept():
         "os.write(2, b'WARNING: All log messages before absl::InitializeLog() is called are "
         "written to STDERR\\n')\n"
         "os.write(2, b'E0000 00:00:1.0 1 cuda_platform.cc:52] failed call to cuInit: x\\n')\n"
-        "os.write(2, b'a real C++ error\\n')\n"
+        "os.write(2, b'E1201 slow_operation_alarm.cc:140] The operation took 2m13s\\n\\n')\n"
+        "os.write(2, b'*' * 32 + b'\\n[Compiling module jit_init for CPU] Very slow compile? "
+        "If you want to file a bug, run with x\\n' + b'*' * 32 + b'\\n')\n"
+        "os.write(2, b'a real C++ error\\n\\n')\n"
         "print('ConfigError: one line', file=sys.stderr)\n"
         "os.write(2, b'no newline at exit')\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
-    assert out.stderr == "a real C++ error\nConfigError: one line\nno newline at exit"
+    assert out.stderr == "a real C++ error\n\nConfigError: one line\nno newline at exit"
+
+
+def test_out_of_space_tracebacks_of_library_threads_are_dropped():
+    code = (
+        "import logging\n"
+        "from absl import logging as absl_logging\n"
+        "from switch_jax import console\n"
+        "console.quiet_known_noise()\n"
+        "try:\n"
+        "    raise OSError(28, 'No space left on device')\n"
+        "except OSError:\n"
+        "    absl_logging.exception('_SignalingThread.run() raised an exception')\n"
+        "logging.getLogger('asyncio').error(\"exception=OSError(28, 'No space left on device')\")\n"
+        "absl_logging.warning('Metadata file does not exist: /r/3/state/_CHECKPOINT_METADATA')\n"
+        "absl_logging.warning('a real warning')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stderr.strip().splitlines() == ["WARNING:absl:a real warning"], out.stderr
