@@ -119,6 +119,7 @@ class Checkpoints:
         raises CheckpointError naming the step directory, which is left untouched.
         """
         step_dir = self.directory / str(step)
+        _refuse_converted(step_dir)
         items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
         if iterator is not None:
             items["data"] = DataIteratorRestore(iterator)
@@ -139,6 +140,7 @@ class Checkpoints:
     def saved_settings(self, step: int) -> dict | None:
         """The run settings stored with checkpoint `step` (None for checkpoints without them)."""
         step_dir = self.directory / str(step)
+        _refuse_converted(step_dir)  # before a run writes anything into a converted MODEL_DIR
         try:
             return read_meta(os.fspath(step_dir)).get("settings")
         except _READ_ERRORS as e:
@@ -228,6 +230,20 @@ def restore_params(path: str, abstract_params):
     except _READ_ERRORS as e:
         raise CheckpointError(_explain(step_dir, e)) from None
     return restored["params"]
+
+
+def _refuse_converted(step_dir: epath.Path) -> None:
+    """A converted MODEL_DIR (switch_jax.convert) holds parameters only: no run resumes in it."""
+    try:
+        source = read_meta(os.fspath(step_dir)).get("converted_from")
+    except _READ_ERRORS:
+        return  # unreadable meta is reported by the restore itself
+    if source:
+        model_dir = step_dir.parent.parent
+        raise CheckpointError(
+            f"{model_dir} holds weights converted from {source} (parameters only, no training "
+            f"state): fine-tune from it with INIT_CHECKPOINT={model_dir} and a new MODEL_DIR"
+        )
 
 
 def _resolve_step_dir(path: epath.Path) -> epath.Path:

@@ -167,6 +167,7 @@ def test_export_round_trip_is_identical(imported, tmp_path):
             assert np.array_equal(first[key], second[key]), key
 
 
+@pytest.mark.slow  # imports torch
 @pytest.mark.skipif(
     importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None,
     reason="needs torch + transformers (pip install torch transformers) to load the export in HF",
@@ -395,3 +396,77 @@ def test_missing_weights_and_torch_files_are_named(tmp_path):
     os.remove(os.path.join(src, "model.safetensors"))
     with pytest.raises(ConfigError, match="no model.safetensors"):
         sources.open_hf(src)
+
+
+# --------------------------------------------------------------------------- released configs
+RELEASED = {
+    "switch-base-32.json": "models/switch_base_32.gin",
+    "switch-base-256.json": "models/switch_base_256.gin",
+    "t5-v1_1-base.json": "models/t5_1_1_base.gin",
+    "flan-t5-xxl.json": "models/t5_1_1_xxl.gin",
+}
+ARCHITECTURE = (
+    "vocab_size d_model d_ff num_heads head_dim num_encoder_layers num_decoder_layers activation "
+    "tied_logits relative_buckets relative_max_distance"
+).split()
+
+
+@pytest.mark.parametrize("config_file", sorted(RELEASED))
+def test_released_configs_convert_to_our_gin_model_files(config_file):
+    with open(os.path.join(FIXTURES, "released", config_file)) as f:
+        config = json.load(f)
+    tied = config.get("tie_word_embeddings", True)
+    hf = hf_config.from_hf(config, lm_head_separate=not tied)
+    gin_utils.parse_gin([RELEASED[config_file]])
+    ours = gin_utils.configured(ModelConfig)
+    for name in ARCHITECTURE:
+        assert getattr(hf.model_cfg, name) == getattr(ours, name), name
+    if ours.moe is None:
+        assert hf.model_cfg.moe is None
+        return
+    for name in ("num_experts", "top_k", "sparse_every"):
+        assert getattr(hf.model_cfg.moe, name) == getattr(ours.moe, name), name
+    # Training settings differ on purpose: our gin files keep the T5X values the checkpoints
+    # were trained with, config.json has HF's defaults (docs/checkpoints.md).
+    assert (ours.moe.aux_loss_coef, ours.moe.router_z_loss_coef, ours.moe.jitter_eps) == (
+        0.01,
+        0,
+        0,
+    )
+    assert (hf.model_cfg.moe.aux_loss_coef, hf.model_cfg.moe.router_z_loss_coef) == (1e-3, 1e-3)
+    assert hf.expert_capacity == 64 and hf.model_cfg.moe.jitter_eps == 0.01
+
+
+@pytest.mark.slow  # imports torch
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None, reason="pytorch_model.bin needs torch"
+)
+def test_pytorch_model_bin_in_bfloat16_imports(imported, tmp_path):
+    import ml_dtypes
+    import torch
+    from safetensors.numpy import load_file
+
+    src = fixture_copy(tmp_path)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    os.remove(os.path.join(src, "model.safetensors"))
+    as_torch = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in tensors.items()}
+    torch.save(as_torch, os.path.join(src, "pytorch_model.bin"))
+    out = str(tmp_path / "model")
+    cfg = convert.import_hf(src, out)
+    path, _ = imported["switch_tiny"]
+    first, second = flat_params(path, cfg), flat_params(out, cfg)
+    for key in first:
+        rounded = first[key].astype(ml_dtypes.bfloat16).astype(np.float32)
+        assert np.array_equal(second[key], rounded), key
+
+
+def test_no_run_resumes_in_a_converted_model_dir(imported):
+    path, _ = imported["switch_tiny"]
+    ckpts = checkpoints.Checkpoints(path, period=1, keep=1)
+    try:
+        assert ckpts.latest_step() == 0
+        # saved_settings is what train() asks first, before it writes anything into MODEL_DIR
+        with pytest.raises(checkpoints.CheckpointError, match=f"INIT_CHECKPOINT={path} and a new"):
+            ckpts.saved_settings(0)
+    finally:
+        ckpts.close()

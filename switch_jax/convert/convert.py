@@ -74,7 +74,7 @@ def import_hf(source_dir: str, model_dir: str, **write_options) -> ModelConfig:
         src,
         header,
         vocab,
-        {"source": source_dir, "format": "hf"},
+        {"converted_from": os.path.abspath(source_dir), "format": "hf"},
         **write_options,
     )
     return cfg
@@ -97,7 +97,7 @@ def import_t5x(source_dir: str, model_dir: str, cfg: ModelConfig, **write_option
         src,
         header,
         vocab,
-        {"source": source_dir, "format": "t5x"},
+        {"converted_from": os.path.abspath(source_dir), "format": "t5x"},
         **write_options,
     )
     return cfg

@@ -39,6 +39,8 @@ _REQUIRED = {
     "decoder_start_token_id": 0,  # our decoder inputs open with id 0
     "layer_norm_epsilon": 1e-6,
     "router_bias": False,
+    "num_selected_experts": 1,  # written by the 4.25 converter of the released Switch files
+    "router_type": "tokens_masked",  # (ditto): top-1 token choice with capacity masking
 }
 _MAPPED = frozenset(
     """vocab_size d_model d_kv d_ff num_heads num_layers num_decoder_layers dropout_rate
@@ -147,6 +149,14 @@ def _activation(config: dict, flavor: str) -> str:
         act = config.get("dense_act_fn", "relu")
         if act not in _SWITCH_ACT:
             raise ConfigError(f"config.json dense_act_fn={act!r} is not supported ({_SWITCH_ACT})")
+        # The released Switch configs also carry T5's feed_forward_proj / is_gated_act, which HF
+        # SwitchTransformers ignores; refuse them when they describe another MLP than ours.
+        proj = config.get("feed_forward_proj", act)
+        if proj != act or config.get("is_gated_act", False):
+            raise ConfigError(
+                f"config.json feed_forward_proj={proj!r} / is_gated_act disagree with "
+                f"dense_act_fn={act!r} (HF SwitchTransformers has no gated MLP)"
+            )
         return _SWITCH_ACT[act]
     proj = config.get("feed_forward_proj", "relu")
     if proj not in _T5_ACT:

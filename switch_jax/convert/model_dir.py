@@ -9,8 +9,10 @@ disk-backed memmap and written in chunks.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import datetime
+import gc
 import json
 import os
 import shutil
@@ -82,6 +84,7 @@ def write_params(
             if batch_bytes >= budget_bytes:
                 ocp_v1.partial.save(path, {"params": batch})
                 batch, batch_bytes = {}, 0
+                _release_memory()
         if batch:
             ocp_v1.partial.save(path, {"params": batch})
         ocp_v1.partial.finalize(path)
@@ -103,6 +106,17 @@ def _save_large(path: epath.Path, t: Tensor, dtype: str, scratch: str) -> None:
         ocp_v1.partial.save(path, {"params": _insert({}, t.path, value)})
     del value
     os.remove(os.path.join(scratch, "tensor.npy"))
+    _release_memory()
+
+
+def _release_memory() -> None:
+    """Hand freed buffers back to the OS between saves: glibc keeps them otherwise, and host
+    memory would grow with the model instead of staying at one batch (scripts/convert_memory.py)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
 
 
 def _insert(tree: dict, path: tuple[str, ...], value) -> dict:
