@@ -22,8 +22,13 @@ from switch_jax.convert import model_dir as md
 from switch_jax.models.config import ConfigError, ModelConfig
 
 VOCAB_NAMES = ("spiece.model", "sentencepiece.model")
-# HF writes these as copies (or aliases) of shared.weight; they carry nothing of their own.
-_HF_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+# Copies (or aliases) of shared.weight, and a cross-attention bias table that old T5 files carry
+# but no model reads (HF ignores it on load too): nothing of their own to convert.
+_HF_ALIASES = (
+    "encoder.embed_tokens.weight",
+    "decoder.embed_tokens.weight",
+    "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",
+)
 
 
 def find_vocabulary(directory: str) -> str | None:
