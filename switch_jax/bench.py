@@ -4,7 +4,12 @@ Benchmarks a gin-configured model on synthetic batches (no TensorFlow unless the
 variant runs and TF is installed) and prints a table, or JSON with --json:
   step        compile time, step time (median of --steps after --warmup), tokens/s, MFU, memory
   dense       the dense twin (moe=None, same shapes: same FLOPs per token); Switch/dense ratio
-  dispatch    one MoE layer fwd+bwd, einsum vs scatter, over group sizes x expert counts
+  dispatches  the train step with each of --dispatches and the dense twin, timed interleaved:
+              compile time, step time (wall and process CPU), Switch/dense ratios
+  breakdown   each sparse FFN (with its noise) vs the dense FFN at the run's token counts, and
+              the optimizer update over Switch vs dense parameters: the step delta they predict
+  dispatch    one MoE layer fwd+bwd per --dispatches and the dense FFN, over group sizes x
+              expert counts
   pipeline    the seqio task's packed rows/s vs the rows/s the step consumes
   checkpoint  the stall an async Orbax save adds to the step loop
 MFU uses metrics.py's peak table; on CPU the peak is a float32 matmul timed in this process.
@@ -20,8 +25,17 @@ from absl import flags
 
 from switch_jax import cli, gin_utils
 
-VARIANTS = ("step", "dense", "dispatch", "pipeline", "checkpoint")
-_VARIANTS = cli.define_flag(flags.DEFINE_list, "variants", list(VARIANTS), f"subset of {VARIANTS}")
+VARIANTS = ("step", "dense", "dispatches", "breakdown", "dispatch", "pipeline", "checkpoint")
+DEFAULT_VARIANTS = ("step", "dense", "dispatch", "pipeline", "checkpoint")
+_VARIANTS = cli.define_flag(
+    flags.DEFINE_list, "variants", list(DEFAULT_VARIANTS), f"subset of {VARIANTS}"
+)
+_DISPATCHES = cli.define_flag(
+    flags.DEFINE_list,
+    "dispatches",
+    ["einsum", "scatter", "sorted", "dropless"],
+    "dispatches compared by the dispatches and dispatch variants",
+)
 _JSON = cli.define_flag(
     flags.DEFINE_bool, "json", False, "print JSON on stdout (the table goes to stderr)"
 )
@@ -38,7 +52,7 @@ _TOKENS = cli.define_flag(
 )
 
 
-def run_benchmarks(configs, variants, *, steps, warmup, dispatch) -> dict:
+def run_benchmarks(configs, variants, *, steps, warmup, dispatch, dispatches=None) -> dict:
     """All requested variants; returns the JSON-ready results dict."""
     import jax
 
@@ -68,12 +82,20 @@ def run_benchmarks(configs, variants, *, steps, warmup, dispatch) -> dict:
         runners = [runner]
         if "dense" in variants and model_cfg.moe is not None:
             runners.append(step_bench.StepRunner(step_bench.dense_twin(configs)))
-        seconds = step_bench.time_interleaved(runners, steps, warmup)
-        out["step"] = step_bench.report(runner, seconds[0], peak)
+        seconds, cpu = step_bench.time_interleaved(runners, steps, warmup)
+        out["step"] = step_bench.report(runner, seconds[0], peak, cpu[0])
         if len(runners) > 1:
-            out["dense"] = step_bench.report(runners[1], seconds[1], peak)
+            out["dense"] = step_bench.report(runners[1], seconds[1], peak, cpu[1])
             out["switch_over_dense_step_time"] = step_bench.ratio(seconds[0], seconds[1])
+            out["switch_over_dense_cpu_time"] = step_bench.ratio(cpu[0], cpu[1])
             del runners[1]
+    if "dispatches" in variants and model_cfg.moe is not None:
+        names = dispatches or ["einsum", "scatter", "sorted", "dropless"]
+        out["dispatches"] = _step_per_dispatch(configs, names, steps, warmup, peak)
+    if "breakdown" in variants and model_cfg.moe is not None:
+        from switch_jax.benchmarks import breakdown  # noqa: PLC0415
+
+        out["breakdown"] = breakdown.bench_breakdown(configs, max(steps, 1))
     if "dispatch" in variants and model_cfg.moe is not None:
         from switch_jax.benchmarks import dispatch as dispatch_bench
 
@@ -89,6 +111,26 @@ def run_benchmarks(configs, variants, *, steps, warmup, dispatch) -> dict:
             out["pipeline"] = io.bench_pipeline(runner, out["step"]["step_s"])
         if "checkpoint" in variants:
             out["checkpoint"] = io.bench_checkpoint(runner)
+    return out
+
+
+def _step_per_dispatch(configs, dispatches, steps, warmup, peak) -> dict:
+    """Every dispatch's train step and the dense twin's, all in one interleaved loop (so all
+    of them live in memory at once: one model per dispatch, plus the dense one)."""
+    from switch_jax.benchmarks import step as step_bench  # noqa: PLC0415
+
+    runners = [step_bench.StepRunner(step_bench.dense_twin(configs))]
+    runners += [step_bench.StepRunner(step_bench.with_dispatch(configs, d)) for d in dispatches]
+    wall, cpu = step_bench.time_interleaved(runners, steps, warmup)
+    dense = step_bench.report(runners[0], wall[0], peak, cpu[0])
+    out = {}
+    for i, name in enumerate(dispatches, start=1):
+        out[name] = {
+            "switch": step_bench.report(runners[i], wall[i], peak, cpu[i]),
+            "dense": dense,
+            "over_dense_wall": step_bench.ratio(wall[i], wall[0]),
+            "over_dense_cpu": step_bench.ratio(cpu[i], cpu[0]),
+        }
     return out
 
 
@@ -114,14 +156,41 @@ def format_table(r: dict) -> str:
             f"step-paired ratios, range {q['paired_min']:.2f}-{q['paired_max']:.2f}; "
             f"of fastest steps {q['of_mins']:.3f})"
         )
+    if "switch_over_dense_cpu_time" in r:
+        q = r["switch_over_dense_cpu_time"]
+        lines.append(f"switch / dense step CPU time: {q['paired_median']:.3f}")
+    for name, d in r.get("dispatches", {}).items():
+        sw, de = d["switch"], d["dense"]
+        wall, cpu = d["over_dense_wall"]["paired_median"], d["over_dense_cpu"]["paired_median"]
+        lines.append(
+            f"dispatch {name:>8}: compile {sw['compile_s']:.1f}s (dense {de['compile_s']:.1f}s)  "
+            f"step {sw['step_s']:.3f}s vs {de['step_s']:.3f}s  switch/dense wall "
+            f"{wall:.3f}  cpu {cpu:.3f}"
+        )
+    if "breakdown" in r:
+        b = r["breakdown"]
+        for name, piece in b.items():
+            if isinstance(piece, dict):
+                lines.append(
+                    f"breakdown {name:>24} x{piece['count']}: switch {piece['switch_cpu_s']:.3f}s "
+                    f"dense {piece['dense_cpu_s']:.3f}s CPU (wall {piece['switch_s']:.3f} / "
+                    f"{piece['dense_s']:.3f})"
+                )
+        lines.append(
+            f"breakdown predicts a step delta of {b['predicted_step_delta_cpu_s']:.2f}s CPU "
+            f"({b['predicted_step_delta_s']:.2f}s wall)"
+        )
     if "dispatch" in r:
-        lines.append("MoE layer fwd+bwd, ns per token (dispatch E: T=...):")
+        lines.append("MoE layer fwd+bwd, ns per token [x dense FFN] (dispatch E: T=...):")
         table: dict = {}
         for row in r["dispatch"]["rows"]:
             table.setdefault((row["dispatch"], row["experts"]), []).append(row)
         for (d, e), rows in table.items():
-            cells = "  ".join(f"T{x['group_size']}={x['ns_per_token']:.0f}" for x in rows)
-            lines.append(f"  {d:>7} E{e:<3} {cells}")
+            cells = "  ".join(
+                f"T{x['group_size']}={x['ns_per_token']:.0f} [{x['over_dense_ffn']:.2f}]"
+                for x in rows
+            )
+            lines.append(f"  {d:>8} E{e:<3} {cells}")
     if "pipeline" in r:
         lines.append(f"pipeline: {json.dumps(r['pipeline'], default=_round)}")
     if "checkpoint" in r:
@@ -167,6 +236,7 @@ def main(argv) -> None:
         experts=[int(x) for x in _EXPERTS.value],
         total_tokens=_TOKENS.value,
         repeats=_REPEATS.value,
+        dispatches=_DISPATCHES.value,
     )
     result = run_benchmarks(
         cli.configs(),
@@ -174,6 +244,7 @@ def main(argv) -> None:
         steps=_STEPS.value,
         warmup=_WARMUP.value,
         dispatch=dispatch,
+        dispatches=_DISPATCHES.value,
     )
     _check_finite(result)
     text = json.dumps(result, indent=1)

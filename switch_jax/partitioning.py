@@ -32,6 +32,7 @@ from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from switch_jax.models.config import ConfigError, ModelConfig
+from switch_jax.models.moe import resolve_dispatch
 
 MESH_AXES = ("data", "expert", "model")
 BATCH_AXES = ("data", "expert")  # order matters: see the 'expert_group' rule
@@ -208,7 +209,9 @@ class Partitioner:
                 f"MoeConfig.num_experts={cfg.moe.num_experts} must be divisible by the expert "
                 f"axis ({expert}) of MESH_SHAPE"
             )
-        moe = dataclasses.replace(cfg.moe, num_expert_partitions=data * expert)
+        # 'auto' dispatch for the platform the step compiles for (TPU devices on a CPU host too).
+        dispatch = resolve_dispatch(cfg.moe.dispatch, self.mesh.devices.flat[0].platform)
+        moe = dataclasses.replace(cfg.moe, num_expert_partitions=data * expert, dispatch=dispatch)
         return dataclasses.replace(cfg, moe=moe)
 
     # --- shardings -----------------------------------------------------------------------------

@@ -175,8 +175,9 @@ def _token_sums(logits_BLV, batch, z_loss: float) -> dict:
     }
 
 
-def _router_metrics(stats: dict) -> dict:
-    """Per-stack router statistics, plus aux / router-z means over all sparse layers."""
+def _router_metrics(stats: dict, reduction: str = "mean") -> dict:
+    """Per-stack router statistics, plus aux / router-z over all sparse layers: their mean
+    (T5X) or sum (Mesh TF), MoeConfig.aux_loss_reduction."""
     out, aux, rz = {}, [], []
     for stack, s in stats.items():
         if s is None:
@@ -190,8 +191,9 @@ def _router_metrics(stats: dict) -> dict:
         out[f"{stack}/router_confidence"] = s.router_confidence
         out[f"{stack}/effective_capacity_factor"] = jnp.mean(s.effective_capacity_factor)
     zero = jnp.zeros([], jnp.float32)
-    out["mean_aux_loss"] = jnp.mean(jnp.concatenate(aux)) if aux else zero
-    out["mean_router_z_loss"] = jnp.mean(jnp.concatenate(rz)) if rz else zero
+    reduce = jnp.sum if reduction == "sum" else jnp.mean
+    out["mean_aux_loss"] = reduce(jnp.concatenate(aux)) if aux else zero
+    out["mean_router_z_loss"] = reduce(jnp.concatenate(rz)) if rz else zero
     return out
 
 
@@ -200,9 +202,11 @@ def _forward(
 ):
     model = nnx.merge(graphdef, params)
     logits_BLV, stats = model(batch, train=train, keys=keys)
+    moe = model.cfg.moe
+    router = _router_metrics(stats, moe.aux_loss_reduction if moe is not None else "mean")
     if objective is None:
-        return _token_sums(logits_BLV, batch, z_loss), _router_metrics(stats)
-    return objective(logits_BLV, batch, *extra, z_loss), _router_metrics(stats)
+        return _token_sums(logits_BLV, batch, z_loss), router
+    return objective(logits_BLV, batch, *extra, z_loss), router
 
 
 token_sums = _token_sums  # public: objectives (switch_jax.distill) build on the standard sums
@@ -278,11 +282,21 @@ def _check_batch(model_cfg: ModelConfig, batch: dict, partitioner: Partitioner, 
 # --- steps ----------------------------------------------------------------------------------
 
 
-def _step_keys(rng, step, microbatch) -> Keys:
+def _step_keys(rng, step, microbatch, rng_impl: str = "threefry") -> Keys:
     base = jax.random.fold_in(jax.random.fold_in(rng, step), microbatch)
-    return Keys(
+    keys = Keys(
         dropout=jax.random.fold_in(base, DROPOUT_STREAM),
         jitter=jax.random.fold_in(base, JITTER_STREAM),
+    )
+    if rng_impl == "threefry":
+        return keys
+    # The state keeps its threefry key (checkpoints unchanged); the step's noise keys are
+    # re-seeded from it for XLA's RngBitGenerator, much cheaper per draw on CPU.
+    return Keys(
+        *(
+            jax.random.wrap_key_data(jax.random.bits(k, (4,), jnp.uint32), impl=rng_impl)
+            for k in keys
+        )
     )
 
 
@@ -319,7 +333,7 @@ def make_train_step(
         norm = jnp.maximum(jnp.sum(weights.astype(jnp.float32)), 1.0)
 
         def loss_fn(params, microbatch, index):
-            keys = _step_keys(state.rng, state.step, index)
+            keys = _step_keys(state.rng, state.step, index, model_cfg.rng_impl)
             sums, router = _forward(
                 graphdef,
                 params,

@@ -80,7 +80,7 @@ def train(configs: Configs, *, operative_config: str = "") -> dict:
                     ckpts.saved_settings(latest), run.settings, configs.checkpoint.model_dir
                 )
             if jax.process_index() == 0:
-                _write_run_files(model_dir, operative_config, run.info)
+                _write_run_files(model_dir, operative_config, run.info, run.model_cfg)
             ckpts.check_free_space(run.setup.abstract_state, configs.checkpoint.keep)
             return _run(run, ckpts, lease, progress)
         except NonFiniteLossError as e:
@@ -346,12 +346,14 @@ def _prepare_model_dir(model_dir: str) -> epath.Path:
     return path
 
 
-def _write_run_files(model_dir: epath.Path, operative_config: str, info) -> None:
+def _write_run_files(model_dir: epath.Path, operative_config: str, info, model_cfg=None) -> None:
     if operative_config:
         _write_atomic(model_dir / "config.gin", operative_config)
     lines = [
         f"{k}: {v:,}" if isinstance(v, int) else f"{k}: {v:.4g}" for k, v in info.as_dict().items()
     ]
+    if model_cfg is not None and model_cfg.moe is not None:  # 'auto' resolved for the mesh
+        lines.append(f"moe_dispatch: {model_cfg.moe.dispatch}")
     _write_atomic(model_dir / "model-info.txt", "\n".join(lines) + "\n")
 
 

@@ -28,10 +28,11 @@ def test_bench_json_has_finite_positive_figures(tmp_path):
     dispatch = dict(group_sizes=[32], experts=[2], total_tokens=64, repeats=1)
     result = bench.run_benchmarks(
         gin_utils.load_configs(),
-        ["step", "dense", "dispatch", "checkpoint"],
+        ["step", "dense", "dispatches", "dispatch", "checkpoint"],
         steps=2,
         warmup=1,
         dispatch=dispatch,
+        dispatches=["sorted"],
     )
     result = json.loads(json.dumps(result))  # what --json prints
     assert _positive(result["peak_flops"])
@@ -42,8 +43,15 @@ def test_bench_json_has_finite_positive_figures(tmp_path):
         assert math.isfinite(figures["loss"])
     assert result["step"]["model"] == "switch" and result["dense"]["model"] == "dense"
     assert _positive(result["switch_over_dense_step_time"]["paired_median"])
+    sorted_step = result["dispatches"]["sorted"]
+    assert sorted_step["switch"]["dispatch"] == "sorted"
+    assert sorted_step["dense"]["model"] == "dense"
+    assert _positive(sorted_step["over_dense_cpu"]["paired_median"])
     rows = result["dispatch"]["rows"]
-    assert {(r["dispatch"], r["group_size"]) for r in rows} == {("einsum", 32), ("scatter", 32)}
+    assert {(r["dispatch"], r["group_size"]) for r in rows} == {
+        (d, 32) for d in ("einsum", "scatter", "sorted", "dropless")
+    }
+    assert all(_positive(r["over_dense_ffn"]) for r in rows)
     assert all(_positive(r["ns_per_token"]) for r in rows)
     ckpt = result["checkpoint"]
     assert _positive(ckpt["save_call"]["median_s"]) and _positive(ckpt["step_s_after_save"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -11,9 +12,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from switch_jax import steps
 from switch_jax.models.config import ConfigError, ModelConfig, MoeConfig
 from switch_jax.models.layers import Keys
 from switch_jax.models.moe import MoeLayer
+from tests.model_fixtures import forward, make_model, random_batch, tiny_config
 
 B, L, D, F, E = 2, 8, 8, 16, 4  # 16 tokens -> 2 groups of T = 8
 NO_NOISE = Keys()
@@ -158,8 +161,11 @@ def test_einsum_and_scatter_agree_in_bfloat16():
     np.testing.assert_allclose(ys[0], ys[1], rtol=2e-2, atol=2e-2 * np.abs(ys[0]).max())
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("dispatch", ["einsum", "scatter"])
+@pytest.mark.parametrize(
+    "dispatch, dtype",
+    [(d, t) for d in ("einsum", "scatter") for t in ("float32", "bfloat16")]
+    + [("sorted", "bfloat16")],
+)
 def test_dropped_token_output_is_exactly_zero(dispatch, dtype):
     layer = make_layer(moe_config(dtype, dispatch=dispatch))
     # Every token prefers expert 0 (feature 0 is positive and only it reaches the router), so
@@ -180,7 +186,7 @@ def test_dropped_token_output_is_exactly_zero(dispatch, dtype):
 # ----------------------------------------------------------------------------- router gradient
 
 
-@pytest.mark.parametrize("dispatch", ["einsum", "scatter"])
+@pytest.mark.parametrize("dispatch", ["einsum", "scatter", "sorted", "dropless"])
 def test_router_gets_the_gate_gradient_from_the_main_loss(dispatch):
     layer = make_layer(moe_config(dispatch=dispatch))
     x, mask = inputs(7)
@@ -311,3 +317,65 @@ def test_groups_route_independently():
     y2, _ = apply(layer, x2, train=True)
     np.testing.assert_array_equal(np.asarray(y1)[0], np.asarray(y2)[0])
     assert not np.array_equal(np.asarray(y1)[1], np.asarray(y2)[1])
+
+
+# ----------------------------------------------------------------------------- decoder, losses
+
+
+def _bpr_model():
+    moe = MoeConfig(
+        num_experts=4,
+        group_size=16,
+        min_capacity=1,
+        capacity_factor_train=0.5,  # C = 2 of 16 tokens per expert: most tokens drop
+        router_init_stddev=1.0,
+        batch_prioritized_routing=True,
+    )
+    cfg = tiny_config(moe=moe)
+    return cfg, make_model(cfg, seed=3)
+
+
+def test_decoder_ignores_batch_prioritized_routing():
+    cfg, model = _bpr_model()
+    enc_layer = model.encoder.blocks[1].layers[0].mlp
+    dec_layer = model.decoder.blocks[1].layers[0].mlp
+    assert enc_layer.moe.batch_prioritized_routing and not dec_layer.moe.batch_prioritized_routing
+    batch = random_batch(cfg, batch=2, length=8, seed=4)
+    base, stats = forward(model, batch, train=True)
+    assert float(stats["decoder"].fraction_dropped[0]) > 0.3
+    rng = np.random.default_rng(5)
+    for i in (0, 3, 6):  # later tokens of the group's last sequence change
+        changed = {k: v.copy() for k, v in batch.items()}
+        changed["decoder_input_tokens"][1, i + 1 :] = rng.integers(2, cfg.vocab_size, 7 - i)
+        logits, _ = forward(model, changed, train=True)
+        np.testing.assert_array_equal(np.asarray(logits)[1, : i + 1], np.asarray(base)[1, : i + 1])
+        np.testing.assert_array_equal(np.asarray(logits)[0], np.asarray(base)[0])
+    # The encoder does prioritise: the same parameters without it give other outputs (and the
+    # decoder routes alike in both, so the difference comes from the encoder).
+    plain = cfg.replace(moe=dataclasses.replace(cfg.moe, batch_prioritized_routing=False))
+    plain_logits, _ = forward(_with_cfg(model, plain), batch, train=True)
+    assert not np.allclose(np.asarray(plain_logits), np.asarray(base))
+    with pytest.raises(ConfigError, match="decoder_only"):
+        cfg.replace(architecture="decoder_only")
+
+
+def _with_cfg(model, cfg):
+    other = make_model(cfg, seed=3)
+    nnx.update(other, nnx.state(model, nnx.Param))
+    return other
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_aux_loss_reduction_over_layers(reduction):
+    cfg = tiny_config(num_encoder_layers=4, num_decoder_layers=2)  # 2 + 1 sparse layers
+    cfg = cfg.replace(moe=dataclasses.replace(cfg.moe, aux_loss_reduction=reduction))
+    graphdef, params = nnx.split(make_model(cfg), nnx.Param)
+    batch = random_batch(cfg, seed=6)
+    fn = jax.jit(lambda p: steps.compute_loss(cfg, graphdef, p, batch, train=True)[1])
+    m = jax.device_get(fn(params))
+    per_layer = np.concatenate([m["encoder/aux_loss"], m["decoder/aux_loss"]])
+    assert per_layer.shape == (3,) and np.all(per_layer > 0.5)
+    want = per_layer.sum() if reduction == "sum" else per_layer.mean()
+    np.testing.assert_allclose(m["aux_loss"], cfg.moe.aux_loss_coef * want, rtol=1e-6)
+    with pytest.raises(ConfigError, match="aux_loss_reduction"):
+        MoeConfig(aux_loss_reduction="max")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 
@@ -71,23 +72,14 @@ class StepRunner:
         return metrics.train_flops_per_step(self.info, self.data.batch_size)
 
 
-def time_interleaved(runners: list[StepRunner], steps: int, warmup: int) -> list[list[float]]:
-    """Step times of several runners, alternating step by step so that load from other
-    processes on a shared machine hits all of them alike."""
-    for runner in runners:
-        for _ in range(warmup):
-            jax.block_until_ready(runner.step())
-    seconds: list[list[float]] = [[] for _ in runners]
-    for _ in range(steps):
-        for runner, out in zip(runners, seconds, strict=True):
-            t0 = time.perf_counter()
-            jax.block_until_ready(runner.step())
-            out.append(time.perf_counter() - t0)
-    return seconds
+def time_interleaved(runners: list[StepRunner], steps: int, warmup: int):
+    """Wall and CPU step times of several runners, alternating step by step so that load from
+    other processes on a shared machine hits all of them alike: ([wall], [cpu]) per runner."""
+    return timing.interleaved([r.step for r in runners], steps, warmup)
 
 
-def report(runner: StepRunner, seconds: list[float], peak: float | None) -> dict:
-    """JSON-ready figures of one runner from its timed steps."""
+def report(runner: StepRunner, seconds: list[float], peak: float | None, cpu=None) -> dict:
+    """JSON-ready figures of one runner from its timed steps (wall, and CPU if given)."""
     t = timing.summarize(seconds)
     step_s = t["median_s"]
     return {
@@ -101,6 +93,8 @@ def report(runner: StepRunner, seconds: list[float], peak: float | None) -> dict
         "compile_s": runner.compile_s,
         "step_s": step_s,
         "step": t,
+        "cpu_s": statistics.median(cpu) if cpu else None,
+        "dispatch": runner.model_cfg.moe.dispatch if runner.model_cfg.moe else None,
         "tokens_per_s": runner.tokens_per_step / step_s,
         "mfu": metrics.mfu(runner.flops_per_step, step_s, peak) if peak else None,
         "mfu_best_step": metrics.mfu(runner.flops_per_step, t["min_s"], peak) if peak else None,
@@ -121,6 +115,11 @@ def ratio(a: list[float], b: list[float]) -> dict:
         "paired_min": pairs[0],
         "paired_max": pairs[-1],
     }
+
+
+def with_dispatch(configs: Configs, dispatch: str) -> Configs:
+    moe = dataclasses.replace(configs.model.moe, dispatch=dispatch)
+    return configs.replace(model=configs.model.replace(moe=moe))
 
 
 def dense_twin(configs: Configs) -> Configs:

@@ -24,6 +24,30 @@ def summarize(seconds: list[float]) -> dict:
     }
 
 
+def timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    """(wall, process CPU) seconds of `fn()` blocked until ready. On a shared machine the CPU
+    time (all of this process's threads) is the steadier measure of the work done."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
+def interleaved(fns: list[Callable[[], Any]], repeats: int, warmup: int = 1):
+    """Wall and CPU seconds of each fn, calls alternating so that outside load hits all alike:
+    ([wall per fn], [cpu per fn])."""
+    for fn in fns:
+        for _ in range(warmup):
+            jax.block_until_ready(fn())
+    wall: list[list[float]] = [[] for _ in fns]
+    cpu: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, w, c in zip(fns, wall, cpu, strict=True):
+            dw, dc = timed(fn)
+            w.append(dw)
+            c.append(dc)
+    return wall, cpu
+
+
 def time_calls(fn: Callable[[], Any], steps: int, warmup: int = 1) -> dict:
     """Wall time of `fn()` (blocked until ready), `warmup` untimed calls first."""
     for _ in range(warmup):

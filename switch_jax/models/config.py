@@ -6,7 +6,13 @@ import dataclasses
 from typing import Literal
 
 Activation = Literal["relu", "geglu", "gelu"]
-Dispatch = Literal["einsum", "scatter"]
+# 'auto' resolves per platform (models/moe.resolve_dispatch): einsum on TPU, the fastest measured
+# path elsewhere (docs/benchmarks.md).
+Dispatch = Literal["auto", "einsum", "scatter", "sorted", "dropless"]
+DISPATCHES = ("auto", "einsum", "scatter", "sorted", "dropless")
+GroupedMatmul = Literal["auto", "ragged_dot", "blocked"]
+LayerReduction = Literal["mean", "sum"]
+RngImpl = Literal["threefry", "rbg", "unsafe_rbg"]
 Architecture = Literal["encoder_decoder", "decoder_only"]
 
 
@@ -35,7 +41,15 @@ class MoeConfig:
     jitter_eps: float = 0.0
     router_init_stddev: float = 2e-2
     expert_dropout_rate: float = 0.0
-    dispatch: Dispatch = "scatter"
+    dispatch: Dispatch = "auto"
+    # How 'sorted' / 'dropless' run the experts on their sorted rows: jax.lax.ragged_dot
+    # (GPU/TPU), or dense matmuls over padded per-expert segments ('blocked', fast on CPU).
+    grouped_matmul: GroupedMatmul = "auto"
+    # Rows per segment block of 'dropless' with grouped_matmul='blocked'.
+    dropless_block_size: int = 128
+    # How the per-layer aux and router z losses are combined over the sparse layers: 'mean' as
+    # T5X's code (and our default), 'sum' as the paper's Mesh TF code.
+    aux_loss_reduction: LayerReduction = "mean"
     batch_prioritized_routing: bool = False
     router_dtype: str = "float32"
 
@@ -55,8 +69,17 @@ class MoeConfig:
         _require(0 <= self.jitter_eps < 1, "MoeConfig.jitter_eps must be in [0, 1)")
         _require(0 <= self.expert_dropout_rate < 1, "MoeConfig.expert_dropout_rate in [0, 1)")
         _require(
-            self.dispatch in ("einsum", "scatter"),
-            f"MoeConfig.dispatch={self.dispatch!r} must be 'einsum' or 'scatter'",
+            self.dispatch in DISPATCHES,
+            f"MoeConfig.dispatch={self.dispatch!r} must be one of {'|'.join(DISPATCHES)}",
+        )
+        _require(
+            self.grouped_matmul in ("auto", "ragged_dot", "blocked"),
+            f"MoeConfig.grouped_matmul={self.grouped_matmul!r} must be auto|ragged_dot|blocked",
+        )
+        _require(self.dropless_block_size >= 1, "MoeConfig.dropless_block_size must be >= 1")
+        _require(
+            self.aux_loss_reduction in ("mean", "sum"),
+            f"MoeConfig.aux_loss_reduction={self.aux_loss_reduction!r} must be 'mean' or 'sum'",
         )
         _require(
             self.router_dtype in ("float32", "bfloat16"),
@@ -94,6 +117,11 @@ class ModelConfig:
     relative_bias_init_scale: float = 0.1
     scan_layers: bool = False
     z_loss: float = 1e-4  # output-logits z-loss coefficient (T5X's EncoderDecoderModel z_loss)
+    # PRNG of the dropout and jitter noise: 'threefry' (identical on every mesh), or XLA's
+    # RngBitGenerator ('rbg', 'unsafe_rbg', as T5X offers): much cheaper per draw, but the
+    # noise then depends on the mesh and the compiler. The saved train-state key is threefry
+    # either way.
+    rng_impl: RngImpl = "threefry"
     moe: MoeConfig | None = dataclasses.field(default_factory=MoeConfig)
 
     def __post_init__(self):
@@ -116,6 +144,19 @@ class ModelConfig:
         _require(self.z_loss >= 0, "ModelConfig.z_loss must be >= 0")
         _require(
             self.relative_bias_init_scale > 0, "ModelConfig.relative_bias_init_scale must be > 0"
+        )
+        _require(
+            self.rng_impl in ("threefry", "rbg", "unsafe_rbg"),
+            f"ModelConfig.rng_impl={self.rng_impl!r} must be threefry|rbg|unsafe_rbg",
+        )
+        _require(
+            not (
+                self.architecture == "decoder_only"
+                and self.moe is not None
+                and self.moe.batch_prioritized_routing
+            ),
+            "MoeConfig.batch_prioritized_routing would let later tokens decide whether earlier "
+            "ones are dropped; a decoder ignores it, so a decoder_only model cannot use it",
         )
         if self.scan_layers and self.moe is not None and self.moe.sparse_every > 0:
             for n in self.stack_depths():

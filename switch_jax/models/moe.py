@@ -6,16 +6,37 @@ C capacity, K experts per token.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from switch_jax.models import routing
-from switch_jax.models.config import ModelConfig
+from switch_jax.models import grouped, routing
+from switch_jax.models.config import ModelConfig, MoeConfig
 from switch_jax.models.layers import Keys, activate, constrain, dropout, kernel_param, param
 
 JITTER_STREAM = 1  # fold-in constants keep the layer's noise streams independent
 EXPERT_DROPOUT_STREAM = 2
+
+# What 'auto' means per platform: a capacity dispatch everywhere (so the trained function does
+# not depend on the platform; 'dropless' is a different model), the fastest one measured
+# (docs/benchmarks.md). GPU is unmeasured: it takes the grouped-matmul path it was built for.
+AUTO_DISPATCH = {"tpu": "einsum", "gpu": "sorted", "cpu": "scatter"}
+
+
+def resolve_dispatch(dispatch: str, platform: str) -> str:
+    """The concrete dispatch `dispatch` ('auto' or a name) means on `platform`."""
+    if dispatch != "auto":
+        return dispatch
+    return AUTO_DISPATCH.get(platform, "scatter")
+
+
+def resolve_grouped_matmul(moe: MoeConfig, platform: str) -> str:
+    """'ragged_dot' on GPU/TPU (XLA:CPU lowers it ~7x slower than dense matmuls), else blocked."""
+    if moe.grouped_matmul != "auto":
+        return moe.grouped_matmul
+    return "blocked" if platform == "cpu" else "ragged_dot"
 
 
 class MoeLayer(nnx.Module):
@@ -42,6 +63,9 @@ class MoeLayer(nnx.Module):
     ) -> tuple[jax.Array, routing.RouterStats]:
         B, L, D = x_BLD.shape
         moe = self.moe
+        # Partitioner.adapt_model_config resolves 'auto' for the mesh's devices (AOT for TPU on
+        # a CPU host); a bare layer resolves it for the default backend.
+        dispatch = resolve_dispatch(moe.dispatch, jax.default_backend())
         G = routing.num_groups(B * L, moe.group_size, moe.num_expert_partitions)
         T = B * L // G
         x_GTD = constrain(x_BLD.reshape(G, T, D), ("batch", "length", "embed"))
@@ -58,7 +82,9 @@ class MoeLayer(nnx.Module):
             dtype=moe.router_dtype,
         )
         cf = moe.capacity_factor_train if train else moe.capacity_factor_eval
-        capacity = routing.expert_capacity(T, moe.num_experts, cf, moe.min_capacity)
+        capacity = None
+        if dispatch != "dropless":
+            capacity = routing.expert_capacity(T, moe.num_experts, cf, moe.min_capacity)
         route, stats = routing.route(
             logits_GTE,
             mask_GT,
@@ -66,9 +92,47 @@ class MoeLayer(nnx.Module):
             capacity=capacity,
             batch_prioritized=moe.batch_prioritized_routing,
         )
-        dispatch_fn = _einsum_dispatch if moe.dispatch == "einsum" else _scatter_dispatch
-        y_GTD = dispatch_fn(x_GTD, route, moe.num_experts, lambda x: self._experts(x, keys))
+        experts = lambda x: self._experts(x, keys)  # noqa: E731
+        if dispatch in ("einsum", "scatter"):
+            dispatch_fn = _einsum_dispatch if dispatch == "einsum" else _scatter_dispatch
+            y_GTD = dispatch_fn(x_GTD, route, moe.num_experts, experts)
+            return y_GTD.reshape(B, L, D), stats
+        impl = resolve_grouped_matmul(moe, jax.default_backend())
+        r = route
+        if dispatch == "sorted" and (impl == "blocked" or grouped.expert_shards() > 1):
+            # Capacity-bounded segments: dense matmuls, and the all-to-all of [E, G, C, D].
+            y_GTD = grouped.capacity_rows(
+                x_GTD, r.expert_GTK, r.kept_GTK, r.gate_GTK, capacity, moe.num_experts, experts
+            )
+        else:
+            weights = (self.wi[...], None if self.wi_gate is None else self.wi_gate[...])
+            weights += (self.wo[...],)
+            y_GTD = grouped.row_dispatch(
+                x_GTD,
+                r.expert_GTK,
+                r.kept_GTK,
+                r.gate_GTK,
+                weights,
+                self._dropout_key(keys),
+                functools.partial(self._rows_ffn, impl=impl),
+            )
         return y_GTD.reshape(B, L, D), stats
+
+    def _dropout_key(self, keys: Keys):
+        if keys.dropout is None or self.moe.expert_dropout_rate <= 0:
+            return None
+        return jax.random.fold_in(keys.dropout, EXPERT_DROPOUT_STREAM)
+
+    def _rows_ffn(self, x_RD, sizes_E, weights, key, *, impl: str):
+        """The experts on rows sorted by expert (segment sizes_E): grouped matmuls."""
+        dt, block = self.cfg.dtype, self.moe.dropless_block_size
+        wi, wi_gate, wo = weights
+        h_RF = grouped.grouped_matmul(x_RD, wi.astype(dt), sizes_E, impl, block)
+        gate = None
+        if wi_gate is not None:
+            gate = grouped.grouped_matmul(x_RD, wi_gate.astype(dt), sizes_E, impl, block)
+        h_RF = dropout(activate(self.cfg, h_RF, gate), self.moe.expert_dropout_rate, key)
+        return grouped.grouped_matmul(h_RF, wo.astype(dt), sizes_E, impl, block)
 
     def _experts(self, x_GECD: jax.Array, keys: Keys) -> jax.Array:
         """Token-sharded -> expert-sharded (all-to-all), run the experts, and back."""
@@ -83,12 +147,7 @@ class MoeLayer(nnx.Module):
             gate = jnp.einsum("egcd,edf->egcf", x_EGCD, self.wi_gate[...].astype(dt))
         h_EGCF = activate(self.cfg, h_EGCF, gate)
         h_EGCF = constrain(h_EGCF, ("expert", "expert_group", "expert_capacity", "mlp"))
-        key = (
-            None
-            if keys.dropout is None
-            else jax.random.fold_in(keys.dropout, EXPERT_DROPOUT_STREAM)
-        )
-        h_EGCF = dropout(h_EGCF, self.moe.expert_dropout_rate, key)
+        h_EGCF = dropout(h_EGCF, self.moe.expert_dropout_rate, self._dropout_key(keys))
         y_EGCD = jnp.einsum("egcf,efd->egcd", h_EGCF, self.wo[...].astype(dt))
         y_EGCD = constrain(y_EGCD, ("expert", "expert_group", "expert_capacity", "embed"))
         y_GECD = jnp.swapaxes(y_EGCD, 0, 1)
@@ -111,24 +170,22 @@ def _einsum_dispatch(x_GTD, route: routing.Routing, num_experts: int, experts):
 
 
 def _scatter_dispatch(x_GTD, route: routing.Routing, num_experts: int, experts):
-    """Index gather/scatter: cost O(G*T*D) plus the experts, linear in tokens."""
+    """Index gather/scatter: cost O(G*T*D) plus the experts, linear in tokens. Rows move by
+    `take_rows` (its backward is the inverse gather, not a serial scatter-add)."""
     G, T, D = x_GTD.shape
     C = route.capacity
     K = route.expert_GTK.shape[-1]
-    slots = num_experts * C
-    flat_GTK = route.expert_GTK * C + route.slot_GTK
-    # Which token fills each slot (T = empty); dropped assignments write out of bounds.
-    target_GTK = jnp.where(route.kept_GTK, flat_GTK, slots)
-    token_GTK = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :, None], (G, T, K))
-    source_GS = jnp.full((G, slots), T, jnp.int32)
-    source_GS = jax.vmap(lambda s, i, t: s.at[i.ravel()].set(t.ravel(), mode="drop"))(
-        source_GS, target_GTK, token_GTK
-    )
-    padded_GTD = jnp.concatenate([x_GTD, jnp.zeros((G, 1, D), x_GTD.dtype)], axis=1)
-    x_GSD = jnp.take_along_axis(padded_GTD, source_GS[..., None], axis=1)
+    slots, A = num_experts * C, T * K
+    # Slot of each assignment (slots: dropped) and the assignment filling each slot (A: empty).
+    dst_GA = jnp.where(route.kept_GTK, route.expert_GTK * C + route.slot_GTK, slots)
+    dst_GA = dst_GA.reshape(G, A).astype(jnp.int32)
+    assignment_A = jnp.arange(A, dtype=jnp.int32)
+    src_GS = jax.vmap(
+        lambda d: jnp.full((slots,), A, jnp.int32).at[d].set(assignment_A, mode="drop")
+    )(dst_GA)
+    x_GAD = jnp.repeat(x_GTD, K, axis=1) if K > 1 else x_GTD
+    x_GSD = jax.vmap(grouped.take_rows)(x_GAD, src_GS, dst_GA)
     y_GSD = experts(x_GSD.reshape(G, num_experts, C, D)).reshape(G, slots, D)
-    safe_GTK = jnp.where(route.kept_GTK, flat_GTK, 0)
-    y_GTKD = jnp.take_along_axis(y_GSD, safe_GTK.reshape(G, T * K)[..., None], axis=1)
-    y_GTKD = y_GTKD.reshape(G, T, K, D)
+    y_GTKD = jax.vmap(grouped.take_rows)(y_GSD, dst_GA, src_GS).reshape(G, T, K, D)
     gate_GTK = route.gate_GTK.astype(x_GTD.dtype)
     return jnp.einsum("gtkd,gtk->gtd", y_GTKD, gate_GTK)

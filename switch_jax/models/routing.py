@@ -21,7 +21,7 @@ class Routing(NamedTuple):
     slot_GTK: jax.Array  # int32 position inside that expert's buffer (meaningless if not kept)
     kept_GTK: jax.Array  # bool: assignment fits in capacity and the token is real
     gate_GTK: jax.Array  # float32 router probability of the chosen expert, 0 where not kept
-    capacity: int
+    capacity: int | None  # None: dropless (no capacity, slots unused)
 
 
 class RouterStats(NamedTuple):
@@ -32,7 +32,9 @@ class RouterStats(NamedTuple):
     expert_fraction: jax.Array  # [E] fraction of real token assignments sent to each expert
     fraction_dropped: jax.Array  # fraction of real token assignments over capacity
     router_confidence: jax.Array  # mean over real tokens of the summed top-k probabilities
-    effective_capacity_factor: jax.Array  # C * E / (T * K): the capacity factor really used
+    # C * E / (T * K): the capacity factor really used. Dropless: the one the busiest expert
+    # of the busiest group needed (no assignment dropped at or above it).
+    effective_capacity_factor: jax.Array
 
 
 def expert_capacity(
@@ -89,11 +91,12 @@ def route(
     token_mask_GT: jax.Array,
     *,
     top_k: int,
-    capacity: int,
+    capacity: int | None,
     batch_prioritized: bool = False,
 ) -> tuple[Routing, RouterStats]:
     """Choose experts, assign capacity slots in token order and compute losses and statistics.
 
+    `capacity=None` routes dropless: every real token's assignments are kept, no slots.
     Softmax runs over all experts before the top-k choice, so with k=1 the gate is a real
     probability that carries gradient to the router (unlike softmax over the selected logits).
     First choices of all tokens take slots before any second choice (GShard priority).
@@ -104,9 +107,12 @@ def route(
     gate_GTK, expert_GTK = _top_k(probs_GTE, top_k)
     wants_GTK = jnp.broadcast_to(real_GT[..., None], expert_GTK.shape)
 
-    order_GT = _priority_order(probs_GTE, real_GT, batch_prioritized)
-    slot_GTK = _slots_in_priority_order(expert_GTK, wants_GTK, order_GT, E)
-    kept_GTK = wants_GTK & (slot_GTK < capacity)
+    if capacity is None:
+        slot_GTK, kept_GTK = jnp.zeros_like(expert_GTK), wants_GTK
+    else:
+        order_GT = _priority_order(probs_GTE, real_GT) if batch_prioritized else None
+        slot_GTK = _slots_in_priority_order(expert_GTK, wants_GTK, order_GT, E)
+        kept_GTK = wants_GTK & (slot_GTK < capacity)
     routing = Routing(
         expert_GTK=expert_GTK,
         slot_GTK=slot_GTK,
@@ -131,27 +137,29 @@ def _top_k(probs_GTE: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return jnp.stack(gates, -1), jnp.stack(experts, -1)
 
 
-def _priority_order(probs_GTE, real_GT, batch_prioritized):
-    """Token order in which slots are handed out: sequence order, or by descending confidence."""
-    G, T, _ = probs_GTE.shape
-    if not batch_prioritized:
-        return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (G, T))
+def _priority_order(probs_GTE, real_GT):
+    """Batch-prioritized token order: by descending confidence, padding last, ties in order."""
     confidence_GT = jnp.where(real_GT, probs_GTE.max(-1), -1.0)
     return jnp.argsort(-confidence_GT, axis=-1, stable=True).astype(jnp.int32)
 
 
 def _slots_in_priority_order(expert_GTK, wants_GTK, order_GT, num_experts):
-    """0-based position of each assignment in its expert's queue (cumsum over priority order)."""
+    """0-based position of each assignment in its expert's queue (cumsum over priority order;
+    `order_GT=None` is token order, which needs no permutation)."""
     G, T, K = expert_GTK.shape
     take = jax.vmap(lambda a, idx: a[idx])
     onehot_GTKE = jax.nn.one_hot(expert_GTK, num_experts, dtype=jnp.int32)
     onehot_GTKE = onehot_GTKE * wants_GTK[..., None]
+    if order_GT is not None:
+        onehot_GTKE = take(onehot_GTKE, order_GT)
     # Priority runs over (k, token): every first choice, then every second choice.
-    ordered_GKTE = jnp.swapaxes(take(onehot_GTKE, order_GT), 1, 2)
+    ordered_GKTE = jnp.swapaxes(onehot_GTKE, 1, 2)
     position_GKTE = jnp.cumsum(ordered_GKTE.reshape(G, K * T, num_experts), axis=1)
     position_GKTE = position_GKTE.reshape(G, K, T, num_experts) - 1
     slot_GKT = jnp.sum(position_GKTE * ordered_GKTE, axis=-1)
     slot_ordered_GTK = jnp.swapaxes(slot_GKT, 1, 2)
+    if order_GT is None:
+        return slot_ordered_GTK.astype(jnp.int32)
     inverse_GT = jnp.argsort(order_GT, axis=-1)
     return take(slot_ordered_GTK, inverse_GT).astype(jnp.int32)
 
@@ -174,11 +182,16 @@ def _stats(logits_GTE, probs_GTE, expert_GTK, gate_GTK, real_GT, kept_GTK, capac
     expert_fraction = jnp.einsum("gtke,gt->e", jax.nn.one_hot(expert_GTK, E), real_f) / assigned
     dropped = jnp.sum(real_f[..., None] * (1.0 - kept_GTK.astype(jnp.float32))) / assigned
     confidence = jnp.sum(gate_GTK.sum(-1) * real_f) / n_real
+    if capacity is None:
+        load_GE = jnp.einsum("gtke,gt->ge", jax.nn.one_hot(expert_GTK, E), real_f)
+        effective = jnp.max(load_GE) * E / (T * K)
+    else:
+        effective = jnp.asarray(capacity * E / (T * K), jnp.float32)
     return RouterStats(
         aux_loss=aux,
         router_z_loss=router_z,
         expert_fraction=expert_fraction,
         fraction_dropped=dropped,
         router_confidence=confidence,
-        effective_capacity_factor=jnp.asarray(capacity * E / (T * K), jnp.float32),
+        effective_capacity_factor=effective,
     )

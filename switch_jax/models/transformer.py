@@ -10,6 +10,8 @@ once); `decode` runs new positions against it. The training path (`__call__`) do
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -129,6 +131,10 @@ class Stack(nnx.Module):
     def __init__(
         self, cfg: ModelConfig, *, num_layers: int, causal: bool, cross: bool, rngs: nnx.Rngs
     ):
+        if causal and cfg.moe is not None and cfg.moe.batch_prioritized_routing:
+            # Slots by confidence would let later tokens decide whether an earlier one is
+            # dropped: a decoder routes in token order (flaxformer forbids it there too).
+            cfg = cfg.replace(moe=dataclasses.replace(cfg.moe, batch_prioritized_routing=False))
         self.cfg, self.causal = cfg, causal
         self.relpos_bias = RelativePositionBias(cfg, bidirectional=not causal, rngs=rngs)
         self.final_norm = RMSNorm(cfg, rngs=rngs)
