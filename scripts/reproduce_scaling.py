@@ -12,7 +12,9 @@ layer), for each of --seeds seeds (seed s = init seed s and data order s, shared
 that differences between models are paired). Phase `distill` distils each seed's Switch teacher
 (--distill_experts) into its dense twin with switch_jax.distill (student initialised from the
 teacher's non-expert weights, 0.25 x soft + 0.75 x hard loss; paper §4.2), plus, for seed 0, the
-two ablations of Table 6 (init only, distillation without init). Outputs in --out:
+two ablations of Table 6 (init only, distillation without init). Phase `checks` (not run by
+default) trains that Switch model with a bfloat16 router (Table 2) and with the 1.0x init scale
+(Table 3). Outputs in --out:
   results.json       every run's validation curve (step, training seconds) and the summary
   teachers/          each seed's teacher parameters (what phase `distill` reads)
   *.png              loss vs step / vs wall-clock, step speedup vs experts, distillation gain kept
@@ -33,30 +35,31 @@ TASK = "embedded_span_corruption"
 
 # Each scale is a full set of defaults; any flag given explicitly overrides it.
 SCALES = {
-    # The demo's layout (2+2 layers, layer 1 of each stack a Switch layer) on short sequences
-    # with a 2048-id vocabulary trained on the embedded corpus (the output softmax no longer
-    # dominates the step), float32 activations (XLA:CPU's batched matmuls are slow in bf16), one
-    # MoE group per batch; 2 seeds x 400 steps fit about an hour on a shared 2-core CPU.
+    # The demo's layout (d_model 128, 2+2 layers, layer 1 of each stack a Switch layer, vocab
+    # 8192) at batch 16 x 128/32, float32 activations (XLA:CPU's batched matmuls are slow in
+    # bf16), one MoE group per batch. Switch only overtakes the dense model after ~1 M tokens
+    # here (docs/benchmarks.md), so one seed of 700 steps per model fits the hour; add seeds with
+    # --seeds=N (N x the time) for error bars.
     "cpu": dict(
-        experts="2,8,32",
-        seeds=2,
-        steps=400,
+        experts="2,32",
+        seeds=1,
+        steps=700,
         batch_size=16,
-        inputs_length=64,
-        targets_length=16,
+        inputs_length=128,
+        targets_length=32,
         d_model=128,
         d_ff=512,
         heads=4,
         layers=2,
         sparse_every=2,
-        vocab_size=2048,
+        vocab_size=8192,
         learning_rate=0.03,
         eval_every=50,
-        eval_batches=12,
+        eval_batches=6,
         eval_batch_size=32,
         dtype="float32",
         dispatch="scatter",
-        group_size=1024,
+        group_size=2048,
     ),
     "smoke": dict(
         experts="2,4",
@@ -107,7 +110,9 @@ SCALES = {
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
-    p.add_argument("--phases", default="scaling,distill", help="scaling, distill or both")
+    p.add_argument(
+        "--phases", default="scaling,distill", help="comma list of scaling, distill, checks"
+    )
     p.add_argument("--out", default=None, help="default out/scaling_<scale>")
     p.add_argument("--no_plots", action="store_true", help="skip the PNGs (no matplotlib)")
     p.add_argument("--distill_experts", type=int, default=None, help="teacher E (default: max)")
@@ -309,6 +314,23 @@ def run_scaling(args, trainer: Trainer, train, val, results: dict, flush, seed: 
         flush()
 
 
+def run_checks(args, trainer: Trainer, train, val, results: dict, flush, seed: int) -> None:
+    """Tables 2 and 3 at small scale: a bfloat16 router, and the 1.0x (not 0.1x) init scale."""
+    import dataclasses  # noqa: PLC0415
+
+    base = model_config(args, args.distill_experts)
+    variants = {
+        "router-bfloat16": base.replace(moe=dataclasses.replace(base.moe, router_dtype="bfloat16")),
+        "init-scale-1.0": base.replace(init_scale=1.0),
+    }
+    for name, cfg in variants.items():
+        trainer.compiled(name, cfg)
+        record, _ = trainer.run(f"{name} s{seed}", name, trainer.init(name, seed), train[seed], val)
+        record["against"] = f"switch-{args.distill_experts}"
+        results["checks"].setdefault(name, {})[str(seed)] = record
+        flush()
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     check_extras(args)
@@ -318,10 +340,11 @@ def main(argv=None) -> None:
     jax.config.update("jax_compilation_cache_dir", os.path.join(args.out, ".jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     path = os.path.join(args.out, "results.json")
-    results = {"runs": {}, "distill": {}}
-    if "scaling" not in args.phases and os.path.exists(path):
+    results = {"runs": {}, "distill": {}, "checks": {}}
+    if "scaling" not in args.phases and os.path.exists(path):  # add to an earlier run's results
         with open(path) as f:
-            results.update({k: v for k, v in json.load(f).items() if k in ("runs", "distill")})
+            saved = json.load(f)
+        results.update({k: v for k, v in saved.items() if k in ("runs", "distill", "checks")})
     results["args"] = vars(args)
     t_start = time.perf_counter()
 
@@ -339,6 +362,8 @@ def main(argv=None) -> None:
     for seed in range(args.seeds):
         if "scaling" in args.phases:
             run_scaling(args, trainer, train, val, results, flush, seed)
+        if "checks" in args.phases:
+            run_checks(args, trainer, train, val, results, flush, seed)
         if "distill" in args.phases:
             distill_phase.run(
                 args, trainer, train, val, results, flush, model_config, load_params, seed

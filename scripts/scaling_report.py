@@ -133,6 +133,20 @@ def markdown(summary: dict, results: dict) -> str:
                 + (f" ± {100 * kept['std']:.0f}" if kept["n"] > 1 else "")
             )
             lines.append(f"| {variant} | {_fmt(row['final'], 4)} | {pct} |")
+    checks = results.get("checks") or {}
+    if checks:
+        lines += [
+            "",
+            "| check (same seed, batches) | final val loss | reference model | its loss |",
+            "|---|---|---|---|",
+        ]
+        for name, seeds in checks.items():
+            for seed, run in sorted(seeds.items()):
+                ref = results["runs"].get(run["against"], {}).get(seed)
+                ref_loss = f"{_final(ref):.4f}" if ref else "-"
+                lines.append(
+                    f"| {name} (seed {seed}) | {_final(run):.4f} | {run['against']} | {ref_loss} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -192,7 +206,6 @@ def plot(summary: dict, results: dict, out: str) -> list[str]:
     errs = [rows[n]["final"]["std"] for n in rows]
     ax1.errorbar(experts, means, yerr=errs, fmt="o-", capsize=3)
     ax1.set(
-        xscale="log",
         xlabel="experts (1 = dense)",
         ylabel="final validation loss",
         title="Loss vs experts (± std over seeds)",
@@ -210,11 +223,14 @@ def plot(summary: dict, results: dict, out: str) -> list[str]:
     )
     ax2.axhline(1.0, color="gray", ls=":", lw=0.8)
     ax2.set(
-        xscale="log",
         xlabel="experts",
         ylabel="step speedup to dense final loss",
         title="Step speedup vs experts (Fig. 4 / 5 style)",
     )
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(experts, [str(e) for e in experts])
+        ax.minorticks_off()
     save(fig, "speedup.png")
 
     if summary["distill"]:
