@@ -175,8 +175,8 @@ def _run(run: run_builder.Run, ckpts, lease, progress: dict) -> dict:
         loop.flush()
     profiler.close()
     logger.close()
+    ckpts.wait()  # the summary names a committed checkpoint; every process (Orbax may sync)
     if chief:
-        ckpts.wait()  # the summary names a committed checkpoint
         lines = console.summary_lines(
             first_step=first_step,
             step=step,
