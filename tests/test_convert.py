@@ -470,3 +470,23 @@ def test_no_run_resumes_in_a_converted_model_dir(imported):
             ckpts.saved_settings(0)
     finally:
         ckpts.close()
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+    cases = [
+        (["--from=hf", "--to=hf", "--model_dir=x"], "exactly one of --from"),
+        (["--from=hf", f"--source={tmp_path}", f"--model_dir={tmp_path}/m"], "has no config.json"),
+        (["--to=hf", f"--model_dir={tmp_path}", "--output=o"], "has no config.gin"),
+    ]
+    for args, message in cases:
+        out = subprocess.run(
+            [sys.executable, "-m", "switch_jax.convert", *args],
+            capture_output=True, text=True, env=env, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 2, out.stderr[-2000:]
+        lines = [ln for ln in out.stderr.splitlines() if ln.startswith("ConfigError")]
+        assert len(lines) == 1 and message in lines[0], out.stderr[-2000:]
