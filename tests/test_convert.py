@@ -90,10 +90,12 @@ def imported(tmp_path_factory):
         dict(activation="relu", tied_logits=True),
         dict(activation="geglu", tied_logits=False, moe=None),
         dict(activation="geglu", tied_logits=False),
+        dict(activation="relu", tied_logits=True, scan_layers=True, num_encoder_layers=4),
+        dict(activation="geglu", tied_logits=False, moe=None, scan_layers=True),
     ],
 )
 def test_layout_covers_the_model_tree_exactly(changes):
-    cfg = tiny_config(num_encoder_layers=3, num_decoder_layers=2, **changes)
+    cfg = tiny_config(**{"num_encoder_layers": 3, "num_decoder_layers": 2, **changes})
     model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     tree = {
         tuple(str(k) for k in p): tuple(v.shape)
@@ -104,7 +106,7 @@ def test_layout_covers_the_model_tree_exactly(changes):
     )
     for kind in kinds:
         entries = layout.t5x_entries(cfg) if kind == "t5x" else layout.hf_entries(cfg, kind)
-        assert {e.path: e.shape for e in entries} == tree, kind
+        assert {s.path: s.shape for s in layout.stored(cfg, entries)} == tree, kind
 
 
 # --------------------------------------------------------------------------- HF parity
@@ -126,6 +128,28 @@ def test_switch_matches_hf_logits_losses_and_routing(imported):
         )
         # Capacity 3 of 12 tokens per sequence: a quarter or more overflow, and still match.
         assert np.all(stats[stack].fraction_dropped > 0.2)
+
+
+def test_scanned_import_matches_hf_and_exports_back_to_the_same_weights(imported, tmp_path):
+    path = str(tmp_path / "scanned")
+    cfg = convert.import_hf(os.path.join(FIXTURES, "switch_tiny"), path, scan_layers=True)
+    assert cfg.scan_layers and cfg == imported["switch_tiny"][1].replace(scan_layers=True)
+    ref = reference("switch_tiny")
+    pcfg = parity_config(cfg, ref, expert_capacity=3)
+    graphdef, params = restore(path, pcfg)
+    logits, stats, _ = forward(pcfg, graphdef, params, our_batch(ref))
+    assert np.abs(logits - ref["logits"])[ref["labels"] >= 0].max() <= LOGIT_TOL
+    for stack in ("encoder", "decoder"):  # per-layer order survives the block stacking
+        np.testing.assert_allclose(stats[stack].aux_loss, ref[f"{stack}_aux_loss"], atol=LOSS_TOL)
+    out, again = str(tmp_path / "hf"), str(tmp_path / "again")
+    convert.export_hf(path, out, cfg, expert_capacity=3)
+    unscanned = convert.import_hf(out, again)
+    first, second = (
+        flat_params(imported["switch_tiny"][0], unscanned),
+        flat_params(again, unscanned),
+    )
+    for key in first:
+        assert np.array_equal(first[key], second[key]), key
 
 
 def test_t5_1_1_matches_hf_logits_and_loss(imported):

@@ -47,8 +47,11 @@ def _lm_head_separate(src: sources.Source) -> bool:
     return not np.array_equal(src.read("lm_head.weight"), src.read("shared.weight"))
 
 
-def import_hf(source_dir: str, model_dir: str, **write_options) -> ModelConfig:
-    """Convert an HF `save_pretrained` directory; returns the model config written."""
+def import_hf(
+    source_dir: str, model_dir: str, *, scan_layers: bool = False, **write_options
+) -> ModelConfig:
+    """Convert an HF `save_pretrained` directory; returns the model config written.
+    `scan_layers` writes the stacked tree of ModelConfig.scan_layers=True."""
     config_path = os.path.join(source_dir, "config.json")
     if not os.path.exists(config_path):
         raise ConfigError(f"--source={source_dir} has no config.json")
@@ -56,7 +59,7 @@ def import_hf(source_dir: str, model_dir: str, **write_options) -> ModelConfig:
         config = json.load(f)
     src = sources.open_hf(source_dir)
     hf = hf_config.from_hf(config, lm_head_separate=_lm_head_separate(src))
-    cfg = hf.model_cfg
+    cfg = hf.model_cfg.replace(scan_layers=scan_layers)
     entries = list(layout.hf_entries(cfg, hf.flavor))
     if not cfg.tied_logits and "lm_head.weight" not in src.names():
         # transformers-5 T5.1.1: the head is the embedding, without the d_model**-0.5 rescale.
@@ -142,27 +145,34 @@ def _check(entries: list[layout.Entry], src: sources.Source, *, optional: set[st
         )
 
 
-def _tensors(entries: Iterable[layout.Entry], src: sources.Source) -> Iterator[md.Tensor]:
+def _tensors(cfg, entries: Iterable[layout.Entry], src: sources.Source) -> Iterator[md.Tensor]:
     rows = getattr(src, "read_rows", None)
-    for e in entries:
 
-        def fill(out, e=e):
-            if e.stacked:
-                for j, name in enumerate(e.sources):
-                    out[j] = e.to_ours(src.read(name))
-            elif rows is not None and len(e.shape) == 3 and e.to_ours is layout._same:
-                for start in range(0, e.shape[0], 8):  # 8 experts at a time (T5X [E, ...] kernels)
-                    stop = min(start + 8, e.shape[0])
-                    out[start:stop] = rows(e.sources[0], start, stop)
-            else:
-                out[...] = e.to_ours(src.read(e.sources[0]))
+    def fill_one(out, e):
+        if e.stacked:
+            for j, name in enumerate(e.sources):
+                out[j] = e.to_ours(src.read(name))
+        elif rows is not None and len(e.shape) == 3 and e.to_ours is layout._same:
+            for start in range(0, e.shape[0], 8):  # 8 experts at a time (T5X [E, ...] kernels)
+                stop = min(start + 8, e.shape[0])
+                out[start:stop] = rows(e.sources[0], start, stop)
+        else:
+            out[...] = e.to_ours(src.read(e.sources[0]))
 
-        yield md.Tensor(e.path, e.shape, fill)
+    for s in layout.stored(cfg, entries):
+
+        def fill(out, s=s):
+            if not s.scanned:
+                return fill_one(out, s.parts[0])
+            for block, e in enumerate(s.parts):
+                fill_one(out[block], e)
+
+        yield md.Tensor(s.path, s.shape, fill)
 
 
 def _write(model_dir, cfg, entries, src, header, vocab, meta, **write_options) -> None:
     md.prepare(model_dir)
-    md.write_params(model_dir, _tensors(entries, src), dtype=cfg.param_dtype, **write_options)
+    md.write_params(model_dir, _tensors(cfg, entries, src), dtype=cfg.param_dtype, **write_options)
     md.write_meta(model_dir, {**meta, "vocabulary": vocab})
     fine_tune = [
         "",
@@ -192,11 +202,13 @@ def export_hf(
     flavor = hf_config.T5 if cfg.moe is None else hf_config.SWITCH
     config = hf_config.to_hf(cfg, expert_capacity=expert_capacity)
     entries = list(layout.hf_entries(cfg, flavor))
+    stored = layout.stored(cfg, entries)
     saved = md.saved_paths(model_dir)
-    for e in entries:
-        if saved.get(e.path) != e.shape:
+    for s in stored:
+        if saved.get(s.path) != s.shape:
+            name = "/".join(s.path)
             raise ConfigError(
-                f"{model_dir} has {e.name} of shape {saved.get(e.path)}, the config needs {e.shape}"
+                f"{model_dir} has {name} of shape {saved.get(s.path)}, the config needs {s.shape}"
             )
     if os.path.exists(output_dir) and os.listdir(output_dir):
         raise ConfigError(f"--output={output_dir} exists and is not empty; choose a new directory")
@@ -211,14 +223,16 @@ def export_hf(
             shards.append((path, sorted(shard)))
             shard, shard_bytes = {}, 0
 
-    for e in entries:
-        value = md.read_params(model_dir, [e.path])[e.path]
-        parts = [value[j] for j in range(value.shape[0])] if e.stacked else [value]
-        for name, part in zip(e.sources, parts, strict=True):
-            tensor = np.ascontiguousarray(e.to_source(part))
-            shard[name] = tensor
-            shard_bytes += tensor.nbytes
-            total += tensor.nbytes
+    for s in stored:
+        value = md.read_params(model_dir, [s.path])[s.path]
+        per_layer = [value[b] for b in range(len(s.parts))] if s.scanned else [value]
+        for e, layer_value in zip(s.parts, per_layer, strict=True):
+            parts = [layer_value[j] for j in range(e.shape[0])] if e.stacked else [layer_value]
+            for name, part in zip(e.sources, parts, strict=True):
+                tensor = np.ascontiguousarray(e.to_source(part))
+                shard[name] = tensor
+                shard_bytes += tensor.nbytes
+                total += tensor.nbytes
         if shard_bytes >= max_shard_bytes:
             flush()
     flush()

@@ -75,10 +75,45 @@ def _check_supported(cfg: ModelConfig) -> None:
         raise ConfigError(
             "ModelConfig.architecture='decoder_only' has no HF / T5X counterpart to convert"
         )
-    if cfg.scan_layers:
-        raise ConfigError(
-            "ModelConfig.scan_layers=True stores layers stacked; convert with scan_layers=False"
-        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Stored:
+    """One parameter as our checkpoint stores it: `parts[b]` fills row b of a scanned stack
+    (scan_layers: layer b * every + j sits at blocks/layers/j, block b), or is the whole array."""
+
+    path: Path
+    shape: tuple[int, ...]
+    parts: tuple[Entry, ...]
+    scanned: bool
+
+
+def stored(cfg: ModelConfig, entries: Iterator[Entry]) -> list[Stored]:
+    """Group per-layer entries the way `Transformer` lays out its parameters for `cfg`."""
+    entries = list(entries)
+    if not cfg.scan_layers:
+        return [Stored(e.path, e.shape, (e,), False) for e in entries]
+    every = cfg.moe.sparse_every if (cfg.moe and cfg.moe.sparse_every) else 1
+    groups: dict[Path, list[tuple[int, Entry]]] = {}
+    out: list = []
+    for e in entries:
+        if len(e.path) > 4 and e.path[1] == "blocks":
+            block, j = divmod(int(e.path[2]), every)
+            key = (e.path[0], "blocks", "layers", str(j), *e.path[5:])
+            if key not in groups:
+                groups[key] = []
+                out.append(key)
+            groups[key].append((block, e))
+        else:
+            out.append(e)
+    result = []
+    for item in out:
+        if isinstance(item, Entry):
+            result.append(Stored(item.path, item.shape, (item,), False))
+            continue
+        parts = tuple(e for _, e in sorted(groups[item], key=lambda be: be[0]))
+        result.append(Stored(item, (len(parts), *parts[0].shape), parts, True))
+    return result
 
 
 def hf_entries(cfg: ModelConfig, flavor: str) -> Iterator[Entry]:

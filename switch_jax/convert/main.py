@@ -1,11 +1,12 @@
 """`python -m switch_jax.convert` / `switch-convert`: released weights in and out of a MODEL_DIR.
 
-    switch-convert --from=hf --source=DIR --model_dir=OUT          # HF save_pretrained dir
+    switch-convert --from=hf --source=DIR --model_dir=OUT [--scan_layers]  # HF save_pretrained
     switch-convert --from=t5x --source=CKPT --model_dir=OUT --gin_file=models/switch_base_8.gin
     switch-convert --to=hf --model_dir=IN --output=DIR [--expert_capacity=64]
 
 HF directories carry their config.json; a T5X checkpoint does not, so its model comes from our
-gin files (every shape is checked against the checkpoint). --to=hf reads IN/config.gin.
+gin files (every shape is checked against the checkpoint; ModelConfig.scan_layers there picks
+the stacked tree). --to=hf reads IN/config.gin, scanned or not.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ _CAPACITY = cli.define_flag(
     64,
     "export: HF's fixed per-sequence expert capacity (config.json)",
 )
+_SCAN = cli.define_flag(
+    flags.DEFINE_bool, "scan_layers", False, "--from=hf: write the tree of scan_layers=True"
+)
 _MAX_SHARD_GB = cli.define_flag(
     flags.DEFINE_float, "max_shard_gb", 5.0, "export: safetensors shard size limit"
 )
@@ -59,7 +63,7 @@ def main(argv: list[str]) -> None:
         if not os.path.isdir(source):
             raise ConfigError(f"--source={source} is not a directory")
         if _FROM.value == "hf":
-            cfg = convert.import_hf(source, model_dir)
+            cfg = convert.import_hf(source, model_dir, scan_layers=_SCAN.value)
         else:
             if not flags.FLAGS.gin_file:
                 raise ConfigError(
