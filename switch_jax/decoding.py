@@ -69,7 +69,9 @@ class DecodeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Decoder:
-    model_cfg: ModelConfig
+    model_cfg: ModelConfig  # as decoded: adapted to the mesh, no dropout
+    partitioner: Partitioner
+    config: DecodeConfig
     generate: Callable[..., dict]  # (params, batch, rng=None) -> dict of [B, ...] arrays
     score: Callable[[Any, dict], jax.Array]  # (params, feature batch) -> log_lik_B
     generate_jitted: Any
@@ -224,4 +226,6 @@ def make_decoder(model_cfg: ModelConfig, partitioner: Partitioner, cfg: DecodeCo
         with partitioner.activate():
             return score_jitted(params, batch)
 
-    return Decoder(model_cfg, generate_call, score_call, generate_jitted, score_jitted)
+    return Decoder(
+        model_cfg, partitioner, cfg, generate_call, score_call, generate_jitted, score_jitted
+    )

@@ -45,7 +45,7 @@ def register_tiny_tasks(cache_dir: str) -> tuple[str, str]:
 
 
 def write_tfds(data_dir: str, name: str, config: str, version: str, splits: dict) -> str:
-    """Write a real on-disk TFDS dataset (dataset_info.json, features.json, tfrecord shards).
+    """Write a real on-disk TFDS c4-like dataset (dataset_info.json, features.json, tfrecords).
 
     tfds mock_data cannot mock c4 3.0.1 (its code is at 3.1.0), but tfds reads any prepared
     version from files, so the test writes the files the way a prepared copy has them.
@@ -57,23 +57,10 @@ def write_tfds(data_dir: str, name: str, config: str, version: str, splits: dict
     """
     import tensorflow_datasets as tfds
 
-    directory = os.path.join(data_dir, name, config, version)
-    os.makedirs(directory, exist_ok=True)
-    identity = tfds.core.dataset_info.DatasetIdentity(
-        name=name,
-        version=tfds.core.Version(version),
-        config_name=config,
-        data_dir=directory,
-        module_name=f"tensorflow_datasets.text.{name}",
-    )
     keys = ("content-length", "content-type", "text", "timestamp", "url")
     features = tfds.features.FeaturesDict({k: tfds.features.Text() for k in keys})
-    writer = tfds.core.SequentialWriter(
-        tfds.core.DatasetInfo(builder=identity, features=features), max_examples_per_shard=50
-    )
-    writer.initialize_splits(list(splits))
-    for split, texts in splits.items():
-        rows = [
+    rows = {
+        split: [
             {
                 "content-length": str(len(t)),
                 "content-type": "text/plain",
@@ -83,6 +70,29 @@ def write_tfds(data_dir: str, name: str, config: str, version: str, splits: dict
             }
             for i, t in enumerate(texts)
         ]
+        for split, texts in splits.items()
+    }
+    return write_tfds_rows(data_dir, name, config, version, features, rows)
+
+
+def write_tfds_rows(data_dir, name, config, version, features, splits: dict) -> str:
+    """Write split name -> list of example dicts as a prepared TFDS dataset with `features`."""
+    import tensorflow_datasets as tfds
+
+    directory = os.path.join(data_dir, name, config, version)
+    os.makedirs(directory, exist_ok=True)
+    identity = tfds.core.dataset_info.DatasetIdentity(
+        name=name,
+        version=tfds.core.Version(version),
+        config_name=config,
+        data_dir=directory,
+        module_name=f"tensorflow_datasets.text.{name}",
+    )
+    writer = tfds.core.SequentialWriter(
+        tfds.core.DatasetInfo(builder=identity, features=features), max_examples_per_shard=50
+    )
+    writer.initialize_splits(list(splits))
+    for split, rows in splits.items():
         writer.add_examples({split: rows})
     writer.close_splits(list(splits))
     return directory

@@ -1,4 +1,5 @@
-"""seqio tasks: C4 span corruption and LM, the mC4 mixture, local text files, embedded corpus."""
+"""seqio tasks: C4 span corruption and LM, the mC4 mixture, local text files, embedded corpus;
+the registry of built-in names (GLUE / SuperGLUE: glue.py, the docstring task: docstrings.py)."""
 
 from __future__ import annotations
 
@@ -226,12 +227,13 @@ def get_provider(name: str, **options) -> seqio.DatasetProviderBase:
         registered. They must be empty for names registered elsewhere.
     """
     registered = name in seqio.TaskRegistry.names() or name in seqio.MixtureRegistry.names()
-    if name in _BUILTIN and (options or not registered):
-        accepted = inspect.signature(_BUILTIN[name]).parameters
+    builtin = _builtins()
+    if name in builtin and (options or not registered):
+        accepted = inspect.signature(builtin[name]).parameters
         unknown = sorted(set(options) - set(accepted))
         if unknown:  # e.g. VOCABULARY for an embedded task, which builds its own vocabulary
             raise DataError(f"options {unknown} do not apply to the built-in task {name!r}")
-        _BUILTIN[name](**options)
+        builtin[name](**options)
     elif options:
         raise DataError(f"options {sorted(options)} only apply to built-in tasks, not {name!r}")
     try:
@@ -243,4 +245,11 @@ def get_provider(name: str, **options) -> seqio.DatasetProviderBase:
 
 def builtin_names() -> tuple[str, ...]:
     """Names `get_provider` can register on demand."""
-    return tuple(_BUILTIN)
+    return tuple(_builtins())
+
+
+def _builtins() -> dict:
+    # Imported here: the supervised-task modules build on this one's helpers.
+    from switch_jax.data import docstrings, glue  # noqa: PLC0415
+
+    return {**_BUILTIN, **glue.BUILTIN, **docstrings.BUILTIN}
