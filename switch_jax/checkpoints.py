@@ -198,6 +198,25 @@ def is_out_of_space(error: BaseException | None) -> bool:
     return False
 
 
+def select_steps(ckpts: Checkpoints, which: str | int = "latest") -> list[int]:
+    """Committed steps of `ckpts` named by `which`: 'latest', 'all' or one step number."""
+    steps = sorted(ckpts.manager.all_steps())
+    where = os.path.dirname(os.fspath(ckpts.directory))
+    if not steps:
+        raise CheckpointError(f"MODEL_DIR={where} has no checkpoint")
+    if which == "all":
+        return steps
+    if which == "latest":
+        return steps[-1:]
+    try:
+        step = int(which)
+    except ValueError:
+        raise ConfigError(f"checkpoint step {which!r} must be 'latest', 'all' or a step") from None
+    if step not in steps:
+        raise CheckpointError(f"MODEL_DIR={where} has no checkpoint {step}; it has {steps}")
+    return [step]
+
+
 def _absolute(path: str) -> epath.Path:
     """Orbax refuses relative paths; a local MODEL_DIR may be given relative to the cwd."""
     if "://" in path:
@@ -244,6 +263,26 @@ def _refuse_converted(step_dir: epath.Path) -> None:
             f"{model_dir} holds weights converted from {source} (parameters only, no training "
             f"state): fine-tune from it with INIT_CHECKPOINT={model_dir} and a new MODEL_DIR"
         )
+
+
+def restore_state(path: str, abstract_state):
+    """The whole train state (parameters, optimizer state, step, noise key) of another run's
+    checkpoint (`path`: a step dir or a MODEL_DIR), onto the shardings of `abstract_state`."""
+    step_dir = _resolve_step_dir(_absolute(path))
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+        saved = checkpointer.metadata(step_dir / "state").item_metadata.tree
+        _check_param_shapes(saved.get("params"), abstract_state.params, step_dir)
+        return checkpointer.restore(
+            step_dir / "state", args=ocp.args.StandardRestore(abstract_state)
+        )
+    except CheckpointError:
+        raise
+    except _READ_ERRORS as e:
+        raise CheckpointError(
+            f"{_explain(step_dir, e)} (INIT_RESTORE='all' needs the same optimizer settings; "
+            f"INIT_RESTORE='params' restores the parameters only)"
+        ) from None
 
 
 def _resolve_step_dir(path: epath.Path) -> epath.Path:

@@ -34,37 +34,9 @@ from switch_jax import search
 from switch_jax.models.config import ConfigError, ModelConfig
 from switch_jax.models.transformer import Transformer
 from switch_jax.partitioning import Partitioner
+from switch_jax.run_config import DecodeConfig
 
-
-@dataclasses.dataclass(frozen=True)
-class DecodeConfig:
-    """How to decode (gin macros of runs/infer.gin in comments)."""
-
-    max_decode_length: int = 64  # MAX_DECODE_LENGTH: tokens per output, EOS included
-    beam_size: int = 1  # BEAM_SIZE: 1 = greedy / sampling, > 1 = beam search
-    temperature: float = 0.0  # TEMPERATURE: 0 = greedy (argmax)
-    top_k: int = 0  # TOP_K: 0 = no top-k filter
-    top_p: float = 1.0  # TOP_P: 1 = no nucleus filter
-    alpha: float = 0.6  # brevity-penalty exponent of beam search (T5X default)
-    capacity_factor: float | None = None  # MoE capacity while decoding; None = the eval one
-    eos_id: int = 1
-    seed: int = 0
-
-    def __post_init__(self):
-        checks = (
-            (self.max_decode_length >= 1, "MAX_DECODE_LENGTH must be >= 1"),
-            (self.beam_size >= 1, "BEAM_SIZE must be >= 1"),
-            (self.temperature >= 0, "TEMPERATURE must be >= 0"),
-            (self.top_k >= 0, "TOP_K must be >= 0"),
-            (0 < self.top_p <= 1, "TOP_P must be in (0, 1]"),
-            (self.alpha >= 0, "DecodeConfig.alpha must be >= 0"),
-            (self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor > 0"),
-        )
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"{message}, got {self}")
-        if self.beam_size > 1 and self.temperature > 0:
-            raise ConfigError("beam search is deterministic: set TEMPERATURE=0 with BEAM_SIZE > 1")
+__all__ = ["DecodeConfig", "Decoder", "make_decoder", "generate", "sequence_log_likelihood"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +159,12 @@ def sequence_log_likelihood(model: Transformer, batch: dict) -> jax.Array:
 
 
 def make_decoder(model_cfg: ModelConfig, partitioner: Partitioner, cfg: DecodeConfig) -> Decoder:
-    """jit-compiled generate and score on `partitioner`'s mesh (batch over data x expert)."""
+    """jit-compiled generate and score on `partitioner`'s mesh (batch over data x expert).
+
+    `cfg.max_decode_length` must be set (see DecodeConfig.for_length).
+    """
+    if cfg.max_decode_length is None:
+        raise ConfigError("MAX_DECODE_LENGTH is not set (DecodeConfig.for_length sets it)")
     model_cfg = decoding_model_config(partitioner.adapt_model_config(model_cfg), cfg)
     abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)

@@ -1,21 +1,29 @@
-"""`python -m switch_jax.eval --gin_file=F --gin.MODEL_DIR=D`: a checkpoint on validation data."""
+"""`python -m switch_jax.eval --gin.MODEL_DIR=D [--gin_file=runs/eval.gin] [--step=latest|all|N]`:
+checkpoints on validation data: teacher-forced loss / accuracy and, for tasks with metrics
+(GLUE, SuperGLUE, docstring_package, ...), the task metrics of decoded predictions. The model and
+task come from MODEL_DIR/config.gin unless gin files given here override them."""
 
 from __future__ import annotations
 
 import json
 
-from switch_jax import cli
+from absl import flags
+
+from switch_jax import cli, stored_config
+
+_STEP = flags.DEFINE_string("step", "latest", "checkpoint to evaluate: 'latest', 'all' or a step")
 
 
 def main(argv: list[str]) -> None:
     del argv
     from switch_jax import trainer
 
-    step, metrics = trainer.evaluate_checkpoint(cli.configs())
-    print(json.dumps({"step": step, **metrics}, sort_keys=True))
+    cli.parse_gin(stored_config.stored_config_files(flags.FLAGS.gin_bindings))
+    for step, metrics in trainer.evaluate_checkpoints(cli.configs(), _STEP.value):
+        print(json.dumps({"step": step, **metrics}, sort_keys=True), flush=True)
 
 
-run = cli.entry(main)  # console script `switch-eval`
+run = cli.entry(main, gin=False)  # console script `switch-eval`
 
 if __name__ == "__main__":
     run()

@@ -3,7 +3,7 @@
     examples = task_examples("glue_cola_v002", "validation", {"inputs": 128, "targets": 8}, 500)
     predictions, speed = predict(decoder, params, examples, batch_size=32)
     metrics = task_metrics("glue_cola_v002", examples, predictions)  # {'matthews_corrcoef': ..}
-    results, samples = evaluate(decoder, params, "glue_v002_proportional", ...)  # per sub-task
+    TaskEvaluator(run)(params, step) -> {'glue_cola_v002/matthews_corrcoef': ..., ...}
 
 Every host reads the same examples and feeds the whole batch (validation sets are small); the
 decoder shards it over the mesh. TensorFlow / seqio are imported only inside the functions.
@@ -58,6 +58,31 @@ def generation_batch(decoder: Decoder, inputs: Sequence[np.ndarray], length: int
         "encoder_input_tokens" if decoder.model_cfg.is_encoder_decoder else "decoder_prompt_tokens"
     )
     return {key: _pad(inputs, length)}
+
+
+def score_batch(decoder: Decoder, inputs, targets, lengths: Mapping[str, int]) -> dict:
+    """Token-id inputs and targets -> the teacher-forced batch `Decoder.score` takes. A
+    decoder-only model scores the targets as the continuation of the inputs."""
+    T = lengths["targets"]
+    if decoder.model_cfg.is_encoder_decoder:
+        out = {
+            "encoder_input_tokens": _pad(inputs, lengths["inputs"]),
+            "decoder_target_tokens": _pad(targets, T),
+        }
+        weights = out["decoder_target_tokens"] > 0
+    else:
+        P = lengths.get("inputs", 0)
+        pairs = list(zip(inputs, targets, strict=True))
+        rows = [np.concatenate([np.asarray(i, np.int32)[:P], np.asarray(t)[:T]]) for i, t in pairs]
+        out = {"decoder_target_tokens": _pad(rows, P + T)}
+        weights = np.zeros_like(out["decoder_target_tokens"], bool)
+        for b, (i, t) in enumerate(pairs):
+            start = min(len(i), P)
+            weights[b, start : start + min(len(t), T)] = True
+    targets_BT = out["decoder_target_tokens"]
+    out["decoder_input_tokens"] = np.pad(targets_BT[:, :-1], ((0, 0), (1, 0)))
+    out["decoder_loss_weights"] = weights.astype(np.int32)
+    return out
 
 
 def to_global(partitioner, host_batch: dict) -> dict:
@@ -115,14 +140,25 @@ def predict(
     return outputs, {"examples": len(outputs), "tokens": generated, "seconds": seconds}
 
 
-def task_metrics(task_name: str, examples: Sequence[dict], predictions: Sequence[str]) -> dict:
+def example_text(example: dict, key: str, vocab):
+    """The raw text of an example's feature (seqio keeps it as '<key>_pretokenized' when the
+    task tokenizes), else its decoded token ids."""
+    raw = example.get(f"{key}_pretokenized")
+    if raw is not None:
+        return _text(raw)
+    ids = [int(t) for t in np.asarray(example[key]) if t != 0]
+    return vocab.decode(ids[:-1] if ids and ids[-1] == EOS_ID else ids)
+
+
+def task_metrics(task_name: str, examples: Sequence[dict], predictions: Sequence) -> dict:
     """The task's metric functions on postprocessed predictions and targets."""
     import seqio  # noqa: PLC0415
 
     task = seqio.get_mixture_or_task(task_name)
     post = task.postprocess_fn or (lambda text, example=None, is_target=False: text)
+    vocab = task.output_features["targets"].vocabulary
     targets = [
-        post(_text(ex["targets_pretokenized"]), example=ex, is_target=True) for ex in examples
+        post(example_text(ex, "targets", vocab), example=ex, is_target=True) for ex in examples
     ]
     preds = [
         post(p, example=ex, is_target=False) for p, ex in zip(predictions, examples, strict=True)
@@ -137,51 +173,78 @@ def _text(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def evaluate(
-    decoder: Decoder,
-    params,
-    mixture_or_task: str,
-    *,
-    split: str,
-    feature_lengths: Mapping[str, int],
-    batch_size: int,
-    max_examples: int | None,
-    **task_options,
-) -> tuple[dict, list[dict]]:
-    """Metrics of every task with metric functions in `mixture_or_task` ('{task}/{metric}' keys,
-    plus 'decode/tokens_per_second'), and a few decoded samples for the console."""
+def metric_tasks(mixture_or_task: str, split: str = "validation", **task_options) -> list[str]:
+    """The tasks of `mixture_or_task` that have metric functions and the split."""
     import seqio  # noqa: PLC0415
 
     from switch_jax.data import tasks  # noqa: PLC0415
 
     provider = tasks.get_provider(mixture_or_task, **task_options)
     members = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
-    results, samples, tokens, seconds = {}, [], 0, 0.0
-    for task in members:
-        if not task.predict_metric_fns or split not in task.splits:
-            continue
-        examples = task_examples(task.name, split, feature_lengths, max_examples)
-        outputs, speed = predict(
-            decoder,
-            params,
-            examples,
-            batch_size=batch_size,
-            input_length=feature_lengths["inputs"],
-        )
-        vocab = task.output_features["targets"].vocabulary
-        texts = [vocab.decode(o["tokens"]) for o in outputs]
-        for name, value in task_metrics(task.name, examples, texts).items():
-            results[f"{task.name}/{name}"] = value
-        tokens, seconds = tokens + speed["tokens"], seconds + speed["seconds"]
-        for ex, text in list(zip(examples, texts, strict=True))[:3]:
-            samples.append(
+    return [t.name for t in members if t.predict_metric_fns and split in t.splits]
+
+
+class TaskEvaluator:
+    """Decode-and-score evaluation of a run's task or mixture on its validation split.
+
+    Built once per run: the decoder compiles at the first call, the examples are read once.
+    Returns {} when no task of the run has metric functions (e.g. span corruption) or
+    EVAL_DECODE_EXAMPLES=0.
+    """
+
+    def __init__(self, run, split: str = "validation"):
+        self.run, self.split = run, split
+        self._decoder = None
+        self._examples: dict[str, list[dict]] | None = None
+
+    def _setup(self) -> None:
+        data, decode = self.run.configs.data, self.run.configs.decode
+        lengths = data.feature_lengths
+        options = {"tfds_data_dir": data.tfds_data_dir} if data.tfds_data_dir else {}
+        self._examples = {}
+        if decode.eval_examples == 0:
+            return
+        for name in metric_tasks(data.mixture_or_task_name, self.split, **options):
+            self._examples[name] = task_examples(name, self.split, lengths, decode.eval_examples)
+        if self._examples:
+            from switch_jax.decoding import make_decoder  # noqa: PLC0415
+
+            cfg = decode.for_length(lengths["targets"])
+            self._decoder = make_decoder(self.run.model_cfg, self.run.partitioner, cfg)
+
+    def __call__(self, params, step: int | None = None) -> dict:
+        import seqio  # noqa: PLC0415
+
+        if self._examples is None:
+            self._setup()
+        lengths = self.run.configs.data.feature_lengths
+        results, tokens, seconds = {}, 0, 0.0
+        self.samples = []
+        for name, examples in self._examples.items():
+            outputs, speed = predict(
+                self._decoder,
+                params,
+                examples,
+                batch_size=self.run.configs.data.batch_size,
+                input_length=lengths.get("inputs", lengths["targets"]),
+            )
+            vocab = seqio.get_mixture_or_task(name).output_features["targets"].vocabulary
+            texts = [vocab.decode(o["tokens"]) for o in outputs]
+            for metric, value in task_metrics(name, examples, texts).items():
+                results[f"{name}/{metric}"] = value
+            tokens, seconds = tokens + speed["tokens"], seconds + speed["seconds"]
+            self.samples += [
                 {
-                    "task": task.name,
-                    "inputs": _text(ex["inputs_pretokenized"]),
-                    "targets": _text(ex["targets_pretokenized"]),
+                    "task": name,
+                    "inputs": example_text(ex, "inputs", vocab),
+                    "targets": example_text(ex, "targets", vocab),
                     "prediction": text,
                 }
-            )
-    if seconds:
-        results["decode/tokens_per_second"] = tokens / seconds
-    return results, samples
+                for ex, text in list(zip(examples, texts, strict=True))[:3]
+            ]
+        if seconds:
+            results["decode/tokens_per_second"] = tokens / seconds
+        if results and jax.process_index() == 0:
+            shown = " ".join(f"{k} {v:.4g}" for k, v in results.items())
+            print(f"eval  step {step}: {shown}", flush=True)
+        return results

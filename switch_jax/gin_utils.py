@@ -38,6 +38,7 @@ from switch_jax.run_config import (
     CheckpointConfig,
     Configs,
     DataConfig,
+    DecodeConfig,
     DistillConfig,
     OptimizerConfig,
     TrainConfig,
@@ -52,6 +53,7 @@ CONFIG_CLASSES = (
     DataConfig,
     CheckpointConfig,
     DistillConfig,
+    DecodeConfig,
 )
 DEFAULTS_FILE = "defaults.gin"
 # Shipped inside the package (package data), so an installed wheel finds models/*.gin, runs/*.gin.
@@ -306,6 +308,7 @@ def load_configs() -> Configs:
         checkpoint=configured(CheckpointConfig),
         optimizer=configured(OptimizerConfig),
         distill=distill if distill.enabled else None,
+        decode=configured(DecodeConfig),
     )
 
 

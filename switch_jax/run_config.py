@@ -1,7 +1,8 @@
 """Typed, frozen settings of a training run, one dataclass per concern; gin binds them.
 
 `DataConfig` (what is read), `CheckpointConfig` (where the run lives), `OptimizerConfig`
-(Adafactor and its schedule) and `TrainConfig` (the loop, the mesh, seeds). The loss
+(Adafactor and its schedule), `TrainConfig` (the loop, the mesh, seeds) and `DecodeConfig`
+(how predictions are decoded). The loss
 coefficients live with the model (`ModelConfig.z_loss`, `MoeConfig.aux_loss_coef`,
 `MoeConfig.router_z_loss_coef`), each in one place.
 
@@ -91,12 +92,17 @@ class CheckpointConfig:
     model_dir: str = resumable("")  # MODEL_DIR (local path or gs://)
     period: int = resumable(1000)  # CHECKPOINT_PERIOD
     keep: int = resumable(3)  # KEEP_CHECKPOINTS
-    init_checkpoint: str | None = resumable(None)  # INIT_CHECKPOINT: parameters only
+    init_checkpoint: str | None = resumable(None)  # INIT_CHECKPOINT: start from this run
+    # INIT_RESTORE: 'params' = its parameters, fresh optimizer, step 0; 'all' = parameters,
+    # optimizer state and step continue (T5X's default; TRAIN_STEPS then counts from there).
+    init_restore: Literal["params", "all"] = resumable("params")
 
     def __post_init__(self):
         for name in ("period", "keep"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"CheckpointConfig.{name} must be >= 1")
+        if self.init_restore not in ("params", "all"):
+            raise ConfigError(f"INIT_RESTORE={self.init_restore!r} must be 'params' or 'all'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +168,49 @@ class DistillConfig:
             )
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """How predictions are decoded (metric evaluation, eval, infer); macros of runs/infer.gin.
+
+    Changing any of it never changes what a run trains, so all of it may change on resume.
+    """
+
+    # Tokens per prediction, EOS included; None = the task's 'targets' feature length.
+    max_decode_length: int | None = resumable(None)  # MAX_DECODE_LENGTH
+    beam_size: int = resumable(1)  # BEAM_SIZE: 1 = greedy / sampling, > 1 = beam search
+    temperature: float = resumable(0.0)  # TEMPERATURE: 0 = greedy (argmax)
+    top_k: int = resumable(0)  # TOP_K: 0 = off
+    top_p: float = resumable(1.0)  # TOP_P: 1 = off
+    alpha: float = resumable(0.6)  # beam search brevity penalty ((5 + len) / 6) ** alpha (T5X)
+    capacity_factor: float | None = resumable(None)  # MoE capacity while decoding; None = eval's
+    # Validation examples per task that the metric evaluation decodes: None = all, 0 = none.
+    eval_examples: int | None = resumable(None)  # EVAL_DECODE_EXAMPLES
+    eos_id: int = resumable(1)
+    seed: int = resumable(0)
+
+    def __post_init__(self):
+        checks = (
+            (self.max_decode_length is None or self.max_decode_length >= 1, "MAX_DECODE_LENGTH"),
+            (self.beam_size >= 1, "BEAM_SIZE must be >= 1"),
+            (self.temperature >= 0, "TEMPERATURE must be >= 0"),
+            (self.top_k >= 0, "TOP_K must be >= 0"),
+            (0 < self.top_p <= 1, "TOP_P must be in (0, 1]"),
+            (self.alpha >= 0, "DecodeConfig.alpha must be >= 0"),
+            (self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor > 0"),
+            (self.eval_examples is None or self.eval_examples >= 0, "EVAL_DECODE_EXAMPLES >= 0"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"{message}, got {self}")
+        if self.beam_size > 1 and self.temperature > 0:
+            raise ConfigError("beam search is deterministic: set TEMPERATURE=0 with BEAM_SIZE > 1")
+
+    def for_length(self, targets_length: int) -> DecodeConfig:
+        """With max_decode_length set (to `targets_length` when it was None)."""
+        length = self.max_decode_length or targets_length
+        return dataclasses.replace(self, max_decode_length=length)
+
+
 class Configs(NamedTuple):
     """Everything one entry point reads from gin."""
 
@@ -171,9 +220,17 @@ class Configs(NamedTuple):
     checkpoint: CheckpointConfig
     optimizer: OptimizerConfig
     distill: DistillConfig | None = None  # set only when runs/distill.gin enables it
+    decode: DecodeConfig = DecodeConfig()
 
     def replace(self, **changes) -> Configs:
         return self._replace(**changes)
 
 
-RUN_CONFIG_CLASSES = (TrainConfig, DataConfig, CheckpointConfig, OptimizerConfig, DistillConfig)
+RUN_CONFIG_CLASSES = (
+    TrainConfig,
+    DataConfig,
+    CheckpointConfig,
+    OptimizerConfig,
+    DistillConfig,
+    DecodeConfig,
+)

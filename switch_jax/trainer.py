@@ -12,7 +12,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from switch_jax import checkpoints, console, run_builder
+from switch_jax import checkpoints, console, evaluation, run_builder
 from switch_jax import lease as lease_lib
 from switch_jax.models.config import ConfigError
 from switch_jax.run_config import Configs, TrainConfig
@@ -138,6 +138,7 @@ def _run(run: run_builder.Run, ckpts, lease, progress: dict) -> dict:
         moe_layers=metrics_lib.moe_layer_ids(run.model_cfg),
     )
     profiler = _Profiler(train_cfg.profile_steps, ckpt_cfg.model_dir)
+    task_eval = evaluation.TaskEvaluator(run)  # decodes + task metrics, for tasks that have them
     with run.partitioner.activate():
         state, first_step = _initial_state(run, ckpts, batches)
         loop = _Loop(train_cfg, logger, tokens=run.tokens_per_step)
@@ -171,7 +172,8 @@ def _run(run: run_builder.Run, ckpts, lease, progress: dict) -> dict:
                 break
             if train_cfg.eval_steps and (step % train_cfg.eval_period == 0 or last):
                 eval_dataset = eval_dataset or _eval_dataset(run)
-                logger.log_eval(step, _evaluate(run, state.params, eval_dataset))
+                results = _evaluate(run, state.params, eval_dataset)
+                logger.log_eval(step, {**results, **task_eval(state.params, step)})
         loop.flush()
     profiler.close()
     logger.close()
@@ -258,25 +260,19 @@ class _Loop:
 
 
 def evaluate_checkpoint(configs: Configs) -> tuple[int, dict]:
-    """Scalar eval metrics of the latest checkpoint in MODEL_DIR (eval capacity factor)."""
+    """Scalar eval metrics of the latest checkpoint in MODEL_DIR (see evaluate_checkpoints)."""
+    return evaluate_checkpoints(configs, "latest")[-1]
+
+
+def evaluate_checkpoints(configs: Configs, which: str | int = "latest") -> list[tuple[int, dict]]:
+    """Teacher-forced loss / accuracy (eval capacity factor) and, for tasks with metrics, the
+    decoded task metrics of checkpoint `which` ('latest', 'all' or a step) of MODEL_DIR;
+    written to MODEL_DIR/eval. Returns [(step, scalar metrics), ...] in step order."""
     from switch_jax import metrics as metrics_lib  # noqa: PLC0415
 
     run = run_builder.build_run(configs)
     model_dir = configs.checkpoint.model_dir
     ckpts = run.checkpoints()
-    try:
-        step = ckpts.latest_step()
-        if step is None:
-            raise checkpoints.CheckpointError(f"MODEL_DIR={model_dir} has no checkpoint")
-        with run.partitioner.activate():
-            # Parameters only: the optimizer state is not needed, and a converted MODEL_DIR
-            # (switch_jax.convert) holds none.
-            params = checkpoints.restore_params(
-                os.fspath(ckpts.directory / str(step)), run.setup.abstract_state.params
-            )
-            results = _evaluate(run, params, _eval_dataset(run))
-    finally:
-        ckpts.close()
     logger = metrics_lib.MetricsLogger(
         model_dir,
         total_steps=configs.train.train_steps,
@@ -284,9 +280,23 @@ def evaluate_checkpoint(configs: Configs) -> tuple[int, dict]:
         flops_per_step=0,
         moe_layers=metrics_lib.moe_layer_ids(run.model_cfg),
     )
-    logger.log_eval(step, results)
-    logger.close()
-    return step, {k: float(v) for k, v in results.items() if np.ndim(v) == 0}
+    task_eval, out = evaluation.TaskEvaluator(run), []
+    try:
+        dataset = _eval_dataset(run)
+        for step in checkpoints.select_steps(ckpts, which):
+            with run.partitioner.activate():
+                # Parameters only: the optimizer state is not needed, and a converted MODEL_DIR
+                # (switch_jax.convert) holds none.
+                params = checkpoints.restore_params(
+                    os.fspath(ckpts.directory / str(step)), run.setup.abstract_state.params
+                )
+                results = {**_evaluate(run, params, dataset), **task_eval(params, step)}
+            logger.log_eval(step, results)
+            out.append((step, {k: float(v) for k, v in results.items() if np.ndim(v) == 0}))
+    finally:
+        ckpts.close()
+        logger.close()
+    return out
 
 
 def _initial_state(run: run_builder.Run, ckpts, batches):
@@ -299,10 +309,26 @@ def _initial_state(run: run_builder.Run, ckpts, batches):
     # A wrong init_checkpoint is refused before the (slow) initialisation.
     params = None
     init_checkpoint = run.configs.checkpoint.init_checkpoint
+    if init_checkpoint and run.configs.checkpoint.init_restore == "all":
+        return _restore_all(run, init_checkpoint)
     if init_checkpoint:
         params = checkpoints.restore_params(init_checkpoint, setup.abstract_state.params)
     state = setup.init_state()
     return (state if params is None else state._replace(params=params)), 0
+
+
+def _restore_all(run: run_builder.Run, init_checkpoint: str):
+    """T5X's default fine-tuning start: parameters, optimizer state and step continue."""
+    state = checkpoints.restore_state(init_checkpoint, run.setup.abstract_state)
+    step, total = int(jax.device_get(state.step)), run.configs.train.train_steps
+    if total <= step:
+        raise ConfigError(
+            f"INIT_RESTORE='all' continues from step {step} of {init_checkpoint}, but "
+            f"TRAIN_STEPS={total} is not beyond it: set TRAIN_STEPS={step} + the fine-tuning "
+            f"steps, or INIT_RESTORE='params' to start at step 0"
+        )
+    print(f"initialised from step {step} of {init_checkpoint} (params + optimizer)", flush=True)
+    return state, step
 
 
 def _evaluate(run: run_builder.Run, params, dataset) -> dict:
