@@ -273,8 +273,10 @@ def restore_state(path: str, abstract_state):
     try:
         saved = checkpointer.metadata(step_dir / "state").item_metadata.tree
         _check_param_shapes(saved.get("params"), abstract_state.params, step_dir)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
         return checkpointer.restore(
-            step_dir / "state", args=ocp.args.StandardRestore(abstract_state)
+            step_dir / "state",
+            args=ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args),
         )
     except CheckpointError:
         raise

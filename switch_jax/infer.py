@@ -33,7 +33,7 @@ from switch_jax.run_config import Configs
 _INPUT = flags.DEFINE_string("input_file", None, "JSONL or text inputs; '-' = stdin")
 _OUTPUT = flags.DEFINE_string("output_file", None, "JSONL predictions (default: stdout)")
 _MODE = flags.DEFINE_enum("mode", "predict", ["predict", "score"], "decode, or score targets")
-_STEP = flags.DEFINE_string("step", "latest", "checkpoint step to use, or 'latest'")
+stored_config.define_step_flag("checkpoint: 'latest', 'all' (eval) or a step")
 _SPLIT = flags.DEFINE_string("split", "validation", "task split read without --input_file")
 _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", None, "stop after this many inputs")
 
@@ -218,9 +218,10 @@ def main(argv: list[str]) -> None:
     else:
         if not os.path.exists(_INPUT.value):
             raise ConfigError(f"--input_file={_INPUT.value} does not exist")
-        records = read_records(open(_INPUT.value), _INPUT.value)  # noqa: SIM115
+        with open(_INPUT.value) as f:  # read (and checked) before the model is loaded
+            records = list(read_records(f, _INPUT.value))
     if _MAX_EXAMPLES.value is not None and _INPUT.value is not None:
-        records = (r for i, r in zip(range(_MAX_EXAMPLES.value), records, strict=False))
+        records = (r for _, r in zip(range(_MAX_EXAMPLES.value), records, strict=False))
     out = open(_OUTPUT.value, "w") if _OUTPUT.value else sys.stdout  # noqa: SIM115
     try:
         totals = infer(
@@ -228,7 +229,7 @@ def main(argv: list[str]) -> None:
             records,
             out,
             mode=_MODE.value,
-            step=_STEP.value,
+            step=flags.FLAGS.step,
             progress=None if stdin else sys.stderr,
             flush_each=stdin,  # answer each line as it arrives
         )
