@@ -37,7 +37,7 @@ def test_every_file_starts_with_the_command_that_runs_it(path):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_model_configs_parse(model):
-    model_cfg, run, data, ckpt, opt, _ = load([model])
+    model_cfg, run, data, ckpt, opt, _, _ = load([model])
     assert type(model_cfg) is ModelConfig and type(run) is TrainConfig
     assert type(opt) is OptimizerConfig and type(data) is DataConfig
     assert type(ckpt) is CheckpointConfig
@@ -52,7 +52,7 @@ def test_model_configs_parse(model):
 )
 def test_run_configs_parse_with_a_model(model, run_file):
     teacher = ["TEACHER_MODEL_DIR=/tmp/t"] if run_file == "runs/distill.gin" else []
-    model_cfg, run, _, ckpt, opt, _ = load([model, run_file], ["MODEL_DIR=/tmp/x", *teacher])
+    model_cfg, run, _, ckpt, opt, _, _ = load([model, run_file], ["MODEL_DIR=/tmp/x", *teacher])
     assert ckpt.model_dir == "/tmp/x"
     assert len(run.mesh_shape) == 3 and model_cfg.d_model > 0 and opt.learning_rate > 0
 
@@ -88,21 +88,21 @@ def test_released_shapes():
 
 
 def test_run_settings():
-    _, run, data, _, opt, _ = load(["models/switch_base.gin", "runs/pretrain.gin"])
+    _, run, data, _, opt, _, _ = load(["models/switch_base.gin", "runs/pretrain.gin"])
     assert data.mixture_or_task_name == "c4_v301_span_corruption"
     assert data.feature_lengths == {"inputs": 512, "targets": 114}
     assert data.batch_size * 512 == 2**20 and run.train_steps == 550_000
     assert (opt.schedule, opt.learning_rate, opt.warmup_steps) == ("rsqrt", 1.0, 10_000)
-    model_cfg, run, data, _, opt, _ = load(["models/switch_base.gin", "runs/finetune.gin"])
+    model_cfg, run, data, _, opt, _, _ = load(["models/switch_base.gin", "runs/finetune.gin"])
     assert (opt.schedule, opt.learning_rate) == ("constant", 1e-3)
     assert (model_cfg.dropout_rate, model_cfg.moe.expert_dropout_rate) == (0.1, 0.4)
-    model_cfg, run, data, ckpt, _, _ = load(["runs/demo.gin"])
+    model_cfg, run, data, ckpt, _, _, _ = load(["runs/demo.gin"])
     assert model_cfg.d_model <= 256 and data.mixture_or_task_name == "embedded_span_corruption"
     assert ckpt.period <= 100 and run.train_steps <= 1000
 
 
 def test_bindings_override_and_coerce():
-    model_cfg, run, data, ckpt, opt, _ = load(
+    model_cfg, run, data, ckpt, opt, _, _ = load(
         ["models/tiny.gin"],
         [
             "MESH_SHAPE=(2, 4, 1)",
