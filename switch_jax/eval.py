@@ -11,7 +11,7 @@ from absl import flags
 
 from switch_jax import cli, stored_config
 
-stored_config.define_step_flag("checkpoint: 'latest', 'all' (eval) or a step")
+_STEP = cli.define_flag(flags.DEFINE_string, "step", "latest", "checkpoint: 'latest', 'all', N")
 
 
 def main(argv: list[str]) -> None:
@@ -19,7 +19,7 @@ def main(argv: list[str]) -> None:
     from switch_jax import trainer
 
     cli.parse_gin(stored_config.stored_config_files(flags.FLAGS.gin_bindings))
-    for step, metrics in trainer.evaluate_checkpoints(cli.configs(), flags.FLAGS.step):
+    for step, metrics in trainer.evaluate_checkpoints(cli.configs(), _STEP.value):
         print(json.dumps({"step": step, **metrics}, sort_keys=True), flush=True)
 
 

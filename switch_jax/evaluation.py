@@ -22,6 +22,14 @@ from switch_jax.decoding import Decoder
 EOS_ID = 1
 
 
+def data_options(data) -> dict:
+    """The task options a DataConfig sets (as run_builder passes them to the pipeline)."""
+    options = {"tfds_data_dir": data.tfds_data_dir} if data.tfds_data_dir else {}
+    if data.vocabulary:
+        options["vocabulary"] = data.vocabulary
+    return options
+
+
 def task_examples(
     task_name: str,
     split: str,
@@ -200,7 +208,7 @@ class TaskEvaluator:
     def _setup(self) -> None:
         data, decode = self.run.configs.data, self.run.configs.decode
         lengths = data.feature_lengths
-        options = {"tfds_data_dir": data.tfds_data_dir} if data.tfds_data_dir else {}
+        options = data_options(data)
         self._examples = {}
         if decode.eval_examples == 0:
             return

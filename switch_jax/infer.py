@@ -30,12 +30,12 @@ from switch_jax.evaluation import EOS_ID
 from switch_jax.models.config import ConfigError
 from switch_jax.run_config import Configs
 
-_INPUT = flags.DEFINE_string("input_file", None, "JSONL or text inputs; '-' = stdin")
-_OUTPUT = flags.DEFINE_string("output_file", None, "JSONL predictions (default: stdout)")
-_MODE = flags.DEFINE_enum("mode", "predict", ["predict", "score"], "decode, or score targets")
-stored_config.define_step_flag("checkpoint: 'latest', 'all' (eval) or a step")
-_SPLIT = flags.DEFINE_string("split", "validation", "task split read without --input_file")
-_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", None, "stop after this many inputs")
+_INPUT = cli.define_flag(flags.DEFINE_string, "input_file", None, "JSONL / text; '-' = stdin")
+_OUTPUT = cli.define_flag(flags.DEFINE_string, "output_file", None, "JSONL out (default stdout)")
+_MODE = cli.define_flag(flags.DEFINE_enum, "mode", "predict", ["predict", "score"], "or score")
+_STEP = cli.define_flag(flags.DEFINE_string, "step", "latest", "checkpoint: 'latest', 'all', N")
+_SPLIT = cli.define_flag(flags.DEFINE_string, "split", "validation", "task split (no input_file)")
+_MAX_EXAMPLES = cli.define_flag(flags.DEFINE_integer, "max_examples", None, "at most this many")
 
 
 class InputError(ValueError):
@@ -73,7 +73,7 @@ class _Codec:
         from switch_jax.data import tasks  # noqa: PLC0415
 
         data = configs.data
-        options = {"tfds_data_dir": data.tfds_data_dir} if data.tfds_data_dir else {}
+        options = evaluation.data_options(data)
         features = tasks.get_provider(data.mixture_or_task_name, **options).output_features
         self.inputs_feature = features.get("inputs")
         self.vocab = features["targets"].vocabulary
@@ -229,7 +229,7 @@ def main(argv: list[str]) -> None:
             records,
             out,
             mode=_MODE.value,
-            step=flags.FLAGS.step,
+            step=_STEP.value,
             progress=None if stdin else sys.stderr,
             flush_each=stdin,  # answer each line as it arrives
         )

@@ -10,7 +10,6 @@ import re
 import tempfile
 from collections.abc import Sequence
 
-from absl import flags
 from etils import epath
 
 from switch_jax.models.config import ConfigError
@@ -49,9 +48,3 @@ def stored_config_files(bindings: Sequence[str]) -> list[str]:
     with local:
         local.write(stored.read_text())
     return [local.name]
-
-
-def define_step_flag(help_text: str) -> None:
-    """--step, shared by eval and infer (absl refuses a flag defined twice in one process)."""
-    if "step" not in flags.FLAGS:
-        flags.DEFINE_string("step", "latest", help_text)
