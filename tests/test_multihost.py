@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 import textwrap
 import time
@@ -13,6 +11,7 @@ from pathlib import Path
 
 import jax
 import pytest
+from process_group import free_port, run_all
 from test_sharded_training import OPT, B, tiny_batch, tiny_config
 
 from switch_jax import distributed, partitioning, steps
@@ -50,12 +49,6 @@ WORKER = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _single_process_losses() -> list[float]:
     p = partitioning.Partitioner((2, 2, 2))
     setup = steps.setup_training(p.adapt_model_config(tiny_config(ARCH), B), OPT, p)
@@ -73,30 +66,11 @@ def test_two_processes_reproduce_single_process_losses(tmp_path):
     env.pop("XLA_FLAGS", None)
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS.parent), str(TESTS), env.get("PYTHONPATH", "")])
     env["CACHE_DIR"] = str(jax.config.jax_compilation_cache_dir or tmp_path / "cache")
-    port = _free_port()
+    port = free_port()
     start = time.monotonic()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(port), str(i)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=240)[0])
-    finally:
-        for proc in procs:  # never leave a worker behind (one may wait forever for its peer)
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+    commands = [[sys.executable, str(script), str(port), str(i)] for i in range(2)]
+    outputs = run_all(commands, env=env, timeout=240)
     elapsed = time.monotonic() - start
-    for proc, out in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, out[-3000:]
     results = [json.loads(out.split("RESULT ", 1)[1].splitlines()[0]) for out in outputs]
     want = _single_process_losses()
     assert [r["rows"] for r in results] == [[0, B // 2], [B // 2, B]]

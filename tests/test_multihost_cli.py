@@ -9,14 +9,13 @@ from __future__ import annotations
 import glob
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from process_group import free_port, run_all
 
 from switch_jax import checkpoints, gin_utils, run_builder, trainer
 
@@ -34,12 +33,6 @@ BINDINGS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _metrics(model_dir) -> list[dict]:
     with open(os.path.join(model_dir, "train", "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -50,40 +43,23 @@ def _two_process_run(model_dir: str) -> list[str]:
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    port = _free_port()
+    port = free_port()
     args = [f"--gin.{b.replace(' = ', '=')}" for b in [f"MODEL_DIR = '{model_dir}'", *BINDINGS]]
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "switch_jax.train",
-                "--gin_file=runs/demo.gin",
-                *args,
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--process_count=2",
-                f"--process_index={i}",
-                "--distributed_timeout_s=120",
-            ],
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+    commands = [
+        [
+            sys.executable,
+            "-m",
+            "switch_jax.train",
+            "--gin_file=runs/demo.gin",
+            *args,
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--process_count=2",
+            f"--process_index={i}",
+            "--distributed_timeout_s=120",
+        ]
         for i in range(2)
     ]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=420)[0])
-    finally:
-        for proc in procs:  # never leave a worker behind (one may wait forever for its peer)
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    for proc, out in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, out[-3000:]
+    outputs = run_all(commands, env=env, timeout=420, cwd=REPO)
     return outputs
 
 
