@@ -144,4 +144,8 @@ def test_installed_info_and_train_from_another_directory(installed, tmp_path):
         "--gin.EVAL_STEPS=1",
     )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    assert json.loads(evaluated.stdout.strip().splitlines()[-1])["step"] == 0
+    result = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    # the same validation batch as the run's own final eval: HF and back changes no weight
+    trained = [json.loads(line) for line in (tmp_path / "run" / "eval" / "metrics.jsonl").open()]
+    assert result["step"] == 0 and trained[-1]["step"] == 2
+    assert abs(result["cross_entropy"] - trained[-1]["cross_entropy"]) < 1e-5
