@@ -142,6 +142,9 @@ class Partitioner:
     # Plan without devices: an AbstractMesh of this many devices. Shardings, state shapes and
     # adapt_model_config work; anything that places data (shard_batch) does not.
     num_devices: int | None = None
+    # The platform an abstract plan is for ('auto' dispatch resolves by it; state bytes do not
+    # depend on it). Ignored when there are devices: theirs is used.
+    planned_platform: str = "tpu"
 
     def __post_init__(self):
         if self.rules not in ("default", "fsdp"):
@@ -157,6 +160,13 @@ class Partitioner:
         self.param_rules = tuple((k, overrides.get(k, v)) for k, v in DEFAULT_RULES)
 
     # --- sizes -------------------------------------------------------------------------------
+    @property
+    def platform(self) -> str:
+        """'cpu' | 'gpu' | 'tpu' of the devices the step compiles for (the plan's, if abstract)."""
+        if isinstance(self.mesh, AbstractMesh):
+            return self.planned_platform
+        return self.mesh.devices.flat[0].platform
+
     def axis_size(self, name: str) -> int:
         return self.mesh.shape[name]
 
@@ -210,7 +220,7 @@ class Partitioner:
                 f"axis ({expert}) of MESH_SHAPE"
             )
         # 'auto' dispatch for the platform the step compiles for (TPU devices on a CPU host too).
-        dispatch = resolve_dispatch(cfg.moe.dispatch, self.mesh.devices.flat[0].platform)
+        dispatch = resolve_dispatch(cfg.moe.dispatch, self.platform)
         moe = dataclasses.replace(cfg.moe, num_expert_partitions=data * expert, dispatch=dispatch)
         return dataclasses.replace(cfg, moe=moe)
 

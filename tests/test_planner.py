@@ -39,7 +39,10 @@ def configs(mesh_shape, rules) -> Configs:
 
 
 def planned(mesh_shape, rules="default") -> info.Plan:
-    abstract = partitioning.Partitioner(mesh_shape, rules=rules, num_devices=math.prod(mesh_shape))
+    # The live state below is on CPU devices: plan for that platform ('auto' dispatch).
+    abstract = partitioning.Partitioner(
+        mesh_shape, rules=rules, num_devices=math.prod(mesh_shape), planned_platform="cpu"
+    )
     return info.plan(configs(mesh_shape, rules), abstract)
 
 
