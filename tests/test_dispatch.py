@@ -226,12 +226,10 @@ def _run_uncached(mesh_shape, dispatch, impl, layer_inputs):
 
 
 SHARDED = [
-    ("dropless", "blocked", (2, 2, 2)),
-    ("dropless", "ragged_dot", (1, 4, 2)),
-    ("dropless", "blocked", (4, 1, 2)),
-    ("sorted", "ragged_dot", (2, 2, 2)),
-    ("sorted", "ragged_dot", (4, 1, 2)),
-    ("sorted", "blocked", (1, 4, 2)),
+    ("dropless", "blocked", (2, 2, 2)),  # fixed-size all-to-all, d_ff over 'model' (psum)
+    ("dropless", "ragged_dot", (4, 1, 2)),  # per batch shard, no all-to-all needed
+    ("sorted", "ragged_dot", (2, 2, 2)),  # expert parallel: capacity segments + all-to-all
+    ("sorted", "ragged_dot", (4, 1, 2)),  # ragged_dot per batch shard in shard_map
 ]
 
 

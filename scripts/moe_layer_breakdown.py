@@ -1,0 +1,83 @@
+"""Process-CPU-time breakdown of one Switch layer vs the dense FFN at the issue-15 CPU config.
+
+    python scripts/moe_layer_breakdown.py      # ~3 min of CPU; figures in docs/benchmarks.md §6
+
+One layer fwd+bwd on 4096 tokens (groups of 512), d_model 512, d_ff 2048, 8 experts, capacity
+factor 1.25, dropout 0.1 (expert too), jitter 0.01, per dispatch and PRNG, and an Adafactor
+update (optax's factored Adafactor) over one layer's expert kernels vs the dense FFN's, all
+timed interleaved. CPU time, not wall time, because the development machine is shared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from switch_jax.benchmarks import timing
+from switch_jax.benchmarks.breakdown import _ffn_step
+from switch_jax.models.config import ModelConfig, MoeConfig
+
+TOKENS = 4096
+BASE = ModelConfig(
+    d_model=512,
+    d_ff=2048,
+    num_heads=8,
+    head_dim=64,
+    dropout_rate=0.1,
+    moe=MoeConfig(
+        num_experts=8,
+        group_size=512,
+        capacity_factor_train=1.25,
+        jitter_eps=0.01,
+        expert_dropout_rate=0.1,
+    ),
+)
+
+
+def switch(dispatch: str, rng: str = "threefry", **moe) -> ModelConfig:
+    return BASE.replace(rng_impl=rng, moe=dataclasses.replace(BASE.moe, dispatch=dispatch, **moe))
+
+
+def adafactor_update(shapes):
+    params = {f"w{i}": jnp.full(s, 0.01, jnp.float32) for i, s in enumerate(shapes)}
+    tx = optax.adafactor(learning_rate=1e-2)
+    state = tx.init(params)
+    update = jax.jit(lambda p, s: tx.update(p, s, p))
+    return lambda: update(params, state)
+
+
+def main() -> None:
+    dense = BASE.replace(moe=None)
+    variants = [
+        ("dense FFN, threefry", dense, False),
+        ("scatter, threefry", switch("scatter"), True),
+        ("sorted, threefry", switch("sorted"), True),
+        ("einsum, threefry", switch("einsum"), True),
+        ("dropless (blocked), threefry", switch("dropless"), True),
+        ("dense FFN, rbg", dense.replace(rng_impl="rbg"), False),
+        ("scatter, rbg", switch("scatter", "rbg"), True),
+        ("dense FFN, no noise", dense.replace(dropout_rate=0.0), False),
+        ("scatter, no noise", switch("scatter", jitter_eps=0.0, expert_dropout_rate=0.0), True),
+    ]
+    names, fns = [], []
+    for name, cfg, sparse in variants:
+        t0 = time.process_time()
+        fns.append(_ffn_step(cfg, TOKENS, sparse))
+        names.append(name)
+        print(f"compiled {name}: {time.process_time() - t0:.1f} s CPU", flush=True)
+    fns.append(adafactor_update([(8, 512, 2048), (8, 2048, 512)]))
+    names.append("Adafactor, one layer's expert kernels")
+    fns.append(adafactor_update([(512, 2048), (2048, 512)]))
+    names.append("Adafactor, the dense FFN kernels")
+    wall, cpu = timing.interleaved(fns, 3, warmup=1)
+    for name, w, c in zip(names, wall, cpu, strict=True):
+        print(f"{name:40s} CPU {statistics.median(c):.3f} s  wall {statistics.median(w):.3f} s")
+
+
+if __name__ == "__main__":
+    main()
