@@ -86,6 +86,10 @@ def plan(configs: Configs, partitioner: partitioning.Partitioner) -> Plan:
     """build_run on `partitioner`'s mesh (the trainer's checks and abstract train state) and the
     state's bytes; nothing is allocated."""
     run = run_builder.build_run(configs, partitioner=partitioner)
+    # The train step's trace-time checks (batch over data x expert x microbatches, MoE groups),
+    # on a shapes-only batch: what the first step would refuse, info refuses.
+    batch = steps.batch_shapes(run.model_cfg, configs.data.batch_size, run.lengths)
+    steps.check_batch(run.model_cfg, batch, partitioner, configs.optimizer.microbatches)
     return Plan(run, state_bytes(run.setup.abstract_state))
 
 

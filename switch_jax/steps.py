@@ -279,6 +279,9 @@ def _check_batch(model_cfg: ModelConfig, batch: dict, partitioner: Partitioner, 
             )
 
 
+check_batch = _check_batch  # public: the planner (switch_jax.info) runs the step's checks too
+
+
 # --- steps ----------------------------------------------------------------------------------
 
 

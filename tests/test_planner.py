@@ -99,6 +99,21 @@ def test_info_refuses_a_mesh_with_the_trainers_message(gin_file, bindings, mesh_
     assert str(planned.value) == str(trained.value)
 
 
+def test_info_refuses_a_batch_the_first_train_step_would_refuse():
+    from switch_jax import gin_utils, steps
+
+    bindings = ["MESH_SHAPE=(1, 8, 1)", "BATCH_SIZE=8", "MICROBATCHES=2"]  # 8 rows, 16 shards
+    with pytest.raises(ConfigError) as planned:
+        info.run_info(["models/tiny.gin"], bindings)
+    gin_utils.parse_gin(["models/tiny.gin"], bindings)
+    live = run_builder.build_run(gin_utils.load_configs())
+    batch = steps.batch_shapes(live.model_cfg, 8, live.lengths, live.partitioner.batch_sharding)
+    with pytest.raises(ConfigError) as trained, live.partitioner.activate():
+        live.setup.train_step.jitted.trace(live.setup.abstract_state, batch)
+    assert str(planned.value) == str(trained.value)
+    assert "OptimizerConfig.microbatches (2)" in str(planned.value)
+
+
 def test_cli_prints_the_error_as_one_line():
     cmd = [sys.executable, "-m", "switch_jax.info", "--gin_file=models/switch_c.gin"]
     out = subprocess.run([*cmd, "--gin.MESH_SHAPE=(1, 1, 8)"], capture_output=True, text=True)
