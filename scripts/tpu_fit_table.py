@@ -2,12 +2,15 @@
 
     python scripts/tpu_fit_table.py run [ROW ...] [--timeout=2400]   # compile rows, one at a time
     python scripts/tpu_fit_table.py table                            # markdown from the results
+    python scripts/tpu_fit_table.py plan                             # train state per device
 
-`run` calls `python -m switch_jax.compile ... --json` for each row (under `nice -n 5`, one
-compile at a time: a full-size compile takes minutes and ~8 GB of host RAM) and appends what it
-printed to docs/tpu_fit.jsonl: the JSON report, or the one-line "does not fit" message. `table`
-renders every row, saying which have no measurement yet. Every row uses runs/pretrain.gin:
-batch 2048 x 512 inputs / 114 targets (2^20 input tokens), Adafactor, float32 parameters.
+`plan` runs `python -m switch_jax.info ... --json` (no compile, no libtpu) for PLAN_ROWS and prints
+the train state per device. `run` calls `python -m switch_jax.compile ... --json` for each row
+(under `nice -n 5`, one compile at a time: a full-size compile takes minutes and ~8 GB of host RAM)
+and appends what it printed to docs/tpu_fit.jsonl: the JSON report, or the one-line "does not fit"
+message. `table` renders every row, saying which have no measurement yet. Every row uses
+runs/pretrain.gin: batch 2048 x 512 inputs / 114 targets (2^20 input tokens), Adafactor, float32
+parameters.
 Needs libtpu (pip install 'switch_jax[tpu]').
 """
 
@@ -51,6 +54,43 @@ ROWS = {
     ),
     "sc2048-v5p4096": ("Switch-C-2048", "switch_c", "v5p-4096", (1, 2048, 1), (SCAN,)),
 }
+
+
+# (model, gin file, MESH_SHAPE, PARTITION_RULES) for the planner table (docs/sharding.md).
+PLAN_ROWS = [
+    ("Switch-Base-128", "switch_base_128", (1, 8, 1), "default"),
+    ("Switch-Base-128", "switch_base_128", (1, 32, 1), "default"),
+    ("Switch-Large-128", "switch_large", (1, 64, 1), "default"),
+    ("Switch-XXL-128", "switch_xxl", (4, 128, 1), "fsdp"),
+    ("Switch-XXL-128", "switch_xxl", (1, 128, 8), "default"),
+    ("Switch-C-2048", "switch_c", (1, 2048, 1), "default"),
+    ("T5-Base", "t5_base", (16, 1, 1), "default"),
+    ("T5-Large", "t5_large", (32, 1, 1), "default"),
+    ("T5-XXL", "t5_xxl", (16, 1, 8), "fsdp"),
+]
+
+
+def plan_row(gin: str, mesh: tuple, rules: str) -> dict:
+    cmd = [sys.executable, "-m", "switch_jax.info", f"--gin_file=models/{gin}.gin"]
+    cmd += ["--gin_file=runs/pretrain.gin", f"--gin.MESH_SHAPE={mesh}"]
+    cmd += [f"--gin.PARTITION_RULES='{rules}'", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def plan_table(reports: list[dict]) -> str:
+    lines = [
+        "| model | MESH_SHAPE | rules | parameters | per device: params | Adafactor | state |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (model, _, mesh, rules), r in zip(PLAN_ROWS, reports, strict=True):
+        lines.append(
+            f"| {model} | `{mesh}` | {rules} | {r['total_params'] / 1e9:.1f}B "
+            f"| {r['param_bytes_per_device'] / GiB:.2f} GiB "
+            f"| {r['optimizer_bytes_per_device'] / 2**20:.1f} MiB "
+            f"| {r['state_bytes_per_device'] / GiB:.2f} GiB |"
+        )
+    return "\n".join(lines)
 
 
 def command(row: str) -> list[str]:
@@ -135,12 +175,15 @@ def topology_chips(name: str) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["run", "table"])
+    parser.add_argument("action", choices=["run", "table", "plan"])
     parser.add_argument("rows", nargs="*", help=f"row ids (default: all): {', '.join(ROWS)}")
     parser.add_argument("--timeout", type=int, default=2400, help="seconds per compile")
     args = parser.parse_args()
     if args.action == "table":
         print(table())
+        return
+    if args.action == "plan":
+        print(plan_table([plan_row(gin, mesh, rules) for _, gin, mesh, rules in PLAN_ROWS]))
         return
     for row in args.rows or list(ROWS):
         if row not in ROWS:

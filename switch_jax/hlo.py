@@ -35,7 +35,7 @@ def collectives(hlo_text: str) -> dict:
     """{kind: {"count", "bytes"}} per chip and step: the result bytes of each collective (for
     async pairs, of the '-done' op), times the trip count of the while loops around it."""
     ops: dict[str, list[tuple[str, int]]] = {}  # computation -> [(kind, bytes)]
-    trips: dict[str, int] = {}  # while body -> known trip count
+    trips: dict[str, tuple[int, str]] = {}  # while body -> (known trip count, enclosing comp)
     current = ""
     for line in hlo_text.splitlines():
         comp = _COMPUTATION.match(line)
@@ -44,13 +44,20 @@ def collectives(hlo_text: str) -> dict:
             continue
         loop = _WHILE.search(line)
         if loop:
-            trips[loop.group(1)] = int(loop.group(2))
+            trips[loop.group(1)] = (int(loop.group(2)), current)
         op = _OP.match(line)
         if op and op.group("phase") != "-start":
             ops.setdefault(current, []).append((op.group("op"), _type_bytes(op.group("type"))))
+
+    def runs(comp: str, depth: int = 0) -> int:  # loops nest: microbatch scan > layer scan
+        if comp not in trips or depth > 16:
+            return 1
+        n, parent = trips[comp]
+        return n * runs(parent, depth + 1)
+
     out = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
     for comp, found in ops.items():
-        n = trips.get(comp, 1)
+        n = runs(comp)
         for kind, size in found:
             out[kind]["count"] += n
             out[kind]["bytes"] += n * size

@@ -45,7 +45,7 @@ def test_unknown_accelerator_types_are_one_line_errors(name):
 
 
 # A hand-written optimised-HLO excerpt: a sync all-to-all, an async all-gather pair, a tuple
-# all-reduce, a reduce-scatter inside a while body that runs 6 times.
+# all-reduce; a loop of 2 (an all-reduce) around a loop of 6 (a reduce-scatter).
 HLO = """\
 HloModule jit_step, entry_computation_layout={(f32[8]{0})->f32[8]{0}}
 
@@ -54,13 +54,20 @@ HloModule jit_step, entry_computation_layout={(f32[8]{0})->f32[8]{0}}
   ROOT %t = (s32[], f32[64,128]) tuple(%i, %y)
 }
 
+%outer.3 (p: (s32[], f32[64,128])) -> (s32[], f32[64,128]) {
+  %w2 = (s32[], f32[64,128]) while(%init), condition=%cond.1, body=%body.1, \
+backend_config={"known_trip_count":{"n":"6"}}
+  %ar2 = f32[8]{0} all-reduce(%q), channel_id=9
+  ROOT %t = (s32[], f32[64,128]) tuple(%i, %y)
+}
+
 ENTRY %main.2 (a: bf16[4,8,20,128]) -> f32[8] {
   %all-to-all = bf16[1,4,2,20,128]{4,2,3,0,1:T(2,128)(2,1)S(1)} all-to-all(%copy), channel_id=1
   %ag-start = (bf16[64,256]{1,0}, bf16[512,256]{1,0}) all-gather-start(%convert), channel_id=2
   %ag-done = bf16[512,256]{1,0:T(8,128)(2,1)} all-gather-done(%ag-start)
   %all-reduce.67 = (f32[]{:T(128)}, f32[8192,128]{1,0:T(8,128)S(1)}) all-reduce(%g, %h)
-  %w = (s32[], f32[64,128]) while(%init), condition=%cond.1, body=%body.1, \
-backend_config={"known_trip_count":{"n":"6"}}
+  %w = (s32[], f32[64,128]) while(%init), condition=%cond.0, body=%outer.3, \
+backend_config={"known_trip_count":{"n":"2"}}
   ROOT %r = f32[8]{0} copy(%z)
 }
 """
@@ -70,8 +77,8 @@ def test_collectives_count_done_ops_and_loop_trips():
     c = hlo.collectives(HLO)
     assert c["all-to-all"] == {"count": 1, "bytes": 1 * 4 * 2 * 20 * 128 * 2}
     assert c["all-gather"] == {"count": 1, "bytes": 512 * 256 * 2}  # the -done result only
-    assert c["all-reduce"] == {"count": 1, "bytes": 4 + 8192 * 128 * 4}
-    assert c["reduce-scatter"] == {"count": 6, "bytes": 6 * 16 * 128 * 4}
+    assert c["all-reduce"] == {"count": 1 + 2, "bytes": 4 + 8192 * 128 * 4 + 2 * 8 * 4}
+    assert c["reduce-scatter"] == {"count": 12, "bytes": 12 * 16 * 128 * 4}
     assert c["collective-permute"] == {"count": 0, "bytes": 0}
 
 
