@@ -122,3 +122,19 @@ def test_cli_prints_the_error_as_one_line():
         "ConfigError: ModelConfig.num_heads=30 must be divisible by the model axis (8) of "
         "MESH_SHAPE"
     )
+
+
+@pytest.mark.parametrize("mesh_shape, dcn", [((-1, 2, 2), None), ((2, -1, 1), (1, 1, 1))])
+def test_abstract_mesh_has_the_shape_of_the_real_one(mesh_shape, dcn):
+    real = partitioning.Partitioner(mesh_shape, dcn)
+    abstract = partitioning.Partitioner(mesh_shape, dcn, num_devices=8)
+    assert abstract.is_abstract and not real.is_abstract
+    assert dict(abstract.mesh.shape) == dict(real.mesh.shape)
+    with pytest.raises(ValueError, match="needs devices"):
+        abstract.host_batch_slice(8)
+
+
+def test_abstract_multi_slice_mesh_multiplies_per_slice_by_dcn():
+    # One host has one DCN granule, so this one is checked by hand: 2 slices of (1, 4, 2).
+    p = partitioning.Partitioner((1, -1, 2), (2, 1, 1), num_devices=16)
+    assert dict(p.mesh.shape) == {"data": 2, "expert": 4, "model": 2}
