@@ -2,7 +2,8 @@
 
 Counts what XLA emits after SPMD partitioning (per chip): all-to-all, all-gather,
 reduce-scatter, all-reduce, collective-permute; for async pairs the '-done' op; ops inside a
-while loop with a known trip count (scan over microbatches or layers) count that many times.
+while loop (scan over microbatches or layers) count as many times as it runs: its
+known_trip_count, or the constant bound its condition compares the loop index with.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ _OP = re.compile(
     + r")(?P<phase>-start|-done)?\("
 )
 _ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\]")
-_COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-_WHILE = re.compile(r"while\(.*body=%?([\w.\-]+).*?\"known_trip_count\":\{\"n\":\"(\d+)\"")
+# A computation's header starts at column 0 (its instructions are indented).
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\{\s*$")
+_WHILE = re.compile(r"\swhile\(.*?condition=%?([\w.\-]+).*?body=%?([\w.\-]+)")
+_KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_BOUND = re.compile(r"s32\[\][^ ]* constant\((\d+)\)")
 
 
 def _type_bytes(type_text: str) -> int:
@@ -33,27 +37,39 @@ def _type_bytes(type_text: str) -> int:
 
 def collectives(hlo_text: str) -> dict:
     """{kind: {"count", "bytes"}} per chip and step: the result bytes of each collective (for
-    async pairs, of the '-done' op), times the trip count of the while loops around it."""
+    async pairs, of the '-done' op), times the trip counts of the while loops around it."""
+    lines: dict[str, list[str]] = {}  # computation -> its instructions
     ops: dict[str, list[tuple[str, int]]] = {}  # computation -> [(kind, bytes)]
-    trips: dict[str, tuple[int, str]] = {}  # while body -> (known trip count, enclosing comp)
+    loops: dict[str, tuple[str, str, str]] = {}  # body -> (condition, enclosing comp, line)
     current = ""
     for line in hlo_text.splitlines():
         comp = _COMPUTATION.match(line)
-        if comp and "=" not in line.split("{")[0]:
+        if comp:
             current = comp.group(1)
             continue
+        lines.setdefault(current, []).append(line)
         loop = _WHILE.search(line)
         if loop:
-            trips[loop.group(1)] = (int(loop.group(2)), current)
+            loops[loop.group(2)] = (loop.group(1), current, line)
         op = _OP.match(line)
         if op and op.group("phase") != "-start":
             ops.setdefault(current, []).append((op.group("op"), _type_bytes(op.group("type"))))
 
+    def trips(body: str) -> int:
+        condition, _, line = loops[body]
+        known = _KNOWN_TRIPS.search(line)
+        if known:
+            return int(known.group(1))
+        # jax's scan / fori loops count an s32 index from 0 while it is < a constant bound (the
+        # TPU compiler's HLO carries no known_trip_count).
+        text = "\n".join(lines.get(condition, []))
+        bound = _BOUND.search(text)
+        return int(bound.group(1)) if bound and "direction=LT" in text else 1
+
     def runs(comp: str, depth: int = 0) -> int:  # loops nest: microbatch scan > layer scan
-        if comp not in trips or depth > 16:
+        if comp not in loops or depth > 16:
             return 1
-        n, parent = trips[comp]
-        return n * runs(parent, depth + 1)
+        return trips(comp) * runs(loops[comp][1], depth + 1)
 
     out = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
     for comp, found in ops.items():

@@ -45,18 +45,24 @@ def test_unknown_accelerator_types_are_one_line_errors(name):
 
 
 # A hand-written optimised-HLO excerpt: a sync all-to-all, an async all-gather pair, a tuple
-# all-reduce; a loop of 2 (an all-reduce) around a loop of 6 (a reduce-scatter).
+# all-reduce; a loop of 2 (known_trip_count, an all-reduce) around a loop of 6 (a reduce-scatter;
+# its bound only in the condition, as the TPU compiler writes scans).
 HLO = """\
 HloModule jit_step, entry_computation_layout={(f32[8]{0})->f32[8]{0}}
 
-%body.1 (p: (s32[], f32[64,128])) -> (s32[], f32[64,128]) {
+%body.1 (p: (s32[], f32[64,128], /*index=2*/f32[2])) -> (s32[], f32[64,128], f32[2]) {
   %rs = f32[16,128]{1,0:T(8,128)} reduce-scatter(%x), channel_id=4, dimensions={0}
   ROOT %t = (s32[], f32[64,128]) tuple(%i, %y)
 }
 
+%cond.1 (p: (s32[], f32[64,128])) -> pred[] {
+  %constant.1740.clone.3 = s32[]{:T(128)} constant(6)
+  %gte = s32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt.588 = pred[]{:T(512)} compare(%gte, %constant.1740.clone.3), direction=LT
+}
+
 %outer.3 (p: (s32[], f32[64,128])) -> (s32[], f32[64,128]) {
-  %w2 = (s32[], f32[64,128]) while(%init), condition=%cond.1, body=%body.1, \
-backend_config={"known_trip_count":{"n":"6"}}
+  %w2 = (s32[], f32[64,128]) while(%init), condition=%cond.1, body=%body.1
   %ar2 = f32[8]{0} all-reduce(%q), channel_id=9
   ROOT %t = (s32[], f32[64,128]) tuple(%i, %y)
 }
