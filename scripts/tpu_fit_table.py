@@ -149,16 +149,19 @@ def table() -> str:
         elif r["outcome"] == "fits":
             rep = r["report"]
             m, a2a = rep["memory_per_chip"], rep["collectives_per_chip"]["all-to-all"]
+            a2a = r.get("all_to_all_per_step", a2a)  # a hand-corrected count, see its record
             hbm = rep["hbm_bytes_per_chip"] / GiB
             cells = [
                 "yes" if rep["hbm_fraction"] <= 1 else "no",
                 f"{m['total'] / GiB:.1f} of {hbm:.2f} ({m['arguments'] / GiB:.1f} + "
                 f"{m['temporaries'] / GiB:.1f})",
-                f"{a2a['bytes'] / GiB:.2f} GiB in {a2a['count']}" if a2a["count"] else "none",
+                (f"{a2a['bytes'] / GiB:.2f} GiB in {a2a['count']}" if a2a["count"] else "none")
+                + (" (derived)" if "derived" in a2a else ""),
                 f"{rep['compile_s'] / 60:.1f} min",
             ]
         elif r["outcome"] == "does not fit":
-            cells = ["**no**: " + r["message"].split(";")[0], "", "", ""]
+            why = r["message"].split(";")[0].split(": ", 1)[-1]  # what, not where (columns)
+            cells = ["**no**: " + why, "", "", ""]
         else:
             cells = [f"{r['outcome']}: {r.get('message', '')}", "", "", ""]
         chips = topology_chips(topology)

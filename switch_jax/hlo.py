@@ -37,7 +37,9 @@ def _type_bytes(type_text: str) -> int:
 
 def collectives(hlo_text: str) -> dict:
     """{kind: {"count", "bytes"}} per chip and step: the result bytes of each collective (for
-    async pairs, of the '-done' op), times the trip counts of the while loops around it."""
+    async pairs, of the '-done' op), times the trip counts of the while loops around it; and
+    "loop_trips", the trip count of every while loop (the compiler's cost analysis counts each
+    loop body once)."""
     lines: dict[str, list[str]] = {}  # computation -> its instructions
     ops: dict[str, list[tuple[str, int]]] = {}  # computation -> [(kind, bytes)]
     loops: dict[str, tuple[str, str, str]] = {}  # body -> (condition, enclosing comp, line)
@@ -71,7 +73,8 @@ def collectives(hlo_text: str) -> dict:
             return 1
         return trips(comp) * runs(loops[comp][1], depth + 1)
 
-    out = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
+    out: dict = {"loop_trips": sorted(trips(body) for body in loops)}
+    out.update({kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES})
     for comp, found in ops.items():
         n = runs(comp)
         for kind, size in found:

@@ -86,6 +86,7 @@ def test_collectives_count_done_ops_and_loop_trips():
     assert c["all-reduce"] == {"count": 1 + 2, "bytes": 4 + 8192 * 128 * 4 + 2 * 8 * 4}
     assert c["reduce-scatter"] == {"count": 12, "bytes": 12 * 16 * 128 * 4}
     assert c["collective-permute"] == {"count": 0, "bytes": 0}
+    assert c["loop_trips"] == [2, 6]
 
 
 # Verbatim from libtpu 0.0.42.1 (jax.errors.JaxRuntimeError of a v5p-16 compile here).

@@ -77,7 +77,8 @@ def test_text_report(compiled):
     text = aot.format_report(compiled)
     assert "train step for v5e-4 (4 chips, TPU v5 lite)" in text
     assert "data 1 x expert 4 x model 1" in text and "(planner: the same)" in text
-    assert "all-to-all 8 x" in text
+    assert "all-to-all 8 x" in text and "loop bodies counted once" not in text
+    assert compiled["loop_trips"] == [] or max(compiled["loop_trips"]) == 1  # unrolled layers
 
 
 def test_state_larger_than_hbm_is_refused_before_compiling():
