@@ -7,9 +7,8 @@ the live state's addressable shards on each of the 8 CPU devices.
 from __future__ import annotations
 
 import collections
+import functools
 import math
-import subprocess
-import sys
 
 import jax
 import pytest
@@ -38,6 +37,7 @@ def configs(mesh_shape, rules) -> Configs:
     return Configs(CFG, train, DataConfig(batch_size=BATCH), CheckpointConfig(), OPT)
 
 
+@functools.lru_cache  # plans are immutable; tests share them
 def planned(mesh_shape, rules="default") -> info.Plan:
     # The live state below is on CPU devices: plan for that platform ('auto' dispatch).
     abstract = partitioning.Partitioner(
@@ -112,16 +112,6 @@ def test_info_refuses_a_batch_the_first_train_step_would_refuse():
         live.setup.train_step.jitted.trace(live.setup.abstract_state, batch)
     assert str(planned.value) == str(trained.value)
     assert "OptimizerConfig.microbatches (2)" in str(planned.value)
-
-
-def test_cli_prints_the_error_as_one_line():
-    cmd = [sys.executable, "-m", "switch_jax.info", "--gin_file=models/switch_c.gin"]
-    out = subprocess.run([*cmd, "--gin.MESH_SHAPE=(1, 1, 8)"], capture_output=True, text=True)
-    assert out.returncode == 2
-    assert out.stderr.strip().splitlines()[-1] == (
-        "ConfigError: ModelConfig.num_heads=30 must be divisible by the model axis (8) of "
-        "MESH_SHAPE"
-    )
 
 
 @pytest.mark.parametrize("mesh_shape, dcn", [((-1, 2, 2), None), ((2, -1, 1), (1, 1, 1))])
