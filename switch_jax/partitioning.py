@@ -175,12 +175,6 @@ class Partitioner:
         return isinstance(self.mesh, AbstractMesh)
 
     @property
-    def platform(self) -> str:
-        """What the step compiles for: the mesh's devices ('tpu' for compile-only TPU devices
-        on a CPU host); an AbstractMesh plans for this process's default backend."""
-        return jax.default_backend() if self.is_abstract else self.mesh.devices.flat[0].platform
-
-    @property
     def batch_shards(self) -> int:
         """How many ways the batch (and the MoE groups) are split."""
         return self.axis_size("data") * self.axis_size("expert")
