@@ -255,4 +255,7 @@ class TaskEvaluator:
         if results and jax.process_index() == 0:
             shown = " ".join(f"{k} {v:.4g}" for k, v in results.items())
             print(f"eval  step {step}: {shown}", flush=True)
+            for sample in self.samples[:3]:
+                print(f"  {str(sample['inputs'])[:70]!r} -> {sample['prediction']!r} "
+                      f"(target {sample['targets']!r})", flush=True)  # fmt: skip
         return results

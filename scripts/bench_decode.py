@@ -1,0 +1,86 @@
+"""Decoding speed: greedy vs beam search (tokens/s), interleaved in one process.
+
+    python scripts/bench_decode.py --gin_file=models/tiny.gin --batch=32 --input_length=128 \
+      --decode_length=32 --beams=1,4 --repeats=3
+    -> one JSON line per setting: seconds per call (median of repeats, compile excluded) and
+       output tokens/s = batch x decode_length / seconds (EOS is disabled, so every row decodes
+       exactly decode_length tokens; beam search computes beams x as many).
+
+Random weights (the speed does not depend on them), the mesh of MESH_SHAPE (default: all
+devices on 'data'), the decoder as switch_jax.infer builds it.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from switch_jax import decoding, gin_utils, run_builder
+from switch_jax.models.transformer import Transformer
+from switch_jax.run_config import DecodeConfig
+
+gin_utils.define_flags()
+_BATCH = flags.DEFINE_integer("batch", 32, "sequences per call")
+_INPUT = flags.DEFINE_integer("input_length", 128, "encoder tokens per sequence")
+_DECODE = flags.DEFINE_integer("decode_length", 32, "tokens decoded per sequence")
+_BEAMS = flags.DEFINE_list("beams", ["1", "4"], "beam sizes (1 = greedy)")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "timed calls per setting (after one warm-up)")
+
+
+def main(argv):
+    del argv
+    f = flags.FLAGS
+    gin_utils.parse_gin(f.gin_file or ["models/tiny.gin"], f.gin_bindings, f.gin_search_paths)
+    configs = gin_utils.load_configs()
+    partitioner = run_builder.make_partitioner(configs)
+    model_cfg = partitioner.adapt_model_config(configs.model)
+    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+    shardings = partitioner.param_shardings(nnx.state(abstract, nnx.Param))
+    make = jax.jit(
+        lambda: nnx.state(Transformer(model_cfg, rngs=nnx.Rngs(0)), nnx.Param),
+        out_shardings=shardings,
+    )
+    with partitioner.activate():
+        params = make()
+    rng = np.random.default_rng(0)
+    key = "encoder_input_tokens" if model_cfg.is_encoder_decoder else "decoder_prompt_tokens"
+    batch = {key: rng.integers(2, model_cfg.vocab_size, (_BATCH.value, _INPUT.value), np.int32)}
+    decoders = {
+        int(n): decoding.make_decoder(
+            model_cfg,
+            partitioner,
+            DecodeConfig(max_decode_length=_DECODE.value, beam_size=int(n), eos_id=-1),
+        )
+        for n in _BEAMS.value
+    }
+    for dec in decoders.values():  # compile
+        jax.block_until_ready(dec.generate(params, batch))
+    times: dict[int, list[float]] = {n: [] for n in decoders}
+    for _ in range(_REPEATS.value):  # interleaved: a shared machine slows all settings alike
+        for n, dec in decoders.items():
+            started = time.perf_counter()
+            jax.block_until_ready(dec.generate(params, batch))
+            times[n].append(time.perf_counter() - started)
+    tokens = _BATCH.value * _DECODE.value
+    for n, ts in times.items():
+        seconds = statistics.median(ts)
+        row = {
+            "beam_size": n,
+            "batch": _BATCH.value,
+            "input_length": _INPUT.value,
+            "decode_length": _DECODE.value,
+            "seconds": round(seconds, 4),
+            "tokens_per_second": round(tokens / seconds, 1),
+            "devices": len(jax.devices()),
+        }
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=gin_utils.flags_parser)
