@@ -51,13 +51,15 @@ class Decoder:
 
 
 def decoding_model_config(model_cfg: ModelConfig, cfg: DecodeConfig) -> ModelConfig:
-    """No dropout; the decoding capacity factor as the MoE eval capacity factor."""
+    """No dropout; the decoding capacity factor and dispatch in the MoE config."""
     model_cfg = model_cfg.replace(dropout_rate=0.0)
     if model_cfg.moe is None:
         return model_cfg
     moe = dataclasses.replace(model_cfg.moe, expert_dropout_rate=0.0)
     if cfg.capacity_factor is not None:
         moe = dataclasses.replace(moe, capacity_factor_eval=cfg.capacity_factor)
+    if cfg.dispatch is not None:
+        moe = dataclasses.replace(moe, dispatch=cfg.dispatch)
     return model_cfg.replace(moe=moe)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, NamedTuple
 
-from switch_jax.models.config import ConfigError, ModelConfig
+from switch_jax.models.config import DISPATCHES, ConfigError, ModelConfig
 
 
 def resumable(default: Any) -> Any:
@@ -183,6 +183,8 @@ class DecodeConfig:
     top_p: float = resumable(1.0)  # TOP_P: 1 = off
     alpha: float = resumable(0.6)  # beam search brevity penalty ((5 + len) / 6) ** alpha (T5X)
     capacity_factor: float | None = resumable(None)  # MoE capacity while decoding; None = eval's
+    # MoE dispatch while decoding; None = the model's. 'dropless' drops no token at any capacity.
+    dispatch: str | None = resumable(None)
     # Validation examples per task that the metric evaluation decodes: None = all, 0 = none.
     eval_examples: int | None = resumable(None)  # EVAL_DECODE_EXAMPLES
     eos_id: int = resumable(1)
@@ -197,6 +199,7 @@ class DecodeConfig:
             (0 < self.top_p <= 1, "TOP_P must be in (0, 1]"),
             (self.alpha >= 0, "DecodeConfig.alpha must be >= 0"),
             (self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor > 0"),
+            (self.dispatch is None or self.dispatch in DISPATCHES, f"dispatch in {DISPATCHES}"),
             (self.eval_examples is None or self.eval_examples >= 0, "EVAL_DECODE_EXAMPLES >= 0"),
         )
         for ok, message in checks:

@@ -221,3 +221,18 @@ def test_temperature_sampling_follows_the_tempered_distribution():
     np.testing.assert_allclose(freq, tempered / tempered.sum(), atol=0.03)
     top1 = search.choose(logits[:8], jax.random.PRNGKey(1), temperature=5.0, top_k=1)
     assert (np.asarray(top1) == 0).all()
+
+
+def test_dropless_decoding_equals_decoding_without_drops(greedy_single):
+    # A capacity that drops tokens in every decoding step (0.25 x 4 tokens / 4 experts, no
+    # minimum), made harmless by the dropless dispatch: same tokens as the no-drop capacity.
+    cfg, _, params = model_and_params("encoder_decoder")
+    tight = cfg.replace(moe=dataclasses.replace(cfg.moe, min_capacity=0))
+    decode = decoding.DecodeConfig(MAX_LEN, capacity_factor=0.25, dispatch="dropless")
+    out = jax.device_get(decoding.make_decoder(tight, single_device(), decode).generate(
+        params, inputs(cfg)
+    ))  # fmt: skip
+    np.testing.assert_array_equal(out["tokens"], greedy_single["encoder_decoder"]["tokens"])
+    np.testing.assert_allclose(
+        out["log_prob"], greedy_single["encoder_decoder"]["log_prob"], rtol=1e-4
+    )
