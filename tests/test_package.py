@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = (
     "switch-train",
     "switch-eval",
+    "switch-infer",
     "switch-info",
     "switch-bench",
     "switch-plot",
