@@ -12,6 +12,8 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -191,31 +193,44 @@ def test_export_round_trip_is_identical(imported, tmp_path):
             assert np.array_equal(first[key], second[key]), key
 
 
-@pytest.mark.slow  # imports torch
+# torch is imported in a child process only: loaded after TensorFlow / JAX in one process (as a
+# full pytest session does), its triton import can crash the interpreter.
+HF_LOGITS = """
+import sys, numpy as np, torch, transformers
+out, cls, ref = sys.argv[1], getattr(transformers, sys.argv[2]), np.load(sys.argv[3])
+model = cls.from_pretrained(out).eval()
+names = ("input_ids", "attention_mask", "decoder_input_ids", "labels")
+with torch.no_grad():
+    logits = model(**{k: torch.from_numpy(ref[k]) for k in names}).logits.numpy()
+np.save(sys.argv[4], logits)
+"""
+
+
+def _in_child(script: str, *args: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.mark.slow  # imports torch (in a child process)
 @pytest.mark.skipif(
     importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None,
     reason="needs torch + transformers (pip install torch transformers) to load the export in HF",
 )
 def test_hf_loads_our_export_and_computes_our_logits(imported, tmp_path):
-    import torch
-    import transformers
-
     for name, hf_class in (
-        ("switch_tiny", transformers.SwitchTransformersForConditionalGeneration),
-        ("t5_tiny", transformers.T5ForConditionalGeneration),
+        ("switch_tiny", "SwitchTransformersForConditionalGeneration"),
+        ("t5_tiny", "T5ForConditionalGeneration"),
     ):
         path, cfg = imported[name]
         out = str(tmp_path / name)
         convert.export_hf(path, out, cfg, expert_capacity=3)
-        model = hf_class.from_pretrained(out).eval()
+        logits_file = str(tmp_path / f"{name}_logits.npy")
+        ref_file = os.path.join(FIXTURES, name, "reference.npz")
+        _in_child(HF_LOGITS, out, hf_class, ref_file, logits_file)
+        hf_logits = np.load(logits_file)
         ref = reference(name)
-        with torch.no_grad():
-            hf_logits = model(
-                **{
-                    k: torch.from_numpy(ref[k])
-                    for k in ("input_ids", "attention_mask", "decoder_input_ids", "labels")
-                }
-            ).logits.numpy()
         pcfg = parity_config(cfg, ref, 3)
         graphdef, params = restore(path, pcfg)
         ours, _, _ = forward(pcfg, graphdef, params, our_batch(ref))
@@ -482,22 +497,35 @@ def test_released_configs_convert_to_our_gin_model_files(config_file):
     assert hf.expert_capacity == 64 and hf.model_cfg.moe.jitter_eps == 0.01
 
 
-@pytest.mark.slow  # imports torch
+TORCH_SAVE_BF16 = """
+import sys, torch
+from safetensors.torch import load_file
+tensors = load_file(sys.argv[1])
+torch.save({k: v.to(torch.bfloat16) for k, v in tensors.items()}, sys.argv[2])
+"""
+
+
+@pytest.mark.slow  # imports torch (in child processes)
 @pytest.mark.skipif(
     importlib.util.find_spec("torch") is None, reason="pytorch_model.bin needs torch"
 )
 def test_pytorch_model_bin_in_bfloat16_imports(imported, tmp_path):
     import ml_dtypes
-    import torch
-    from safetensors.numpy import load_file
 
     src = fixture_copy(tmp_path)
-    tensors = load_file(os.path.join(src, "model.safetensors"))
-    os.remove(os.path.join(src, "model.safetensors"))
-    as_torch = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in tensors.items()}
-    torch.save(as_torch, os.path.join(src, "pytorch_model.bin"))
+    weights = os.path.join(src, "model.safetensors")
+    _in_child(TORCH_SAVE_BF16, weights, os.path.join(src, "pytorch_model.bin"))
+    os.remove(weights)
     out = str(tmp_path / "model")
-    cfg = convert.import_hf(src, out)
+    # The public command, in its own process (it imports torch to read the .bin file).
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+    done = subprocess.run(
+        [sys.executable, "-m", "switch_jax.convert", "--from=hf", f"--source={src}",
+         f"--model_dir={out}"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    cfg = imported["switch_tiny"][1]
     path, _ = imported["switch_tiny"]
     first, second = flat_params(path, cfg), flat_params(out, cfg)
     for key in first:
