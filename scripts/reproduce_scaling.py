@@ -59,7 +59,7 @@ SCALES = {
         eval_batches=6,
         eval_batch_size=32,
         dtype="float32",
-        dispatch="scatter",
+        dispatch="auto",
         group_size=2048,
     ),
     "smoke": dict(
@@ -80,7 +80,7 @@ SCALES = {
         eval_batches=2,
         eval_batch_size=8,
         dtype="float32",
-        dispatch="scatter",
+        dispatch="auto",
         group_size=256,
     ),
     # Unmeasured (no accelerator this session): Switch-Base-like layout at d_model 512.
@@ -102,7 +102,7 @@ SCALES = {
         eval_batches=32,
         eval_batch_size=64,
         dtype="bfloat16",
-        dispatch="scatter",
+        dispatch="auto",
         group_size=4096,
     ),
 }
