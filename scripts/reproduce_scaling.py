@@ -83,7 +83,9 @@ SCALES = {
         dispatch="auto",
         group_size=256,
     ),
-    # Unmeasured (no accelerator this session): Switch-Base-like layout at d_model 512.
+    # Unmeasured (no accelerator this session): Switch-Base-like layout at d_model 512. The
+    # embedded corpus (1.6 MB) would be repeated ~100 times: prefer --task=c4_v301_span_corruption
+    # --vocab_size=32128 where C4 is available.
     "gpu": dict(
         experts="2,4,8,16,32,64",
         seeds=3,

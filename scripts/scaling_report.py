@@ -157,10 +157,12 @@ def plot(summary: dict, results: dict, out: str) -> list[str]:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     runs, paths = results["runs"], []
-    names = sorted(runs, key=_experts)
+    # Distilled students join the curves (dashed): same seeds, same batches as the dense run.
+    runs = {**runs, **{f"student: {v}": seeds for v, seeds in results.get("distill", {}).items()}}
+    names = sorted(results["runs"], key=_experts) + sorted(set(runs) - set(results["runs"]))
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colors = {
-        n: ("black" if n == "dense" else plt.cm.viridis(i / max(len(names) - 1, 1)))
-        for i, n in enumerate(names)
+        n: ("black" if n == "dense" else palette[i % len(palette)]) for i, n in enumerate(names)
     }
 
     def save(fig, fname):
@@ -186,6 +188,7 @@ def plot(summary: dict, results: dict, out: str) -> list[str]:
                 label=f"{name} ({len(curves)} seeds)",
                 color=colors[name],
                 lw=2 if name == "dense" else 1.3,
+                ls="--" if name.startswith("student") else "-",
             )
             ax.fill_between(xs, ys.min(0), ys.max(0), color=colors[name], alpha=0.15)
             lows.append(ys.min())
