@@ -32,6 +32,8 @@ SCAN = "ModelConfig.scan_layers=True"  # one compiled layer per stack: minutes, 
 ROWS = {
     "sb128-v5p64": ("Switch-Base-128", "switch_base_128", "v5p-64", (1, 32, 1), (SCAN,)),
     "t5b-v5p32": ("T5-Base", "t5_base", "v5p-32", (16, 1, 1), (SCAN,)),
+    "t5b-v5p16": ("T5-Base", "t5_base", "v5p-16", (8, 1, 1), (SCAN,)),
+    "t5b-v5p16-mb2": ("T5-Base", "t5_base", "v5p-16", (8, 1, 1), (SCAN, "MICROBATCHES=2")),
     "sxxl-v5p8": ("Switch-XXL-128", "switch_xxl", "v5p-8", (1, 4, 1), ()),
     "sb128-v4-64": ("Switch-Base-128", "switch_base_128", "v4-64", (1, 32, 1), (SCAN,)),
     "sb128-v5p16": ("Switch-Base-128", "switch_base_128", "v5p-16", (1, 8, 1), (SCAN,)),
@@ -142,6 +144,7 @@ def table() -> str:
     results = latest()
     for row, (model, _, topology, mesh, extra) in ROWS.items():
         notes = ["fsdp" for b in extra if "fsdp" in b] + ["scan" for b in extra if b == SCAN]
+        notes += [f"microbatches {b.split('=')[1]}" for b in extra if b.startswith("MICRO")]
         mesh_text = f"`{mesh}`" + "".join(f" {n}" for n in notes)
         r = results.get(row)
         if r is None:
