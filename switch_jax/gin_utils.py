@@ -60,7 +60,7 @@ DEFAULTS_FILE = "defaults.gin"
 CONFIGS = Path(__file__).resolve().parent / "configs"
 REPO_CONFIGS = CONFIGS  # the name earlier code and tests use
 _MACRO_BINDING = re.compile(r"^\s*([A-Za-z_]\w*)\s*=(.*)$", re.S)
-_BARE_STRING = re.compile(r"^[\w./:~+\-]+$")
+BARE_STRING = re.compile(r"^[\w./:~+\-]+$")
 
 
 # --------------------------------------------------------------------------- registration
@@ -243,7 +243,7 @@ def _normalise_binding(binding: str) -> str:
                 f"unknown gin macro {name!r} in --gin.{name}"
                 + (hint or " (standard macros are in switch_jax/configs/defaults.gin)")
             ) from None
-    if value and not value.startswith(("@", "%")) and _BARE_STRING.match(value):
+    if value and not value.startswith(("@", "%")) and BARE_STRING.match(value):
         try:
             gin.config.parse_value(value)
         except (SyntaxError, ValueError, tokenize.TokenError):

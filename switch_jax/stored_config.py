@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from etils import epath
 
+from switch_jax.gin_utils import BARE_STRING
 from switch_jax.models.config import ConfigError
 
 _MODEL_DIR = re.compile(r"^\s*MODEL_DIR\s*=\s*(.+)$", re.S)
@@ -23,9 +24,13 @@ def model_dir_of(bindings: Sequence[str]) -> str | None:
     for binding in bindings:
         match = _MODEL_DIR.match(binding)
         if match:
+            text = match.group(1).strip()
             try:
-                value = ast.literal_eval(match.group(1).strip())
+                value = ast.literal_eval(text)
             except (ValueError, SyntaxError):
+                if BARE_STRING.match(text):  # --gin.MODEL_DIR=/tmp/run: a string, as for gin
+                    value = text
+                    continue
                 raise ConfigError(
                     f"--gin.MODEL_DIR={match.group(1).strip()} must be a quoted string, e.g. "
                     "--gin.MODEL_DIR=\"'/path/to/run'\""

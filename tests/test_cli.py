@@ -12,6 +12,7 @@ import tomllib
 from absl import flags
 
 from switch_jax import cli
+from switch_jax.models.config import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
@@ -52,3 +53,13 @@ def test_user_errors_are_one_line_with_status(args, status, first_words):
     lines = out.stderr.strip().splitlines()
     assert lines[-1].startswith(first_words), out.stderr[-2000:]
     assert "Traceback" not in out.stderr
+
+
+def test_model_dir_binding_may_be_bare_or_quoted():
+    from switch_jax.stored_config import model_dir_of
+
+    assert model_dir_of(["MODEL_DIR=/tmp/run"]) == "/tmp/run"  # as gin takes it
+    assert model_dir_of(["MODEL_DIR=imported"]) == "imported"
+    assert model_dir_of(["MODEL_DIR='gs://b/run'", "BATCH_SIZE=8"]) == "gs://b/run"
+    with pytest.raises(ConfigError, match="must be a quoted string"):
+        model_dir_of(["MODEL_DIR=a b"])
