@@ -6,7 +6,7 @@
     TaskEvaluator(run)(params, step) -> {'glue_cola_v002/matthews_corrcoef': ..., ...}
 
 Every host reads the same examples and feeds the whole batch (validation sets are small); the
-decoder shards it over the mesh. TensorFlow / seqio are imported only inside the functions.
+decoder shards it over the mesh. seqio is reached only through switch_jax.data (task_info).
 """
 
 from __future__ import annotations
@@ -160,21 +160,11 @@ def example_text(example: dict, key: str, vocab):
 
 def task_metrics(task_name: str, examples: Sequence[dict], predictions: Sequence) -> dict:
     """The task's metric functions on postprocessed predictions and targets."""
-    import seqio  # noqa: PLC0415
+    from switch_jax.data import task_info  # noqa: PLC0415
 
-    task = seqio.get_mixture_or_task(task_name)
-    post = task.postprocess_fn or (lambda text, example=None, is_target=False: text)
-    vocab = task.output_features["targets"].vocabulary
-    targets = [
-        post(example_text(ex, "targets", vocab), example=ex, is_target=True) for ex in examples
-    ]
-    preds = [
-        post(p, example=ex, is_target=False) for p, ex in zip(predictions, examples, strict=True)
-    ]
-    results = {}
-    for fn in task.predict_metric_fns:
-        results.update({k: float(v) for k, v in fn(targets, preds).items()})
-    return results
+    vocab = task_info.target_vocabulary(task_name)
+    targets = [example_text(ex, "targets", vocab) for ex in examples]
+    return task_info.score(task_name, examples, targets, predictions)
 
 
 def _text(value) -> str:
@@ -183,13 +173,9 @@ def _text(value) -> str:
 
 def metric_tasks(mixture_or_task: str, split: str = "validation", **task_options) -> list[str]:
     """The tasks of `mixture_or_task` that have metric functions and the split."""
-    import seqio  # noqa: PLC0415
+    from switch_jax.data import task_info  # noqa: PLC0415
 
-    from switch_jax.data import tasks  # noqa: PLC0415
-
-    provider = tasks.get_provider(mixture_or_task, **task_options)
-    members = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
-    return [t.name for t in members if t.predict_metric_fns and split in t.splits]
+    return task_info.metric_tasks(mixture_or_task, split, **task_options)
 
 
 class TaskEvaluator:
@@ -221,7 +207,7 @@ class TaskEvaluator:
             self._decoder = make_decoder(self.run.model_cfg, self.run.partitioner, cfg)
 
     def __call__(self, params, step: int | None = None) -> dict:
-        import seqio  # noqa: PLC0415
+        from switch_jax.data import task_info  # noqa: PLC0415
 
         if self._examples is None:
             self._setup()
@@ -236,7 +222,7 @@ class TaskEvaluator:
                 batch_size=self.run.configs.data.batch_size,
                 input_length=lengths.get("inputs", lengths["targets"]),
             )
-            vocab = seqio.get_mixture_or_task(name).output_features["targets"].vocabulary
+            vocab = task_info.target_vocabulary(name)
             texts = [vocab.decode(o["tokens"]) for o in outputs]
             for metric, value in task_metrics(name, examples, texts).items():
                 results[f"{name}/{metric}"] = value

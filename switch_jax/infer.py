@@ -97,11 +97,11 @@ class _Codec:
 
 
 def _task_records(configs: Configs, split: str, lengths, max_examples) -> Iterator[dict]:
-    import seqio  # noqa: PLC0415
+    from switch_jax.data import task_info  # noqa: PLC0415
 
     name = configs.data.mixture_or_task_name
     examples = evaluation.task_examples(name, split, lengths, max_examples)
-    vocab = seqio.get_mixture_or_task(name).output_features["targets"].vocabulary
+    vocab = task_info.target_vocabulary(name)
     for ex in examples:
         if "inputs" not in ex:
             raise ConfigError(f"task {name} has no 'inputs' feature; pass --input_file")
