@@ -42,8 +42,12 @@ PYTHON_NOISE = re.compile(
     r"Metadata file does not exist: .*_CHECKPOINT_METADATA"  # Orbax, reading an item's metadata
 )
 # A full disk: Orbax's save threads and asyncio log each failed write with a traceback; the
-# trainer reports it as one line naming the lost step and the last intact checkpoint.
-OUT_OF_SPACE = re.compile(r"No space left on device|RESOURCE_EXHAUSTED: Error writing")
+# trainer reports it as one line naming the lost step and the last intact checkpoint. The writes
+# of the abandoned save outlive Orbax's asyncio loop, and asyncio reports their tasks at exit.
+OUT_OF_SPACE = re.compile(
+    r"No space left on device|RESOURCE_EXHAUSTED: Error writing"
+    r"|Task was destroyed but it is pending"
+)
 _FILTER_INSTALLED = False
 
 
@@ -160,7 +164,23 @@ def quiet_known_noise() -> None:
 
     for name in ("absl", "asyncio"):
         logging.getLogger(name).addFilter(lambda record: not _is_noise(record))
+    _drop_late_loop_callbacks()
     filter_native_stderr()
+
+
+def _drop_late_loop_callbacks() -> None:
+    """A save abandoned on an error (ENOSPC) leaves TensorStore writes in flight; when they finish,
+    their callbacks reach an asyncio loop that Orbax already closed and each one reports an
+    unraisable 'Event loop is closed'. Nothing is lost by then; the one-line error said it all."""
+    previous = sys.unraisablehook
+
+    def hook(args) -> None:
+        error = args.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous(args)
+
+    sys.unraisablehook = hook
 
 
 def _is_noise(record) -> bool:

@@ -7,8 +7,9 @@ MODEL_DIR/trainer.lease is JSON {host, pid, started, refreshed, token}. A thread
 `refreshed` every `refresh_s`; a lease not refreshed for `ttl_s` is stale and the next trainer
 takes it over with a message (a lease of a process that is no longer running on this host is
 stale at once, so a local restart after kill -9 does not wait). Taking over is atomic: locally
-the stale file is renamed away (one renamer wins) before an exclusive create; on gs:// every
-write carries a generation precondition (google-cloud-storage, the `gcs` extra).
+starters take turns under an flock on trainer.lease.lock, and the stale file is renamed away (one
+renamer wins) before an exclusive create, which alone keeps one winner where flock is missing;
+on gs:// every write carries a generation precondition (google-cloud-storage, the `gcs` extra).
 
 Only the trainer (process 0 of a job) takes the lease; eval, info and infer only read MODEL_DIR.
 A holder that finds its lease taken over (it stalled past the TTL) sets `lost`, and the trainer
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import socket
@@ -60,6 +62,23 @@ class LocalStore:
 
     def __init__(self, path: str):
         self.path = path
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[None]:
+        """Exclusive among starters on this file system while it lasts."""
+        try:
+            fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:  # a read-only or odd mount: the rename protocol alone
+            yield
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:  # no flock on this mount (some NFS/FUSE)
+                pass
+            yield
+        finally:
+            os.close(fd)  # releases the flock
 
     def read(self) -> tuple[Holder, str] | None:
         try:
@@ -167,6 +186,9 @@ class GcsStore:
         self.generation = self.blob.generation
         return True
 
+    def turn(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # the generation preconditions decide
+
     def create(self, holder: Holder) -> bool:
         return self._write(holder, 0)  # 0: only if no object exists
 
@@ -200,23 +222,24 @@ class Lease:
     def acquire(self) -> str | None:
         """Take the lease; returns a take-over message, or None. Raises LeaseError if held."""
         for _ in range(5):  # a race with another starter: look again
-            if self.store.create(self.holder):
-                self._start_refreshing()
-                return None
-            current = self.store.read()
-            if current is None:
-                continue
-            other, text = current
-            why = self._stale(other)
-            if why is None:
-                raise LeaseError(
-                    f"MODEL_DIR={self.model_dir} is in use by another trainer "
-                    f"({other.describe(time.time())}); stop it or choose another MODEL_DIR "
-                    f"(a lease not refreshed for {self.ttl_s:.0f}s is taken over)"
-                )
-            if self.store.take_over(text, self.holder):
-                self._start_refreshing()
-                return f"took over the lease of MODEL_DIR={self.model_dir} from {why}"
+            with self.store.turn():
+                if self.store.create(self.holder):
+                    self._start_refreshing()
+                    return None
+                current = self.store.read()
+                if current is None:
+                    continue
+                other, text = current
+                why = self._stale(other)
+                if why is None:
+                    raise LeaseError(
+                        f"MODEL_DIR={self.model_dir} is in use by another trainer "
+                        f"({other.describe(time.time())}); stop it or choose another MODEL_DIR "
+                        f"(a lease not refreshed for {self.ttl_s:.0f}s is taken over)"
+                    )
+                if self.store.take_over(text, self.holder):
+                    self._start_refreshing()
+                    return f"took over the lease of MODEL_DIR={self.model_dir} from {why}"
         raise LeaseError(f"MODEL_DIR={self.model_dir}: could not take the lease (contended)")
 
     def _stale(self, other: Holder) -> str | None:

@@ -116,6 +116,19 @@ def test_out_of_space_tracebacks_of_library_threads_are_dropped():
         "logging.getLogger('asyncio').error(\"exception=OSError(28, 'No space left on device')\")\n"
         "absl_logging.warning('Metadata file does not exist: /r/3/state/_CHECKPOINT_METADATA')\n"
         "absl_logging.warning('a real warning')\n"
+        # A TensorStore write finishing after its asyncio loop closed (an abandoned save).
+        "import asyncio, tensorstore as ts\n"
+        "promise, future = ts.Promise.new()\n"
+        "pending = []\n"
+        "async def wait():\n"
+        "    await future\n"
+        "async def start():\n"
+        "    pending.append(asyncio.get_running_loop().create_task(wait()))\n"
+        "    await asyncio.sleep(0.01)\n"
+        "loop = asyncio.new_event_loop()\n"
+        "loop.run_until_complete(start())\n"
+        "loop.close()\n"
+        "promise.set_result(1)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
