@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from switch_jax import steps
+from switch_jax import losses, steps
 from switch_jax.models.config import ConfigError, ModelConfig, MoeConfig
 from switch_jax.models.transformer import NO_NOISE
 from switch_jax.run_config import DistillConfig  # noqa: F401 (re-exported: gin binds it there)
@@ -54,7 +54,7 @@ def distill_token_sums(
     where soft_cross_entropy is CE(softmax(teacher / T), softmax(student / T)) and cross_entropy
     is the usual CE to the labels (what validation reports). Divide by `num_tokens`.
     """
-    sums = steps.token_sums(student_logits_BLV, batch, z_loss)
+    sums = losses.token_sums(student_logits_BLV, batch, z_loss)
     weights_BL = batch.get("decoder_loss_weights")
     weights_BL = (batch["decoder_target_tokens"] > 0) if weights_BL is None else weights_BL
     weights_BL = weights_BL.astype(jnp.float32)

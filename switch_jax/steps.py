@@ -1,4 +1,5 @@
-"""Pure training functions: loss, state creation, jit-compiled train and eval steps (no I/O).
+"""Pure training functions: state creation, jit-compiled train and eval steps (no I/O); the loss
+itself is switch_jax.losses.
 
 Public API:
 
@@ -38,11 +39,12 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from switch_jax import optim
+from switch_jax import losses, optim
+from switch_jax.losses import compute_loss, token_sums  # noqa: F401 (part of this API)
 from switch_jax.models import routing
 from switch_jax.models.config import ConfigError, ModelConfig
 from switch_jax.models.layers import Keys
-from switch_jax.models.transformer import NO_NOISE, Transformer
+from switch_jax.models.transformer import Transformer
 from switch_jax.partitioning import BATCH_AXES, Partitioner
 from switch_jax.run_config import OptimizerConfig
 
@@ -152,109 +154,6 @@ def init_train_state(
         return init(jax.random.PRNGKey(seed))
 
 
-# --- loss -----------------------------------------------------------------------------------
-
-
-def _token_sums(logits_BLV, batch, z_loss: float) -> dict:
-    """Sums over real target tokens (float32): cross-entropy, z-loss term, correct, count."""
-    targets_BL = batch["decoder_target_tokens"]
-    weights_BL = batch.get("decoder_loss_weights")
-    weights_BL = (targets_BL > 0) if weights_BL is None else weights_BL
-    weights_BL = weights_BL.astype(jnp.float32)
-    logits_BLV = logits_BLV.astype(jnp.float32)
-    lse_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
-    # One-hot product instead of a gather: stays local when the vocab is sharded over 'model'.
-    onehot_BLV = jax.nn.one_hot(targets_BL, logits_BLV.shape[-1], dtype=jnp.float32)
-    target_logit_BL = jnp.sum(logits_BLV * onehot_BLV, axis=-1)
-    correct_BL = (jnp.argmax(logits_BLV, axis=-1) == targets_BL).astype(jnp.float32)
-    return {
-        "cross_entropy": jnp.sum((lse_BL - target_logit_BL) * weights_BL),
-        "z_loss": z_loss * jnp.sum(jnp.square(lse_BL) * weights_BL),
-        "accuracy": jnp.sum(correct_BL * weights_BL),
-        "num_tokens": jnp.sum(weights_BL),
-    }
-
-
-def _router_metrics(stats: dict, reduction: str = "mean") -> dict:
-    """Per-stack router statistics, plus aux / router-z over all sparse layers: their mean
-    (T5X) or sum (Mesh TF), MoeConfig.aux_loss_reduction."""
-    out, aux, rz = {}, [], []
-    for stack, s in stats.items():
-        if s is None:
-            continue
-        aux.append(s.aux_loss)
-        rz.append(s.router_z_loss)
-        out[f"{stack}/aux_loss"] = s.aux_loss
-        out[f"{stack}/router_z_loss"] = s.router_z_loss
-        out[f"{stack}/expert_fraction"] = s.expert_fraction
-        out[f"{stack}/fraction_dropped"] = s.fraction_dropped
-        out[f"{stack}/router_confidence"] = s.router_confidence
-        out[f"{stack}/effective_capacity_factor"] = jnp.mean(s.effective_capacity_factor)
-    zero = jnp.zeros([], jnp.float32)
-    reduce = jnp.sum if reduction == "sum" else jnp.mean
-    out["mean_aux_loss"] = reduce(jnp.concatenate(aux)) if aux else zero
-    out["mean_router_z_loss"] = reduce(jnp.concatenate(rz)) if rz else zero
-    return out
-
-
-def _forward(
-    graphdef, params, batch, keys: Keys, *, train: bool, z_loss: float, objective=None, extra=()
-):
-    model = nnx.merge(graphdef, params)
-    logits_BLV, stats = model(batch, train=train, keys=keys)
-    moe = model.cfg.moe
-    router = _router_metrics(stats, moe.aux_loss_reduction if moe is not None else "mean")
-    if objective is None:
-        return _token_sums(logits_BLV, batch, z_loss), router
-    return objective(logits_BLV, batch, *extra, z_loss), router
-
-
-token_sums = _token_sums  # public: objectives (switch_jax.distill) build on the standard sums
-
-
-_OBJECTIVE_SUMS = ("objective", "soft_cross_entropy")
-
-
-def _finish_metrics(sums: dict, router: dict, model_cfg: ModelConfig) -> dict:
-    """Normalise token sums by the real target tokens and add the router loss terms."""
-    n = jnp.maximum(sums["num_tokens"], 1.0)
-    moe = model_cfg.moe
-    metrics = {k: v for k, v in router.items() if not k.startswith("mean_")}
-    metrics["cross_entropy"] = sums["cross_entropy"] / n
-    metrics["z_loss"] = sums["z_loss"] / n
-    metrics["aux_loss"] = (moe.aux_loss_coef if moe else 0.0) * router["mean_aux_loss"]
-    metrics["router_z_loss"] = (moe.router_z_loss_coef if moe else 0.0) * router[
-        "mean_router_z_loss"
-    ]
-    metrics["accuracy"] = sums["accuracy"] / n
-    metrics["num_tokens"] = sums["num_tokens"]
-    for name in _OBJECTIVE_SUMS:  # extra sums of a custom objective (e.g. distillation)
-        if name in sums:
-            metrics[name] = sums[name] / n
-    metrics["loss"] = (
-        metrics.get("objective", metrics["cross_entropy"])
-        + metrics["z_loss"]
-        + metrics["aux_loss"]
-        + metrics["router_z_loss"]
-    )
-    return metrics
-
-
-def compute_loss(
-    model_cfg: ModelConfig,
-    graphdef,
-    params,
-    batch: dict,
-    keys: Keys = NO_NOISE,
-    *,
-    train: bool = True,
-) -> tuple[jax.Array, dict]:
-    """(loss, metrics) of one batch; differentiable in `params` (an nnx.State of Params)."""
-    sums, router = _forward(graphdef, params, batch, keys, train=train, z_loss=model_cfg.z_loss)
-    metrics = _finish_metrics(sums, router, model_cfg)
-    return metrics["loss"], metrics
-
-
 def _check_batch(model_cfg: ModelConfig, batch: dict, partitioner: Partitioner, k: int) -> None:
     """Trace-time checks for what would otherwise be silently replicated or mis-grouped."""
     shards = partitioner.batch_shards
@@ -318,7 +217,7 @@ def make_train_step(
     With `skip_nonfinite`, a step whose loss or gradient norm is not finite keeps the old params
     and optimizer state (decided in-graph, no host sync) and reports `skipped_updates` = 1.
     `objective(logits_BLV, microbatch, *extra, z_loss) -> sums` replaces the label cross-entropy
-    (it must return `_token_sums`' keys plus `objective`, the sum to minimise); `extra` are
+    (it must return `losses.token_sums`' keys plus `objective`, the sum to minimise); `extra` are
     further jit inputs with `extra_shardings`, not donated (e.g. a distillation teacher's params).
     """
     abstract = abstract or abstract_train_state(model_cfg, opt_cfg, partitioner)
@@ -337,7 +236,7 @@ def make_train_step(
 
         def loss_fn(params, microbatch, index):
             keys = _step_keys(state.rng, state.step, index, model_cfg.rng_impl)
-            sums, router = _forward(
+            sums, router = losses.forward(
                 graphdef,
                 params,
                 microbatch,
@@ -347,7 +246,7 @@ def make_train_step(
                 objective=objective,
                 extra=extra,
             )
-            m = _finish_metrics(sums, router, model_cfg)
+            m = losses.finish_metrics(sums, router, model_cfg)
             loss = (sums.get("objective", sums["cross_entropy"]) + sums["z_loss"]) / norm
             loss = loss + (m["aux_loss"] + m["router_z_loss"]) / k
             return loss, (sums, router)
@@ -369,7 +268,7 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, optim.values(state.params))
         new_values = optax.apply_updates(optim.values(state.params), updates)
         params = jax.tree.map(lambda v, x: v.replace(x), state.params, new_values, is_leaf=_is_var)
-        metrics = _finish_metrics(sums, router, model_cfg)
+        metrics = losses.finish_metrics(sums, router, model_cfg)
         metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
         metrics["grad_norm"] = optax.tree.norm(grads)
         if skip_nonfinite:
@@ -410,7 +309,7 @@ def make_eval_step(
 
     def eval_fn(params, batch):
         _check_batch(model_cfg, batch, partitioner, 1)
-        return compute_loss(model_cfg, graphdef, params, batch, train=False)[1]
+        return losses.compute_loss(model_cfg, graphdef, params, batch, train=False)[1]
 
     jitted = jax.jit(
         eval_fn,
