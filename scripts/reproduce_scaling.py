@@ -16,7 +16,7 @@ two ablations of Table 6 (init only, distillation without init). Phase `checks` 
 default) trains that Switch model with a bfloat16 router (Table 2) and with the 1.0x init scale
 (Table 3). Outputs in --out:
   results.json       every run's validation curve (step, training seconds) and the summary
-  teachers/          each seed's teacher parameters (what phase `distill` reads)
+  teachers/          each seed's Switch parameters (phase `distill` reads --distill_experts')
   *.png              loss vs step / vs wall-clock, step speedup vs experts, distillation gain kept
 Needs the `data` and `plot` extras (pip install -e '.[data,plot]'); both are checked first.
 """
@@ -343,7 +343,7 @@ def run_scaling(args, trainer: Trainer, train, val, results: dict, flush, seed: 
         state = trainer.init(name, seed)
         record, state = trainer.run(f"{name} s{seed}", name, state, train[seed], val)
         results["runs"].setdefault(name, {})[str(seed)] = record
-        if experts == args.distill_experts:
+        if experts:  # every Switch model: `--phases=distill --distill_experts=E` picks one later
             save_params(os.path.join(teachers, f"switch-{experts}-s{seed}.npz"), state.params)
         flush()
 
