@@ -125,12 +125,14 @@ def markdown(summary: dict, results: dict) -> str:
             "|---|---|---|",
         ]
         for variant, row in summary["distill"].items():
-            kept = row["kept"]
+            kept, seeds = row["kept"], row["final"]["n"]
+            # Seeds whose teacher did not beat the dense baseline have no gain to keep.
             pct = (
-                "-"
+                f"- (teacher not better than dense in any of {seeds} seeds)"
                 if kept["mean"] is None
                 else f"{100 * kept['mean']:.0f} %"
                 + (f" ± {100 * kept['std']:.0f}" if kept["n"] > 1 else "")
+                + f" ({kept['n']} of {seeds} seeds had a teacher better than dense)"
             )
             lines.append(f"| {variant} | {_fmt(row['final'], 4)} | {pct} |")
     checks = results.get("checks") or {}
