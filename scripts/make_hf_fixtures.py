@@ -152,9 +152,6 @@ def run(name: str, model: torch.nn.Module, inputs: dict, switch: bool) -> None:
     ref["transformers_version"] = np.asarray(transformers.__version__)
     ref["torch_version"] = np.asarray(torch.__version__)
     np.savez_compressed(os.path.join(out_dir, "reference.npz"), **ref)
-    # A stand-in next to the weights: the converter points the vocabulary at it (not loaded).
-    with open(os.path.join(out_dir, "spiece.model"), "wb") as f:
-        f.write(b"not a real sentencepiece model: fixture stand-in\n")
     sizes = {f: os.path.getsize(os.path.join(out_dir, f)) for f in sorted(os.listdir(out_dir))}
     print(name, json.dumps(sizes))
 
