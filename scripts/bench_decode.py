@@ -21,11 +21,13 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from switch_jax import decoding, gin_utils, run_builder
+from switch_jax.config import gin_config
+from switch_jax.config.settings import DecodeConfig
+from switch_jax.decode import decoding
 from switch_jax.models.transformer import Transformer
-from switch_jax.run_config import DecodeConfig
+from switch_jax.training import build
 
-gin_utils.define_flags()
+gin_config.define_flags()
 _BATCH = flags.DEFINE_integer("batch", 32, "sequences per call")
 _INPUT = flags.DEFINE_integer("input_length", 128, "encoder tokens per sequence")
 _DECODE = flags.DEFINE_integer("decode_length", 32, "tokens decoded per sequence")
@@ -36,9 +38,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "timed calls per setting (after on
 def main(argv):
     del argv
     f = flags.FLAGS
-    gin_utils.parse_gin(f.gin_file or ["models/tiny.gin"], f.gin_bindings, f.gin_search_paths)
-    configs = gin_utils.load_configs()
-    partitioner = run_builder.make_partitioner(configs)
+    gin_config.parse_gin(f.gin_file or ["models/tiny.gin"], f.gin_bindings, f.gin_search_paths)
+    configs = gin_config.load_configs()
+    partitioner = build.make_partitioner(configs)
     model_cfg = partitioner.adapt_model_config(configs.model)
     abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
     shardings = partitioner.param_shardings(nnx.state(abstract, nnx.Param))
@@ -83,4 +85,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=gin_utils.flags_parser)
+    app.run(main, flags_parser=gin_config.flags_parser)

@@ -30,7 +30,7 @@ D, F, H, K, V = 512, 2048, 8, 64, 1024
 def write_model(directory: str, experts: int, layers: int) -> int:
     from safetensors.numpy import save_file
 
-    from switch_jax.convert import hf_config, layout
+    from switch_jax.formats import hf_config, layout
     from switch_jax.models.config import ModelConfig, MoeConfig
 
     cfg = ModelConfig(
@@ -83,7 +83,7 @@ def _peaks(work) -> dict:
 
 
 def convert_child(source: str, target: str, budget: int) -> None:
-    from switch_jax.convert import convert
+    from switch_jax.formats import convert
 
     def work():
         convert.import_hf(source, target, budget_bytes=budget, disk_backed_bytes=budget)
@@ -94,7 +94,7 @@ def convert_child(source: str, target: str, budget: int) -> None:
 def baseline_child() -> None:
     import orbax.checkpoint  # noqa: F401  (what the converter imports, doing nothing)
 
-    from switch_jax.convert import convert  # noqa: F401
+    from switch_jax.formats import convert  # noqa: F401
 
     print(json.dumps(_peaks(lambda: time.sleep(0.1))))
 

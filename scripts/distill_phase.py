@@ -12,7 +12,7 @@ import os
 
 import jax
 
-from switch_jax import distill, steps
+from switch_jax.training import distill, steps
 
 
 def _variants(args, seed: int) -> list[tuple[str, bool, float]]:

@@ -16,9 +16,11 @@ import tempfile
 import jax
 import numpy as np
 
-from switch_jax import checkpoints, partitioning, steps
-from switch_jax.convert import convert, hf_config
-from switch_jax.run_config import OptimizerConfig
+from switch_jax.config.settings import OptimizerConfig
+from switch_jax.formats import convert, hf_config
+from switch_jax.parallel import partitioning
+from switch_jax.store import checkpoints
+from switch_jax.training import steps
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "hf")
 

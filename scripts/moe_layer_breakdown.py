@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from switch_jax.benchmarks import timing
-from switch_jax.benchmarks.breakdown import _ffn_step
 from switch_jax.models.config import ModelConfig, MoeConfig
+from switch_jax.tools.benchmarks import timing
+from switch_jax.tools.benchmarks.breakdown import _ffn_step
 
 TOKENS = 4096
 BASE = ModelConfig(

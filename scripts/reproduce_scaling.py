@@ -10,9 +10,9 @@ Phase `scaling` trains, on the same batches, the dense T5 baseline and Switch mo
 experts at equal FLOPs per token (same shapes, every FFN of the `--sparse_every` pattern a Switch
 layer), for each of --seeds seeds (seed s = init seed s and data order s, shared by all models so
 that differences between models are paired). Phase `distill` distils each seed's Switch teacher
-(--distill_experts) into its dense twin with switch_jax.distill (student initialised from the
-teacher's non-expert weights, 0.25 x soft + 0.75 x hard loss; paper §4.2), plus, for seed 0, the
-two ablations of Table 6 (init only, distillation without init). Phase `checks` (not run by
+(--distill_experts) into its dense twin with switch_jax.training.distill (student initialised
+from the teacher's non-expert weights, 0.25 x soft + 0.75 x hard loss; paper §4.2), plus, for seed 0,
+the two ablations of Table 6 (init only, distillation without init). Phase `checks` (not run by
 default) trains that Switch model with a bfloat16 router (Table 2) and with the 1.0x init scale
 (Table 3). Outputs in --out:
   results.json       every run's validation curve (step, training seconds) and the summary
@@ -236,8 +236,8 @@ class Trainer:
     """Compiled steps per model config, reused across seeds (only the init differs)."""
 
     def __init__(self, args):
-        from switch_jax import partitioning  # noqa: PLC0415
-        from switch_jax.run_config import OptimizerConfig  # noqa: PLC0415
+        from switch_jax.config.settings import OptimizerConfig  # noqa: PLC0415
+        from switch_jax.parallel import partitioning  # noqa: PLC0415
 
         self.args = args
         self.part = partitioning.Partitioner((-1, 1, 1))
@@ -245,7 +245,7 @@ class Trainer:
         self._compiled: dict = {}
 
     def compiled(self, key, model_cfg, make_step=None):
-        from switch_jax import steps  # noqa: PLC0415
+        from switch_jax.training import steps  # noqa: PLC0415
 
         if key not in self._compiled:
             cfg = self.part.adapt_model_config(model_cfg, self.args.batch_size)
@@ -257,7 +257,7 @@ class Trainer:
         return self._compiled[key]
 
     def init(self, key, seed: int):
-        from switch_jax import steps  # noqa: PLC0415
+        from switch_jax.training import steps  # noqa: PLC0415
 
         cfg, abstract, _, _ = self._compiled[key]
         return steps.init_train_state(cfg, self.opt, self.part, seed, abstract=abstract)
@@ -312,9 +312,9 @@ class Trainer:
 def save_params(path: str, params) -> None:
     import jax  # noqa: PLC0415
 
-    from switch_jax import optim  # noqa: PLC0415
+    from switch_jax.training import optimizer  # noqa: PLC0415
 
-    leaves = jax.tree.leaves(optim.values(params))
+    leaves = jax.tree.leaves(optimizer.values(params))
     np.savez(path, *[np.asarray(x) for x in jax.device_get(leaves)])
 
 

@@ -174,7 +174,7 @@ def table() -> str:
 
 
 def topology_chips(name: str) -> int:
-    from switch_jax.aot import parse_topology
+    from switch_jax.tools.aot import parse_topology
 
     return parse_topology(name).chips
 

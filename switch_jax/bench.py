@@ -18,17 +18,15 @@ MFU uses metrics.py's peak table; on CPU the peak is a float32 matmul timed in t
 from __future__ import annotations
 
 import json
-import math
 import sys
 
 from absl import flags
 
-from switch_jax import cli, gin_utils
+from switch_jax import cli
+from switch_jax.tools.benchmarks import suite
 
-VARIANTS = ("step", "dense", "dispatches", "breakdown", "dispatch", "pipeline", "checkpoint")
-DEFAULT_VARIANTS = ("step", "dense", "dispatch", "pipeline", "checkpoint")
 _VARIANTS = cli.define_flag(
-    flags.DEFINE_list, "variants", list(DEFAULT_VARIANTS), f"subset of {VARIANTS}"
+    flags.DEFINE_list, "variants", list(suite.DEFAULT_VARIANTS), f"subset of {suite.VARIANTS}"
 )
 _DISPATCHES = cli.define_flag(
     flags.DEFINE_list,
@@ -52,183 +50,6 @@ _TOKENS = cli.define_flag(
 )
 
 
-def run_benchmarks(configs, variants, *, steps, warmup, dispatch, dispatches=None) -> dict:
-    """All requested variants; returns the JSON-ready results dict."""
-    import jax
-
-    from switch_jax import metrics
-    from switch_jax.benchmarks import step as step_bench
-
-    model_cfg = configs.model
-    unknown = set(variants) - set(VARIANTS)
-    if unknown:
-        raise gin_utils.ConfigError(
-            f"--variants: unknown {sorted(unknown)}; choose from {VARIANTS}"
-        )
-    peak = metrics.peak_flops()
-    device = jax.devices()[0]
-    out = {
-        "device": {
-            "platform": device.platform,
-            "kind": device.device_kind,
-            "count": jax.device_count(),
-        },
-        "peak_flops": peak,
-        "peak_source": "measured f32 matmul" if device.platform == "cpu" else "metrics.PEAK_FLOPS",
-    }
-    runner = None
-    if {"step", "dense", "pipeline", "checkpoint"} & set(variants):
-        runner = step_bench.StepRunner(configs)
-        runners = [runner]
-        if "dense" in variants and model_cfg.moe is not None:
-            runners.append(step_bench.StepRunner(step_bench.dense_twin(configs)))
-        seconds, cpu = step_bench.time_interleaved(runners, steps, warmup)
-        out["step"] = step_bench.report(runner, seconds[0], peak, cpu[0])
-        if len(runners) > 1:
-            out["dense"] = step_bench.report(runners[1], seconds[1], peak, cpu[1])
-            out["switch_over_dense_step_time"] = step_bench.ratio(seconds[0], seconds[1])
-            out["switch_over_dense_cpu_time"] = step_bench.ratio(cpu[0], cpu[1])
-            del runners[1]
-    if "dispatches" in variants and model_cfg.moe is not None:
-        names = dispatches or ["einsum", "scatter", "sorted", "dropless"]
-        out["dispatches"] = _step_per_dispatch(configs, names, steps, warmup, peak)
-    if "breakdown" in variants and model_cfg.moe is not None:
-        from switch_jax.benchmarks import breakdown  # noqa: PLC0415
-
-        out["breakdown"] = breakdown.bench_breakdown(configs, max(steps, 1))
-    if "dispatch" in variants and model_cfg.moe is not None:
-        from switch_jax.benchmarks import dispatch as dispatch_bench
-
-        rows = dispatch_bench.bench_dispatch(model_cfg, **dispatch)
-        out["dispatch"] = {
-            "rows": rows,
-            "cost_ratio_largest_vs_smallest_group": dispatch_bench.scaling(rows),
-        }
-    if {"pipeline", "checkpoint"} & set(variants):
-        from switch_jax.benchmarks import io
-
-        if "pipeline" in variants:
-            out["pipeline"] = io.bench_pipeline(runner, out["step"]["step_s"])
-        if "checkpoint" in variants:
-            out["checkpoint"] = io.bench_checkpoint(runner)
-    return out
-
-
-def _step_per_dispatch(configs, dispatches, steps, warmup, peak) -> dict:
-    """Every dispatch's train step and the dense twin's, all in one interleaved loop (so all
-    of them live in memory at once: one model per dispatch, plus the dense one)."""
-    from switch_jax.benchmarks import step as step_bench  # noqa: PLC0415
-
-    runners = [step_bench.StepRunner(step_bench.dense_twin(configs))]
-    runners += [step_bench.StepRunner(step_bench.with_dispatch(configs, d)) for d in dispatches]
-    wall, cpu = step_bench.time_interleaved(runners, steps, warmup)
-    dense = step_bench.report(runners[0], wall[0], peak, cpu[0])
-    out = {}
-    for i, name in enumerate(dispatches, start=1):
-        out[name] = {
-            "switch": step_bench.report(runners[i], wall[i], peak, cpu[i]),
-            "dense": dense,
-            "over_dense_wall": step_bench.ratio(wall[i], wall[0]),
-            "over_dense_cpu": step_bench.ratio(cpu[i], cpu[0]),
-        }
-    return out
-
-
-def format_table(r: dict) -> str:
-    """Human-readable summary of run_benchmarks' result."""
-    dev = r["device"]
-    peak = f"peak {_g(r['peak_flops'])}FLOP/s ({r['peak_source']})"
-    lines = [f"device {dev['kind']} x{dev['count']}, {peak}"]
-    for name in ("step", "dense"):
-        s = r.get(name)
-        if s:
-            mfu = f"{s['mfu']:.1%}" if s["mfu"] is not None else "n/a"
-            lines.append(
-                f"{name:>6}: compile {s['compile_s']:.1f}s  step {s['step_s'] * 1e3:.1f}ms "
-                f"(spread {s['step']['spread']:.0%}, n={s['step']['n']})  "
-                f"{s['tokens_per_s']:,.0f} tok/s  MFU {mfu}  "
-                f"compiled {_g(s['compiled_bytes'])}B  max RSS {_g(s['process_max_rss_bytes'])}B"
-            )
-    if "switch_over_dense_step_time" in r:
-        q = r["switch_over_dense_step_time"]
-        lines.append(
-            f"switch / dense step time at equal FLOPs: {q['paired_median']:.3f} (median of "
-            f"step-paired ratios, range {q['paired_min']:.2f}-{q['paired_max']:.2f}; "
-            f"of fastest steps {q['of_mins']:.3f})"
-        )
-    if "switch_over_dense_cpu_time" in r:
-        q = r["switch_over_dense_cpu_time"]
-        lines.append(f"switch / dense step CPU time: {q['paired_median']:.3f}")
-    for name, d in r.get("dispatches", {}).items():
-        sw, de = d["switch"], d["dense"]
-        wall, cpu = d["over_dense_wall"]["paired_median"], d["over_dense_cpu"]["paired_median"]
-        lines.append(
-            f"dispatch {name:>8}: compile {sw['compile_s']:.1f}s (dense {de['compile_s']:.1f}s)  "
-            f"step {sw['step_s']:.3f}s vs {de['step_s']:.3f}s  switch/dense wall "
-            f"{wall:.3f}  cpu {cpu:.3f}"
-        )
-    if "breakdown" in r:
-        b = r["breakdown"]
-        for name, piece in b.items():
-            if isinstance(piece, dict):
-                lines.append(
-                    f"breakdown {name:>24} x{piece['count']}: switch {piece['switch_cpu_s']:.3f}s "
-                    f"dense {piece['dense_cpu_s']:.3f}s CPU (wall {piece['switch_s']:.3f} / "
-                    f"{piece['dense_s']:.3f})"
-                )
-        lines.append(
-            f"breakdown predicts a step delta of {b['predicted_step_delta_cpu_s']:.2f}s CPU "
-            f"({b['predicted_step_delta_s']:.2f}s wall)"
-        )
-    if "dispatch" in r:
-        lines.append("MoE layer fwd+bwd, ns per token [x dense FFN] (dispatch E: T=...):")
-        table: dict = {}
-        for row in r["dispatch"]["rows"]:
-            table.setdefault((row["dispatch"], row["experts"]), []).append(row)
-        for (d, e), rows in table.items():
-            cells = "  ".join(
-                f"T{x['group_size']}={x['ns_per_token']:.0f} [{x['over_dense_ffn']:.2f}]"
-                for x in rows
-            )
-            lines.append(f"  {d:>8} E{e:<3} {cells}")
-    if "pipeline" in r:
-        lines.append(f"pipeline: {json.dumps(r['pipeline'], default=_round)}")
-    if "checkpoint" in r:
-        c = r["checkpoint"]
-        lines.append(
-            f"checkpoint ({_g(c['state_bytes'])}B state): save() blocks "
-            f"{c['save_call']['median_s'] * 1e3:.0f}ms, "
-            f"steps after {c['step_s_after_save'] * 1e3:.1f}ms "
-            f"vs {c['step_s_without_save'] * 1e3:.1f}ms, stall {c['stall_s'] * 1e3:.0f}ms/save, "
-            f"commit {c['wait_for_commit']['median_s'] * 1e3:.0f}ms in background"
-        )
-    return "\n".join(lines)
-
-
-def _g(x) -> str:
-    if x is None:
-        return "n/a "
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{unit}"
-    return f"{x:.3g}"
-
-
-def _round(x):
-    return round(x, 4) if isinstance(x, float) else str(x)
-
-
-def _check_finite(tree, where="") -> None:
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            _check_finite(v, f"{where}/{k}")
-    elif isinstance(tree, list):
-        for i, v in enumerate(tree):
-            _check_finite(v, f"{where}[{i}]")
-    elif isinstance(tree, float) and not math.isfinite(tree):
-        raise RuntimeError(f"benchmark produced a non-finite value at {where}")
-
-
 def main(argv) -> None:
     del argv
     dispatch = dict(
@@ -238,7 +59,7 @@ def main(argv) -> None:
         repeats=_REPEATS.value,
         dispatches=_DISPATCHES.value,
     )
-    result = run_benchmarks(
+    result = suite.run_benchmarks(
         cli.configs(),
         _VARIANTS.value,
         steps=_STEPS.value,
@@ -246,9 +67,9 @@ def main(argv) -> None:
         dispatch=dispatch,
         dispatches=_DISPATCHES.value,
     )
-    _check_finite(result)
+    suite.check_finite(result)
     text = json.dumps(result, indent=1)
-    print(format_table(result), file=sys.stderr if _JSON.value else sys.stdout, flush=True)
+    print(suite.format_table(result), file=sys.stderr if _JSON.value else sys.stdout, flush=True)
     if _JSON.value:
         print(text)
     if _OUTPUT.value:
@@ -257,6 +78,7 @@ def main(argv) -> None:
 
 
 run = cli.entry(main)  # console script `switch-bench`
+
 
 if __name__ == "__main__":
     run()

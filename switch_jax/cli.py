@@ -38,11 +38,13 @@ from typing import Any
 
 from absl import app, flags, logging
 
-from switch_jax import console, distributed, gin_utils
+from switch_jax.config import gin_config
+from switch_jax.config.settings import Configs
 from switch_jax.models.config import ConfigError
-from switch_jax.run_config import Configs
+from switch_jax.parallel import hosts
+from switch_jax.report import console
 
-gin_utils.define_flags()
+gin_config.define_flags()
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "HOST:PORT of process 0 (multi-host runs; T5X's flag)"
 )
@@ -66,9 +68,9 @@ def define_flag(define: Callable[..., Any], name: str, *args: Any, **kwargs: Any
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix: printed as one line, no traceback."""
-    from switch_jax.checkpoints import CheckpointError
-    from switch_jax.lease import LeaseError
-    from switch_jax.trainer import NonFiniteLossError
+    from switch_jax.store.checkpoints import CheckpointError
+    from switch_jax.store.lease import LeaseError
+    from switch_jax.training.trainer import NonFiniteLossError
 
     # OSError: a full disk or a vanished mount mid-run is the operator's to fix, not a bug.
     errors: list[type[BaseException]] = [CheckpointError, NonFiniteLossError, LeaseError, OSError]
@@ -86,7 +88,7 @@ def join_hosts(*, log_devices: bool = True) -> bool:
 
     Logs the process index and count and the local / global devices once (process 0 prints).
     """
-    joined = distributed.initialize(
+    joined = hosts.initialize(
         _COORDINATOR.value,
         _PROCESS_COUNT.value,
         _PROCESS_INDEX.value,
@@ -117,19 +119,19 @@ def quiet_library_logs() -> None:
 
 def configs() -> Configs:
     """The configs of the gin parsed by `entry` (or by `parse_gin` in the entry's main)."""
-    return gin_utils.load_configs()
+    return gin_config.load_configs()
 
 
 def parse_gin(extra_files: Sequence[str] = (), *, finalize: bool = True) -> None:
     """Parse `extra_files` (e.g. a MODEL_DIR's config.gin), then --gin_file and bindings."""
     f = flags.FLAGS
-    gin_utils.parse_gin(
+    gin_config.parse_gin(
         [*extra_files, *f.gin_file], f.gin_bindings, f.gin_search_paths, finalize=finalize
     )
 
 
 def operative_config() -> str:
-    return gin_utils.operative_config()
+    return gin_config.operative_config()
 
 
 def fail(error: BaseException, status: int) -> None:
@@ -173,7 +175,7 @@ def entry(
 
     def run() -> None:
         try:
-            app.run(guarded, flags_parser=gin_utils.flags_parser)
+            app.run(guarded, flags_parser=gin_config.flags_parser)
         except ConfigError as e:  # raised while rewriting --gin.* flags
             fail(e, 2)
 

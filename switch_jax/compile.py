@@ -6,7 +6,7 @@ FLOPs and bytes per step from the compiler's cost analysis, and the collectives 
 HLO with their sizes. MESH_SHAPE, BATCH_SIZE, TASK_FEATURE_LENGTHS, MICROBATCHES and
 PARTITION_RULES come from gin as for train. A run that does not fit ends with one line naming
 the shortfall and what to change (exit status 1); when the state alone exceeds the HBM it says
-so before compiling. Needs libtpu (`pip install 'switch_jax[tpu]'`); switch_jax.aot has the
+so before compiling. Needs libtpu (`pip install 'switch_jax[tpu]'`); switch_jax.tools.aot has the
 library side.
 """
 
@@ -17,8 +17,9 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from switch_jax import aot, cli
+from switch_jax import cli
 from switch_jax.models.config import ConfigError
+from switch_jax.tools import aot
 
 _TOPOLOGY = cli.define_flag(
     flags.DEFINE_string,

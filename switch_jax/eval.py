@@ -9,14 +9,15 @@ import json
 
 from absl import flags
 
-from switch_jax import cli, stored_config
+from switch_jax import cli
+from switch_jax.store import stored_config
 
 _STEP = cli.define_flag(flags.DEFINE_string, "step", "latest", "checkpoint: 'latest', 'all', N")
 
 
 def main(argv: list[str]) -> None:
     del argv
-    from switch_jax import trainer
+    from switch_jax.training import trainer
 
     cli.parse_gin(stored_config.stored_config_files(flags.FLAGS.gin_bindings))
     for step, metrics in trainer.evaluate_checkpoints(cli.configs(), _STEP.value):

@@ -7,7 +7,7 @@ from switch_jax import cli
 
 def main(argv: list[str]) -> None:
     del argv
-    from switch_jax import trainer
+    from switch_jax.training import trainer
 
     trainer.train(cli.configs(), operative_config=cli.operative_config())
 

@@ -7,7 +7,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from switch_jax.data import metrics
+from switch_jax.data import task_metrics
 
 TASK = "copy_ids"
 VOCAB_SIZE = 32
@@ -42,5 +42,5 @@ if TASK not in seqio.TaskRegistry.names():
         source=seqio.FunctionDataSource(_dataset, splits=("train", "validation")),
         preprocessors=[seqio.preprocessors.append_eos_after_trim],
         output_features={k: seqio.Feature(vocab, add_eos=True) for k in ("inputs", "targets")},
-        metric_fns=[metrics.exact_match],
+        metric_fns=[task_metrics.exact_match],
     )

@@ -1,4 +1,4 @@
-"""switch_jax.aot without compiling: TPU slice names, HLO collective accounting, HBM figures."""
+"""switch_jax.tools.aot without compiling: TPU slice names, HLO collectives, HBM figures."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
-from switch_jax import aot, hlo
 from switch_jax.models.config import ConfigError
+from switch_jax.parallel import hlo
+from switch_jax.tools import aot
 
 # Cloud TPU's accelerator types and their torus shapes (as in MaxText's accelerator table).
 SLICES = {

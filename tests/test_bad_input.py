@@ -17,9 +17,11 @@ import sys
 
 import pytest
 
-from switch_jax import checkpoints, gin_utils, trainer
+from switch_jax.config import gin_config
 from switch_jax.models import routing
 from switch_jax.models.config import ConfigError
+from switch_jax.store import checkpoints
+from switch_jax.training import trainer
 
 pytest.importorskip("seqio")
 
@@ -37,9 +39,9 @@ SMALL = [
 
 
 def _train(model_dir, *bindings):
-    gin_utils.parse_gin(["runs/demo.gin"], [f"MODEL_DIR = '{model_dir}'", *SMALL, *bindings])
-    configs = gin_utils.load_configs()
-    return trainer.train(configs, operative_config=gin_utils.operative_config())
+    gin_config.parse_gin(["runs/demo.gin"], [f"MODEL_DIR = '{model_dir}'", *SMALL, *bindings])
+    configs = gin_config.load_configs()
+    return trainer.train(configs, operative_config=gin_config.operative_config())
 
 
 def _refused(error, match, model_dir, *bindings):
@@ -93,7 +95,7 @@ def test_unknown_gin_parameter(tmp_path):
 
 def test_unknown_gin_file():
     with pytest.raises(ConfigError, match="gin file 'runs/nope.gin' not found"):
-        gin_utils.parse_gin(["runs/nope.gin"])
+        gin_config.parse_gin(["runs/nope.gin"])
 
 
 def test_wrongly_typed_value(tmp_path):

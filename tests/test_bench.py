@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import math
 
-from switch_jax import bench, gin_utils
+from switch_jax.config import gin_config
+from switch_jax.tools.benchmarks import suite
 
 BINDINGS = [
     "BATCH_SIZE=8",
@@ -24,10 +25,10 @@ def _positive(x) -> bool:
 
 
 def test_bench_json_has_finite_positive_figures(tmp_path):
-    gin_utils.parse_gin(["models/tiny.gin"], BINDINGS)
+    gin_config.parse_gin(["models/tiny.gin"], BINDINGS)
     dispatch = dict(group_sizes=[32], experts=[2], total_tokens=64, repeats=1)
-    result = bench.run_benchmarks(
-        gin_utils.load_configs(),
+    result = suite.run_benchmarks(
+        gin_config.load_configs(),
         ["step", "dense", "dispatches", "dispatch", "checkpoint"],
         steps=2,
         warmup=1,
@@ -55,4 +56,4 @@ def test_bench_json_has_finite_positive_figures(tmp_path):
     assert all(_positive(r["ns_per_token"]) for r in rows)
     ckpt = result["checkpoint"]
     assert _positive(ckpt["save_call"]["median_s"]) and _positive(ckpt["step_s_after_save"])
-    assert "switch / dense" in bench.format_table(result)
+    assert "switch / dense" in suite.format_table(result)

@@ -56,7 +56,7 @@ def test_user_errors_are_one_line_with_status(args, status, first_words):
 
 
 def test_model_dir_binding_may_be_bare_or_quoted():
-    from switch_jax.stored_config import model_dir_of
+    from switch_jax.store.stored_config import model_dir_of
 
     assert model_dir_of(["MODEL_DIR=/tmp/run"]) == "/tmp/run"  # as gin takes it
     assert model_dir_of(["MODEL_DIR=imported"]) == "imported"

@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from switch_jax import aot, gin_utils, info
+from switch_jax.config import gin_config
+from switch_jax.tools import aot, planner
 
 pytest.importorskip("libtpu", reason=f"compiling for TPU needs libtpu: {aot.INSTALL_HINT}")
 
@@ -21,8 +22,8 @@ TOPOLOGY, MESH, BATCH, LENGTHS = "v5e-4", (1, 4, 1), 8, (64, 16)
 def tiny(*bindings):
     lengths = f"{{'inputs': {LENGTHS[0]}, 'targets': {LENGTHS[1]}}}"
     defaults = [f"MESH_SHAPE={MESH}", f"BATCH_SIZE={BATCH}", f"TASK_FEATURE_LENGTHS={lengths}"]
-    gin_utils.parse_gin(["models/tiny.gin"], [*defaults, *bindings])
-    return gin_utils.load_configs()
+    gin_config.parse_gin(["models/tiny.gin"], [*defaults, *bindings])
+    return gin_config.load_configs()
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def compiled() -> dict:
 
 
 def test_info_and_compile_agree_on_state_bytes_per_chip(compiled):
-    planned = info.report(tiny(), num_devices=4)
+    planned = planner.report(tiny(), num_devices=4)
     want = {
         "params": planned["param_bytes_per_device"],
         "optimizer": planned["optimizer_bytes_per_device"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from switch_jax import console
+from switch_jax.report import console
 
 
 class FakeClock:
@@ -85,7 +85,7 @@ def test_resume_command_keeps_gin_quotes_readable():
 def test_native_noise_is_dropped_and_everything_else_kept():
     code = (
         "import os, sys\n"
-        "from switch_jax import console\n"
+        "from switch_jax.report import console\n"
         "console.filter_native_stderr()\n"
         "os.write(2, b'WARNING: All log messages before absl::InitializeLog() is called are "
         "written to STDERR\\n')\n"
@@ -107,7 +107,7 @@ def test_out_of_space_tracebacks_of_library_threads_are_dropped():
     code = (
         "import logging\n"
         "from absl import logging as absl_logging\n"
-        "from switch_jax import console\n"
+        "from switch_jax.report import console\n"
         "console.quiet_known_noise()\n"
         "try:\n"
         "    raise OSError(28, 'No space left on device')\n"

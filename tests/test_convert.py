@@ -20,11 +20,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from switch_jax import checkpoints, gin_utils, partitioning, steps
-from switch_jax.convert import convert, hf_config, layout, model_dir, sources
+from switch_jax.config import gin_config
+from switch_jax.config.settings import DataConfig, OptimizerConfig
+from switch_jax.formats import convert, hf_config, layout, model_dir, sources
 from switch_jax.models.config import ConfigError, ModelConfig
 from switch_jax.models.transformer import Transformer
-from switch_jax.run_config import DataConfig, OptimizerConfig
+from switch_jax.parallel import partitioning
+from switch_jax.store import checkpoints
+from switch_jax.training import steps
 from tests.model_fixtures import tiny_config
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
@@ -179,9 +182,9 @@ def test_t5_1_1_matches_hf_logits_and_loss(imported):
 
 def test_model_dir_config_gin_rebuilds_the_config(imported):
     for name, (path, cfg) in imported.items():
-        gin_utils.parse_gin([os.path.join(path, "config.gin")])
-        assert gin_utils.configured(ModelConfig) == cfg
-        vocab = gin_utils.configured(DataConfig).vocabulary
+        gin_config.parse_gin([os.path.join(path, "config.gin")])
+        assert gin_config.configured(ModelConfig) == cfg
+        vocab = gin_config.configured(DataConfig).vocabulary
         assert vocab == os.path.join(FIXTURES, name, "spiece.model")
         with open(os.path.join(path, "config.gin")) as f:
             text = f.read()
@@ -488,8 +491,8 @@ def test_released_configs_convert_to_our_gin_model_files(config_file):
         config = json.load(f)
     tied = config.get("tie_word_embeddings", True)
     hf = hf_config.from_hf(config, lm_head_separate=not tied)
-    gin_utils.parse_gin([RELEASED[config_file]])
-    ours = gin_utils.configured(ModelConfig)
+    gin_config.parse_gin([RELEASED[config_file]])
+    ours = gin_config.configured(ModelConfig)
     for name in ARCHITECTURE:
         assert getattr(hf.model_cfg, name) == getattr(ours, name), name
     if ours.moe is None:

@@ -12,9 +12,9 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 import data_fixtures  # noqa: E402
 
-from switch_jax import evaluation  # noqa: E402
 from switch_jax.data import docstrings, glue, pipeline, tasks  # noqa: E402
-from switch_jax.data import metrics as m  # noqa: E402
+from switch_jax.data import task_metrics as m  # noqa: E402
+from switch_jax.decode import evaluation  # noqa: E402
 
 LENGTHS = {"inputs": 48, "targets": 6}
 WORDS = "the cat sat on a mat while two dogs ran past".split()

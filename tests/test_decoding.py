@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from switch_jax import decoding, partitioning, search
+from switch_jax.decode import decoding, search
+from switch_jax.parallel import partitioning
 from tests.model_fixtures import forward, make_model, tiny_config
 
 MAX_LEN = 6

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from switch_jax import partitioning
 from switch_jax.models import grouped
 from switch_jax.models.config import ConfigError, MoeConfig
 from switch_jax.models.layers import Keys
 from switch_jax.models.moe import MoeLayer, resolve_dispatch
+from switch_jax.parallel import partitioning
 from tests.test_moe import (
     B,
     D,

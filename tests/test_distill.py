@@ -8,9 +8,10 @@ import pytest
 from flax import nnx
 from model_fixtures import make_model, random_batch, tiny_config
 
-from switch_jax import distill, partitioning, steps
+from switch_jax.config.settings import OptimizerConfig
 from switch_jax.models.config import ConfigError
-from switch_jax.run_config import OptimizerConfig
+from switch_jax.parallel import partitioning
+from switch_jax.training import distill, steps
 
 B, L, V = 3, 5, 11
 

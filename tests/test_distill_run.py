@@ -6,8 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from switch_jax import checkpoints, distill, gin_utils, run_builder, steps, trainer
+from switch_jax.config import gin_config
 from switch_jax.models.config import ConfigError
+from switch_jax.store import checkpoints
+from switch_jax.training import build, distill, steps, trainer
 
 pytest.importorskip("seqio")
 
@@ -25,8 +27,8 @@ SMALL = [  # the demo's layout (layer 1 of each stack a Switch layer), smaller s
 
 
 def _parse(files, bindings):
-    gin_utils.parse_gin(["runs/demo.gin", *files], [*SMALL, *bindings], [])
-    return gin_utils.load_configs()
+    gin_config.parse_gin(["runs/demo.gin", *files], [*SMALL, *bindings], [])
+    return gin_config.load_configs()
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +37,8 @@ def teacher_dir(tmp_path_factory):
     model_dir = str(tmp_path_factory.mktemp("teacher"))
     configs = _parse([], [f"MODEL_DIR = '{model_dir}'", "SEED = 7"])
     with open(f"{model_dir}/config.gin", "w") as f:
-        f.write(gin_utils.operative_config())
-    run = run_builder.build_run(configs)
+        f.write(gin_config.operative_config())
+    run = build.build_run(configs)
     ckpts = run.checkpoints(async_save=False)
     with run.partitioner.activate():
         ckpts.save(0, run.setup.init_state(), force=True)
@@ -55,7 +57,7 @@ def test_distill_gin_trains_the_dense_twin_from_the_teacher(teacher_dir, tmp_pat
     ]
     configs = _parse(["runs/distill.gin"], bindings)
     assert configs.model.moe is None and configs.distill.soft_weight == 0.25
-    last = trainer.train(configs, operative_config=gin_utils.operative_config())
+    last = trainer.train(configs, operative_config=gin_config.operative_config())
     mixed = 0.25 * last["soft_cross_entropy"] + 0.75 * last["cross_entropy"]
     assert last["objective"] == pytest.approx(mixed, rel=1e-5)
     assert last["loss"] == pytest.approx(last["objective"] + last["z_loss"], rel=1e-5)
@@ -65,7 +67,7 @@ def test_distill_gin_trains_the_dense_twin_from_the_teacher(teacher_dir, tmp_pat
     assert student_cfg == configs.model
     teacher_cfg = distill.read_model_config(teacher_dir)
     assert teacher_cfg.moe is not None and teacher_cfg.d_model == 32
-    run = run_builder.build_run(configs)
+    run = build.build_run(configs)
     with run.partitioner.activate():
         ckpts = run.checkpoints()
         state, _ = ckpts.restore(2, run.setup.abstract_state)

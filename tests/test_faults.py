@@ -201,7 +201,9 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_pa
 
 def test_skip_nonfinite_updates_keeps_training(tmp_path):
     """In-process (8 devices): the same overflow, skipped in-graph; params stay as after step 1."""
-    from switch_jax import checkpoints, gin_utils, run_builder, trainer
+    from switch_jax.config import gin_config
+    from switch_jax.store import checkpoints
+    from switch_jax.training import build, trainer
 
     model_dir = str(tmp_path / "skip")
     bindings = [
@@ -216,8 +218,8 @@ def test_skip_nonfinite_updates_keeps_training(tmp_path):
         "LEARNING_RATE = 1e30",
         "TrainConfig.skip_nonfinite_updates = True",
     ]
-    gin_utils.parse_gin(["runs/demo.gin"], bindings, [])
-    configs = gin_utils.load_configs()
+    gin_config.parse_gin(["runs/demo.gin"], bindings, [])
+    configs = gin_config.load_configs()
     trainer.train(configs)
     with open(os.path.join(model_dir, "train", "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
@@ -226,7 +228,7 @@ def test_skip_nonfinite_updates_keeps_training(tmp_path):
     assert not (np.isfinite(rows[1]["loss"]) and np.isfinite(rows[1]["grad_norm"]))
     assert _committed(model_dir) == [1, 2, 3]
 
-    abstract = run_builder.build_run(configs).setup.abstract_state.params
+    abstract = build.build_run(configs).setup.abstract_state.params
     first, last = (
         checkpoints.restore_params(os.path.join(model_dir, "checkpoints", str(s)), abstract)
         for s in (1, 3)

@@ -13,7 +13,9 @@ import pytest
 
 pytest.importorskip("seqio")
 
-from switch_jax import gin_utils, infer, trainer  # noqa: E402
+from switch_jax.config import gin_config  # noqa: E402
+from switch_jax.decode import inference  # noqa: E402
+from switch_jax.training import trainer  # noqa: E402
 from tests import copy_task  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -42,8 +44,8 @@ RUN = [
 
 
 def _train(files, bindings):
-    gin_utils.parse_gin(files, bindings, [])
-    trainer.train(gin_utils.load_configs(), operative_config=gin_utils.operative_config())
+    gin_config.parse_gin(files, bindings, [])
+    trainer.train(gin_config.load_configs(), operative_config=gin_config.operative_config())
 
 
 def _eval_rows(model_dir):
@@ -132,10 +134,10 @@ def test_infer_decodes_held_out_inputs_from_model_dir_alone(runs):
     assert correct >= 12, rows  # well above chance (~0)
     # Scoring the same targets gives their log-likelihood: for a correct greedy output, the
     # log_prob the decoder reported (bfloat16 activations: cached steps vs one full pass).
-    gin_utils.parse_gin([os.path.join(fine, "config.gin"), "runs/infer.gin"], [], [])
-    configs = gin_utils.load_configs()
+    gin_config.parse_gin([os.path.join(fine, "config.gin"), "runs/infer.gin"], [], [])
+    configs = gin_config.load_configs()
     scores = io.StringIO()
-    infer.infer(configs, rows, scores, mode="score", progress=None)
+    inference.infer(configs, rows, scores, mode="score", progress=None)
     scored = [json.loads(line) for line in scores.getvalue().splitlines()]
     for r, s in zip(rows, scored, strict=True):
         assert s["log_likelihood"] <= 0

@@ -5,18 +5,18 @@ import os
 
 import pytest
 
-from switch_jax import gin_utils
+from switch_jax.config import gin_config
+from switch_jax.config.settings import CheckpointConfig, DataConfig, OptimizerConfig, TrainConfig
 from switch_jax.models.config import ConfigError, ModelConfig, MoeConfig
-from switch_jax.run_config import CheckpointConfig, DataConfig, OptimizerConfig, TrainConfig
 
-CONFIGS = gin_utils.REPO_CONFIGS
+CONFIGS = gin_config.CONFIGS
 MODELS = sorted(os.path.relpath(p, CONFIGS) for p in glob.glob(str(CONFIGS / "models/*.gin")))
 RUNS = sorted(os.path.relpath(p, CONFIGS) for p in glob.glob(str(CONFIGS / "runs/*.gin")))
 
 
 def load(files, bindings=()):
-    gin_utils.parse_gin(files, bindings)
-    return gin_utils.load_configs()
+    gin_config.parse_gin(files, bindings)
+    return gin_config.load_configs()
 
 
 def test_catalogue_is_complete():
@@ -121,7 +121,7 @@ def test_bindings_override_and_coerce():
 
 def test_flag_rewriting():
     argv = ["prog", "--gin_file=a.gin", "--gin.MESH_SHAPE=(1, 2, 4)", "--gin.X.y='z'"]
-    assert gin_utils.rewrite_gin_args(argv) == [
+    assert gin_config.rewrite_gin_args(argv) == [
         "prog",
         "--gin_file=a.gin",
         "--gin_bindings=MESH_SHAPE=(1, 2, 4)",
@@ -131,7 +131,7 @@ def test_flag_rewriting():
 
 def test_operative_config_round_trip(tmp_path):
     first = load(["models/switch_xxl.gin", "runs/pretrain.gin"], ["MESH_SHAPE=(1, 2, 4)"])
-    (tmp_path / "config.gin").write_text(gin_utils.operative_config())
+    (tmp_path / "config.gin").write_text(gin_config.operative_config())
     assert load([str(tmp_path / "config.gin")]) == first
 
 
@@ -163,7 +163,7 @@ def test_bad_files(tmp_path):
     (tmp_path / "include.gin").write_text("include 'models/nothere.gin'\n")
     for name, needle in [("syntax.gin", "line 1"), ("include.gin", "models/nothere.gin")]:
         with pytest.raises(ConfigError) as e:
-            gin_utils.parse_gin([name], [], [str(tmp_path)])
+            gin_config.parse_gin([name], [], [str(tmp_path)])
         assert "\n" not in str(e.value) and needle in str(e.value), str(e.value)
 
 
@@ -210,7 +210,7 @@ def test_misspelt_macro_in_an_included_file_names_that_file(tmp_path):
     (tmp_path / "inner.gin").write_text("BATCH_SIZ = 4\n")
     (tmp_path / "outer.gin").write_text("include 'inner.gin'\n")
     with pytest.raises(ConfigError) as e:
-        gin_utils.parse_gin(["outer.gin"], [], [str(tmp_path)])
+        gin_config.parse_gin(["outer.gin"], [], [str(tmp_path)])
     assert str(e.value).startswith(f"gin file {tmp_path / 'inner.gin'}, line 1: macro BATCH_SIZ")
     assert "did you mean BATCH_SIZE?" in str(e.value)
 

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from switch_jax.models.config import ModelConfig, MoeConfig
-from switch_jax.models.info import abstract_model, count_params, model_info
+from switch_jax.models.size import abstract_model, count_params, model_info
 
 # REFERENCE §3.1, the released flaxformer gins. scan_layers only makes eval_shape ~50x faster;
 # test_scan_does_not_change_the_count checks that it does not change the count.

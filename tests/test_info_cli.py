@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from switch_jax import info
-from switch_jax.models import info as models_info
+from switch_jax.models import size as models_info
 from switch_jax.models.config import ConfigError
+from switch_jax.tools import planner
 
 # REFERENCE Part 3.1 / §1.6 / §1.11: parameter totals of the released configurations, as printed
 # (1.1B has two significant figures: 1.07B rounds to it, 2.5% away, so "within 2% or rounds to").
@@ -36,11 +36,11 @@ FLOPS["models/switch_c.gin"] = (890e9, 0.1)
 
 
 def run_json(gin_file, *bindings, **kw):
-    return json.loads(info.run_info([gin_file], list(bindings), as_json=True, **kw))
+    return json.loads(planner.run_info([gin_file], list(bindings), as_json=True, **kw))
 
 
 def gin_model(gin_file):
-    from switch_jax.gin_utils import load_configs, parse_gin
+    from switch_jax.config.gin_config import load_configs, parse_gin
 
     parse_gin([gin_file])
     return load_configs().model
@@ -106,7 +106,7 @@ def test_fsdp_splits_embed_of_matrices_over_data():
 
 
 def test_text_report():
-    text = info.run_info(["models/tiny.gin"], ["MESH_SHAPE=(2, 8, 1)"])
+    text = planner.run_info(["models/tiny.gin"], ["MESH_SHAPE=(2, 8, 1)"])
     assert "3,804,928" in text and "data 2 x expert 8 x model 1 = 16 devices" in text
 
 

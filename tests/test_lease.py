@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from switch_jax import lease as lease_lib
-from switch_jax.lease import LEASE_FILE, Lease, LeaseError
+from switch_jax.store import lease as lease_lib
+from switch_jax.store.lease import LEASE_FILE, Lease, LeaseError
 
 
 def _write(model_dir, **fields):

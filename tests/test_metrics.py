@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from switch_jax import metrics
 from switch_jax.models.config import ModelConfig, MoeConfig
 from switch_jax.models.routing import RouterStats
+from switch_jax.report import metrics
 
 E = 4
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from switch_jax import steps
 from switch_jax.models.config import ConfigError, ModelConfig, MoeConfig
 from switch_jax.models.layers import Keys
 from switch_jax.models.moe import MoeLayer
+from switch_jax.training import steps
 from tests.model_fixtures import forward, make_model, random_batch, tiny_config
 
 B, L, D, F, E = 2, 8, 8, 16, 4  # 16 tokens -> 2 groups of T = 8

@@ -14,7 +14,8 @@ import pytest
 from process_group import free_port, run_all
 from test_sharded_training import OPT, B, tiny_batch, tiny_config
 
-from switch_jax import distributed, partitioning, steps
+from switch_jax.parallel import hosts, partitioning
+from switch_jax.training import steps
 
 TESTS = Path(__file__).resolve().parent
 ARCH = "decoder_only"  # the cheaper compile; test_sharded_training covers both architectures
@@ -27,11 +28,13 @@ WORKER = textwrap.dedent(
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_compilation_cache_dir", os.environ["CACHE_DIR"])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    from switch_jax import distributed, partitioning, steps
+    from switch_jax.parallel import hosts
+    from switch_jax.parallel import partitioning
+    from switch_jax.training import steps
     from test_sharded_training import OPT, B, tiny_batch, tiny_config
 
     port, pid, ARCH = sys.argv[1], int(sys.argv[2]), "decoder_only"
-    assert distributed.initialize(f"127.0.0.1:{port}", 2, pid, timeout_s=60)
+    assert hosts.initialize(f"127.0.0.1:{port}", 2, pid, timeout_s=60)
     assert jax.device_count() == 8 and jax.local_device_count() == 4
     # data across the two processes (the multi-slice layout), expert x model inside each.
     p = partitioning.Partitioner((1, 2, 2), dcn_mesh_shape=(2, 1, 1))
@@ -84,5 +87,5 @@ def test_two_processes_reproduce_single_process_losses(tmp_path):
 def test_initialize_is_a_no_op_for_one_process(monkeypatch):
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         monkeypatch.delenv(name, raising=False)
-    assert distributed.initialize() is False
+    assert hosts.initialize() is False
     assert jax.process_count() == 1

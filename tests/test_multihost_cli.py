@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 from process_group import free_port, run_all
 
-from switch_jax import checkpoints, gin_utils, run_builder, trainer
+from switch_jax.config import gin_config
+from switch_jax.store import checkpoints
+from switch_jax.training import build, trainer
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 3
@@ -69,8 +71,8 @@ def test_train_cli_on_two_processes_matches_one(tmp_path):
     outputs = _two_process_run(multi_dir)
     assert "process 0/2: 4 local / 8 global cpu devices" in outputs[0]
 
-    gin_utils.parse_gin(["runs/demo.gin"], [f"MODEL_DIR = '{single_dir}'", *BINDINGS])
-    configs = gin_utils.load_configs()
+    gin_config.parse_gin(["runs/demo.gin"], [f"MODEL_DIR = '{single_dir}'", *BINDINGS])
+    configs = gin_config.load_configs()
     trainer.train(configs)
 
     multi, single = _metrics(multi_dir), _metrics(single_dir)
@@ -79,7 +81,7 @@ def test_train_cli_on_two_processes_matches_one(tmp_path):
     assert len(glob.glob(os.path.join(multi_dir, "train", "events.out.tfevents.*"))) == 1
 
     # The two-process checkpoint restores here, in one process, onto the same 8-device mesh.
-    run = run_builder.build_run(configs)
+    run = build.build_run(configs)
     restored = {}
     for name, model_dir in (("multi", multi_dir), ("single", single_dir)):
         ckpts = checkpoints.Checkpoints(model_dir, period=STEPS, keep=1, async_save=False)

@@ -80,7 +80,8 @@ def test_wheel_ships_the_configs_and_every_console_script(installed):
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         entry_points = next(z.read(n).decode() for n in names if n.endswith("entry_points.txt"))
-    shipped = {str(p.relative_to(REPO)) for p in (REPO / "switch_jax" / "configs").rglob("*.gin")}
+    # configs/ at the checkout's top is switch_jax/configs/ in the wheel.
+    shipped = {"switch_jax/" + str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.gin")}
     assert shipped and shipped <= names, sorted(shipped - names)
     for script in SCRIPTS:
         assert f"{script} = " in entry_points
@@ -150,3 +151,19 @@ def test_installed_info_and_train_from_another_directory(installed, tmp_path):
     trained = [json.loads(line) for line in (tmp_path / "run" / "eval" / "metrics.jsonl").open()]
     assert result["step"] == 0 and trained[-1]["step"] == 2
     assert abs(result["cross_entropy"] - trained[-1]["cross_entropy"]) < 1e-5
+
+
+def test_every_package_folder_is_listed_for_the_wheel():
+    """pyproject.toml lists the packages (configs/ comes from the top of the repository), so a
+    new folder under switch_jax/ that is missing from the list would be left out of the wheel."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    folders = {
+        ".".join(p.parent.relative_to(REPO).parts)
+        for p in (REPO / "switch_jax").rglob("__init__.py")
+    }
+    assert folders <= listed, sorted(folders - listed)
+    assert {"switch_jax.configs", "switch_jax.configs.models", "switch_jax.configs.runs"} <= listed

@@ -9,10 +9,10 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType
 
-from switch_jax import partitioning
 from switch_jax.models import layers
 from switch_jax.models.config import ConfigError, ModelConfig, MoeConfig
-from switch_jax.models.info import abstract_model
+from switch_jax.models.size import abstract_model
+from switch_jax.parallel import partitioning
 
 
 def small_config(**moe) -> ModelConfig:

@@ -14,15 +14,17 @@ import jax
 import pytest
 from model_fixtures import tiny_config
 
-from switch_jax import info, partitioning, run_builder
-from switch_jax.models.config import ConfigError
-from switch_jax.run_config import (
+from switch_jax.config.settings import (
     CheckpointConfig,
     Configs,
     DataConfig,
     OptimizerConfig,
     TrainConfig,
 )
+from switch_jax.models.config import ConfigError
+from switch_jax.parallel import partitioning
+from switch_jax.tools import planner
+from switch_jax.training import build
 
 # Dims divisible by 2 on every axis; Adafactor factors dims >= 8 here, as >= 128 in real models,
 # so expert kernels keep per-expert [E, D] / [E, F] statistics and attention [D, H*K] ones.
@@ -38,12 +40,12 @@ def configs(mesh_shape, rules) -> Configs:
 
 
 @functools.lru_cache  # plans are immutable; tests share them
-def planned(mesh_shape, rules="default") -> info.Plan:
+def planned(mesh_shape, rules="default") -> planner.Plan:
     # The live state below is on CPU devices: plan for that platform ('auto' dispatch).
     abstract = partitioning.Partitioner(
         mesh_shape, rules=rules, num_devices=math.prod(mesh_shape), planned_platform="cpu"
     )
-    return info.plan(configs(mesh_shape, rules), abstract)
+    return planner.plan(configs(mesh_shape, rules), abstract)
 
 
 def live_bytes_per_device(tree) -> dict:
@@ -59,7 +61,7 @@ def live_bytes_per_device(tree) -> dict:
 def test_planned_bytes_equal_the_live_state_on_every_device(mesh_shape, rules):
     plan = planned(mesh_shape, rules)
     assert plan.run.partitioner.is_abstract
-    live = run_builder.build_run(configs(mesh_shape, rules))  # the trainer's way, 8 CPU devices
+    live = build.build_run(configs(mesh_shape, rules))  # the trainer's way, 8 CPU devices
     assert live.model_cfg == plan.run.model_cfg  # the same MoE group partitioning
     state = live.setup.init_state()
     mem = plan.memory
@@ -88,25 +90,26 @@ def test_sharding_actually_splits_the_state():
 )
 def test_info_refuses_a_mesh_with_the_trainers_message(gin_file, bindings, mesh_shape):
     # Switch-C's 30 heads on a model axis of 8; 4 experts on an expert axis of 8.
-    from switch_jax import gin_utils
+    from switch_jax.config import gin_config
 
     bindings = [*bindings, f"MESH_SHAPE={mesh_shape}"]
     with pytest.raises(ConfigError) as planned:
-        info.run_info([gin_file], bindings)
-    gin_utils.parse_gin([gin_file], bindings)
+        planner.run_info([gin_file], bindings)
+    gin_config.parse_gin([gin_file], bindings)
     with pytest.raises(ConfigError) as trained:  # the trainer's build_run, on the 8 devices
-        run_builder.build_run(gin_utils.load_configs())
+        build.build_run(gin_config.load_configs())
     assert str(planned.value) == str(trained.value)
 
 
 def test_info_refuses_a_batch_the_first_train_step_would_refuse():
-    from switch_jax import gin_utils, steps
+    from switch_jax.config import gin_config
+    from switch_jax.training import steps
 
     bindings = ["MESH_SHAPE=(1, 8, 1)", "BATCH_SIZE=8", "MICROBATCHES=2"]  # 8 rows, 16 shards
     with pytest.raises(ConfigError) as planned:
-        info.run_info(["models/tiny.gin"], bindings)
-    gin_utils.parse_gin(["models/tiny.gin"], bindings)
-    live = run_builder.build_run(gin_utils.load_configs())
+        planner.run_info(["models/tiny.gin"], bindings)
+    gin_config.parse_gin(["models/tiny.gin"], bindings)
+    live = build.build_run(gin_config.load_configs())
     batch = steps.batch_shapes(live.model_cfg, 8, live.lengths, live.partitioner.batch_sharding)
     with pytest.raises(ConfigError) as trained, live.partitioner.activate():
         live.setup.train_step.jitted.trace(live.setup.abstract_state, batch)

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from switch_jax import metrics, plot
+from switch_jax.report import metrics, plots
 
 pytest.importorskip("matplotlib")
 E = 4
@@ -45,8 +45,8 @@ def _write(path, rows, extra_line=""):
 
 def test_expert_load_matrix_is_the_logged_fractions_times_experts():
     rows = _rows([1, 2, 3])
-    assert plot.moe_layers(rows) == ["encoder/layer_1", "encoder/layer_3"]
-    steps, load_ES = plot.load_matrix(rows, "encoder/layer_3")
+    assert plots.moe_layers(rows) == ["encoder/layer_1", "encoder/layer_3"]
+    steps, load_ES = plots.load_matrix(rows, "encoder/layer_3")
     assert steps.tolist() == [1, 2, 3]
     expected = np.array([r["moe/encoder/layer_3/expert_fraction"] for r in rows]).T * E
     np.testing.assert_allclose(load_ES, expected)
@@ -58,14 +58,14 @@ def test_plot_run_writes_every_png(tmp_path):
     # A resumed run may repeat a step (the later row wins) and a crash may cut the last line.
     _write(str(tmp_path / "train" / "metrics.jsonl"), rows + [rows[-1]], '{"step": 21, "lo')
     _write(str(tmp_path / "eval" / "metrics.jsonl"), [rows[9], rows[19]])
-    paths = plot.plot_run(str(tmp_path))
+    paths = plots.plot_run(str(tmp_path))
     names = sorted(os.path.basename(p) for p in paths)
     expected = ["expert_load.png", "learning_rate.png", "loss.png", "moe_health.png"]
     assert names == sorted(expected + ["throughput.png"])
     for p in paths:
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(p) > 5000
-    assert [r["step"] for r in plot.read_rows(str(tmp_path / "train" / "metrics.jsonl"))] == list(
+    assert [r["step"] for r in plots.read_rows(str(tmp_path / "train" / "metrics.jsonl"))] == list(
         range(1, 21)
     )
 

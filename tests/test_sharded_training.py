@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from switch_jax import partitioning, steps
+from switch_jax.config.settings import OptimizerConfig
 from switch_jax.models.config import ModelConfig, MoeConfig
 from switch_jax.models.layers import Keys
 from switch_jax.models.moe import MoeLayer
-from switch_jax.run_config import OptimizerConfig
+from switch_jax.parallel import partitioning
+from switch_jax.training import steps
 
 B, L, VOCAB = 8, 8, 64
 # 64 tokens per stack in groups of 8 -> 8 groups on every mesh below, so routing (and hence

@@ -10,8 +10,9 @@ import pytest
 from flax import nnx
 from test_sharded_training import OPT, B, single_device, tiny_batch, tiny_config
 
-from switch_jax import partitioning, steps
 from switch_jax.models.config import ConfigError
+from switch_jax.parallel import partitioning
+from switch_jax.training import steps
 
 ARCH = "decoder_only"
 

@@ -9,7 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from switch_jax import gin_utils, trainer
+from switch_jax.config import gin_config
+from switch_jax.training import trainer
 
 pytest.importorskip("seqio")
 
@@ -30,12 +31,12 @@ def _configs(model_dir, **overrides):
         "EVAL_STEPS = 1",
         "LOG_PERIOD = 1",
     ]
-    gin_utils.parse_gin(["runs/demo.gin"], bindings, [])
-    return gin_utils.load_configs()
+    gin_config.parse_gin(["runs/demo.gin"], bindings, [])
+    return gin_config.load_configs()
 
 
 def _train(model_dir, **overrides):
-    trainer.train(_configs(model_dir, **overrides), operative_config=gin_utils.operative_config())
+    trainer.train(_configs(model_dir, **overrides), operative_config=gin_config.operative_config())
 
 
 def _losses(model_dir) -> dict[int, float]:

@@ -20,7 +20,7 @@ import seqio
 import tensorflow as tf
 
 from switch_jax.data import corpus as corpus_lib
-from switch_jax.data import metrics, tasks
+from switch_jax.data import task_metrics, tasks
 from switch_jax.data.errors import DataError
 from switch_jax.data.vocab import load_vocabulary
 
@@ -105,8 +105,8 @@ def register(vocabulary=None) -> str:
         source=seqio.FunctionDataSource(_dataset, splits=("train", "validation")),
         preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
         output_features={k: seqio.Feature(vocab, add_eos=True) for k in ("inputs", "targets")},
-        postprocess_fn=metrics.stripped_text,
-        metric_fns=[metrics.exact_match],
+        postprocess_fn=task_metrics.stripped_text,
+        metric_fns=[task_metrics.exact_match],
     )
     tasks._REGISTERED[TASK] = key
     return TASK

@@ -16,7 +16,7 @@ import os
 import seqio
 import tensorflow as tf
 
-from switch_jax.data import metrics, tasks
+from switch_jax.data import task_metrics, tasks
 from switch_jax.data.errors import DataError, path_exists
 from switch_jax.data.vocab import T5_VOCAB, load_vocabulary
 
@@ -42,13 +42,13 @@ class Benchmark:
 
     def postprocess(self):
         if self.labels is None:
-            return metrics.string_to_float
+            return task_metrics.string_to_float
         if self.name == "multirc":
-            return metrics.multirc
-        return metrics.class_label(self.labels)
+            return task_metrics.multirc
+        return task_metrics.class_label(self.labels)
 
 
-_F1_ACC = [metrics.f1_with_invalid, metrics.accuracy]
+_F1_ACC = [task_metrics.f1_with_invalid, task_metrics.accuracy]
 _MNLI = {
     "train": "train",
     "validation": "validation_matched",
@@ -58,35 +58,35 @@ _MNLI = {
 GLUE = tuple(
     Benchmark("glue", *args)
     for args in (
-        ("cola", ("unacceptable", "acceptable"), [metrics.matthews_corrcoef]),
-        ("sst2", ("negative", "positive"), [metrics.accuracy]),
+        ("cola", ("unacceptable", "acceptable"), [task_metrics.matthews_corrcoef]),
+        ("sst2", ("negative", "positive"), [task_metrics.accuracy]),
         ("mrpc", ("not_equivalent", "equivalent"), _F1_ACC),
         ("qqp", ("not_duplicate", "duplicate"), _F1_ACC),
-        ("stsb", None, [metrics.pearson_corrcoef, metrics.spearman_corrcoef]),
-        ("mnli", ("entailment", "neutral", "contradiction"), [metrics.accuracy], None, _MNLI),
-        ("qnli", ("entailment", "not_entailment"), [metrics.accuracy]),
-        ("rte", ("entailment", "not_entailment"), [metrics.accuracy]),
-        ("wnli", ("not_entailment", "entailment"), [metrics.accuracy]),
+        ("stsb", None, [task_metrics.pearson_corrcoef, task_metrics.spearman_corrcoef]),
+        ("mnli", ("entailment", "neutral", "contradiction"), [task_metrics.accuracy], None, _MNLI),
+        ("qnli", ("entailment", "not_entailment"), [task_metrics.accuracy]),
+        ("rte", ("entailment", "not_entailment"), [task_metrics.accuracy]),
+        ("wnli", ("not_entailment", "entailment"), [task_metrics.accuracy]),
     )
 )
 SUPER_GLUE = tuple(
     Benchmark("super_glue", *args)
     for args in (
-        ("boolq", ("False", "True"), [metrics.accuracy]),
+        ("boolq", ("False", "True"), [task_metrics.accuracy]),
         (
             "cb",
             ("entailment", "contradiction", "neutral"),
-            [metrics.mean_multiclass_f1(3), metrics.accuracy],
+            [task_metrics.mean_multiclass_f1(3), task_metrics.accuracy],
         ),
-        ("copa", ("choice1", "choice2"), [metrics.accuracy]),
+        ("copa", ("choice1", "choice2"), [task_metrics.accuracy]),
         (
             "multirc",
             ("False", "True"),
-            [metrics.multirc_f1_over_all_answers, metrics.multirc_exact_match],
+            [task_metrics.multirc_f1_over_all_answers, task_metrics.multirc_exact_match],
             ("question", "answer", "paragraph"),
         ),
-        ("rte", ("entailment", "not_entailment"), [metrics.accuracy]),
-        ("wic", ("False", "True"), [metrics.accuracy], ("sentence1", "sentence2", "word")),
+        ("rte", ("entailment", "not_entailment"), [task_metrics.accuracy]),
+        ("wic", ("False", "True"), [task_metrics.accuracy], ("sentence1", "sentence2", "word")),
     )
 )
 MIXTURES = {"glue_v002_proportional": GLUE, "super_glue_v102_proportional": SUPER_GLUE}

@@ -1,0 +1,239 @@
+"""Typed, frozen settings of a training run, one dataclass per concern; gin binds them.
+
+`DataConfig` (what is read), `CheckpointConfig` (where the run lives), `OptimizerConfig`
+(Adafactor and its schedule), `TrainConfig` (the loop, the mesh, seeds) and `DecodeConfig`
+(how predictions are decoded). The loss
+coefficients live with the model (`ModelConfig.z_loss`, `MoeConfig.aux_loss_coef`,
+`MoeConfig.router_z_loss_coef`), each in one place.
+
+A field built with `resumable(...)` may differ when a run resumes from its MODEL_DIR (where
+things live, how often side work happens, the mesh); any other difference means the directory
+holds another run, and the trainer refuses it (checkpoints.check_same_run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, NamedTuple
+
+from switch_jax.models.config import DISPATCHES, ConfigError, ModelConfig
+
+
+def resumable(default: Any) -> Any:
+    """A dataclass field whose value may change between a run and its resumption."""
+    return dataclasses.field(default=default, metadata={"resumable": True})
+
+
+def resumable_fields(cls: type) -> frozenset[str]:
+    """'Class.field' names marked with `resumable` (the settings check skips them)."""
+    return frozenset(
+        f"{cls.__name__}.{f.name}" for f in dataclasses.fields(cls) if f.metadata.get("resumable")
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """Adafactor with the T5 settings (REFERENCE §3.1) and its learning-rate schedule."""
+
+    schedule: Literal["rsqrt", "constant"] = "rsqrt"
+    learning_rate: float = 1.0  # rsqrt: lr = learning_rate / sqrt(max(step, warmup_steps))
+    warmup_steps: int = 10_000
+    decay_rate: float = 0.8
+    clipping_threshold: float = 1.0
+    multiply_by_parameter_scale: bool = True
+    factored: bool = True
+    min_dim_size_to_factor: int = 128  # factor second moments only over dims at least this large
+    # Gradient accumulation inside one step; the summed gradient is the same, so it may change.
+    microbatches: int = resumable(1)
+
+    def __post_init__(self):
+        if self.schedule not in ("rsqrt", "constant"):
+            raise ConfigError(f"OptimizerConfig.schedule={self.schedule!r} must be rsqrt|constant")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"OptimizerConfig.learning_rate={self.learning_rate} must be > 0")
+        if self.microbatches < 1:
+            raise ConfigError("OptimizerConfig.microbatches must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What the run reads; T5X macro names in comments."""
+
+    mixture_or_task_name: str = "embedded_span_corruption"  # MIXTURE_OR_TASK_NAME
+    task_feature_lengths: tuple[tuple[str, int], ...] = (("inputs", 512), ("targets", 114))
+    batch_size: int = 32  # BATCH_SIZE (global, sequences)
+    tfds_data_dir: str | None = resumable(None)  # TFDS_DATA_DIR
+    # 'shard': each host reads its 1/N of the data (seqio ShardInfo, T5X's way). 'global': every
+    # host builds the whole global batch and feeds its rows, so the batches (and losses) do not
+    # depend on the number of processes, at N times the host input work.
+    host_input: Literal["shard", "global"] = "shard"  # HOST_INPUT
+    # SentencePiece model for the built-in C4 / mC4 tasks (None: the task's default, T5's on GCS);
+    # a converted MODEL_DIR's config.gin points it at the spiece.model shipped with the weights.
+    vocabulary: str | None = None  # VOCABULARY
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ConfigError(f"DataConfig.batch_size={self.batch_size} must be >= 1")
+        for name, length in self.task_feature_lengths:
+            if length < 1:
+                raise ConfigError(f"TASK_FEATURE_LENGTHS[{name!r}]={length} must be >= 1")
+        if self.host_input not in ("shard", "global"):
+            raise ConfigError(f"HOST_INPUT={self.host_input!r} must be 'shard' or 'global'")
+
+    @property
+    def feature_lengths(self) -> dict[str, int]:
+        return dict(self.task_feature_lengths)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Where the run lives and how its Orbax checkpoints are kept."""
+
+    model_dir: str = resumable("")  # MODEL_DIR (local path or gs://)
+    period: int = resumable(1000)  # CHECKPOINT_PERIOD
+    keep: int = resumable(3)  # KEEP_CHECKPOINTS
+    init_checkpoint: str | None = resumable(None)  # INIT_CHECKPOINT: start from this run
+    # INIT_RESTORE: 'params' = its parameters, fresh optimizer, step 0; 'all' = parameters,
+    # optimizer state and step continue (T5X's default; TRAIN_STEPS then counts from there).
+    init_restore: Literal["params", "all"] = resumable("params")
+
+    def __post_init__(self):
+        for name in ("period", "keep"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"CheckpointConfig.{name} must be >= 1")
+        if self.init_restore not in ("params", "all"):
+            raise ConfigError(f"INIT_RESTORE={self.init_restore!r} must be 'params' or 'all'")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The loop: steps, mesh, seed, eval and logging cadence."""
+
+    train_steps: int = resumable(1000)  # TRAIN_STEPS (total, not additional)
+    mesh_shape: tuple[int, int, int] = resumable((-1, 1, 1))  # MESH_SHAPE (data, expert, model)
+    dcn_mesh_shape: tuple[int, int, int] | None = resumable(None)  # multi-slice (across DCN)
+    partition_rules: Literal["default", "fsdp"] = resumable("default")
+    seed: int = 0
+    eval_period: int = resumable(1000)
+    eval_steps: int = resumable(20)
+    log_period: int = resumable(10)
+    # (first, last) step of a jax.profiler trace, written to MODEL_DIR/train/profile.
+    profile_steps: tuple[int, int] | None = resumable(None)
+    skip_nonfinite_updates: bool = resumable(False)
+
+    def __post_init__(self):
+        if self.train_steps < 0:
+            raise ConfigError(f"TrainConfig.train_steps={self.train_steps} must be >= 0")
+        if len(self.mesh_shape) != 3:
+            raise ConfigError(
+                f"MESH_SHAPE={self.mesh_shape} must have 3 entries (data, expert, model)"
+            )
+        for name in ("eval_period", "log_period"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"TrainConfig.{name} must be >= 1")
+        if self.eval_steps < 0:
+            raise ConfigError("TrainConfig.eval_steps must be >= 0")
+        if self.profile_steps is not None:
+            first, last = self.profile_steps
+            if not 1 <= first <= last:
+                raise ConfigError(
+                    f"TrainConfig.profile_steps={self.profile_steps} must be (first, last) "
+                    "with 1 <= first <= last"
+                )
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """The `distill` objective (runs/distill.gin; paper §4.2, switch_jax.training.distill)."""
+
+    enabled: bool = False  # runs/distill.gin turns it on
+    teacher_model_dir: str = resumable("")  # TEACHER_MODEL_DIR: a MODEL_DIR, read-only
+    soft_weight: float = 0.25  # DISTILL_SOFT_WEIGHT: loss share on the teacher's probabilities
+    temperature: float = 1.0  # both distributions divided by it; the soft term scaled by T^2
+    init_from_teacher: bool = True  # student starts from the teacher's non-expert weights
+    # 'dense_twin': the model gin given with every Switch FFN made dense (the FLOP-matched
+    # student); 'as_given': the model gin as is (then init_from_teacher needs the same shapes).
+    student: Literal["dense_twin", "as_given"] = "dense_twin"
+
+    def __post_init__(self):
+        if not 0.0 <= self.soft_weight <= 1.0:
+            raise ConfigError(f"DISTILL_SOFT_WEIGHT={self.soft_weight} must be in [0, 1]")
+        if self.temperature <= 0:
+            raise ConfigError(f"DistillConfig.temperature={self.temperature} must be > 0")
+        if self.student not in ("dense_twin", "as_given"):
+            raise ConfigError(f"DistillConfig.student={self.student!r} must be dense_twin|as_given")
+        if self.enabled and not self.teacher_model_dir:
+            raise ConfigError(
+                "runs/distill.gin needs the teacher: pass --gin.TEACHER_MODEL_DIR=/path/to/run"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """How predictions are decoded (metric evaluation, eval, infer); macros of runs/infer.gin.
+
+    Changing any of it never changes what a run trains, so all of it may change on resume.
+    """
+
+    # Tokens per prediction, EOS included; None = the task's 'targets' feature length.
+    max_decode_length: int | None = resumable(None)  # MAX_DECODE_LENGTH
+    beam_size: int = resumable(1)  # BEAM_SIZE: 1 = greedy / sampling, > 1 = beam search
+    temperature: float = resumable(0.0)  # TEMPERATURE: 0 = greedy (argmax)
+    top_k: int = resumable(0)  # TOP_K: 0 = off
+    top_p: float = resumable(1.0)  # TOP_P: 1 = off
+    alpha: float = resumable(0.6)  # beam search brevity penalty ((5 + len) / 6) ** alpha (T5X)
+    capacity_factor: float | None = resumable(None)  # MoE capacity while decoding; None = eval's
+    # MoE dispatch while decoding; None = the model's. 'dropless' drops no token at any capacity.
+    dispatch: str | None = resumable(None)
+    # Validation examples per task that the metric evaluation decodes: None = all, 0 = none.
+    eval_examples: int | None = resumable(None)  # EVAL_DECODE_EXAMPLES
+    eos_id: int = resumable(1)
+    seed: int = resumable(0)
+
+    def __post_init__(self):
+        checks = (
+            (self.max_decode_length is None or self.max_decode_length >= 1, "MAX_DECODE_LENGTH"),
+            (self.beam_size >= 1, "BEAM_SIZE must be >= 1"),
+            (self.temperature >= 0, "TEMPERATURE must be >= 0"),
+            (self.top_k >= 0, "TOP_K must be >= 0"),
+            (0 < self.top_p <= 1, "TOP_P must be in (0, 1]"),
+            (self.alpha >= 0, "DecodeConfig.alpha must be >= 0"),
+            (self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor > 0"),
+            (self.dispatch is None or self.dispatch in DISPATCHES, f"dispatch in {DISPATCHES}"),
+            (self.eval_examples is None or self.eval_examples >= 0, "EVAL_DECODE_EXAMPLES >= 0"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"{message}, got {self}")
+        if self.beam_size > 1 and self.temperature > 0:
+            raise ConfigError("beam search is deterministic: set TEMPERATURE=0 with BEAM_SIZE > 1")
+
+    def for_length(self, targets_length: int) -> DecodeConfig:
+        """With max_decode_length set (to `targets_length` when it was None)."""
+        length = self.max_decode_length or targets_length
+        return dataclasses.replace(self, max_decode_length=length)
+
+
+class Configs(NamedTuple):
+    """Everything one entry point reads from gin."""
+
+    model: ModelConfig
+    train: TrainConfig
+    data: DataConfig
+    checkpoint: CheckpointConfig
+    optimizer: OptimizerConfig
+    distill: DistillConfig | None = None  # set only when runs/distill.gin enables it
+    decode: DecodeConfig = DecodeConfig()
+
+    def replace(self, **changes) -> Configs:
+        return self._replace(**changes)
+
+
+RUN_CONFIG_CLASSES = (
+    TrainConfig,
+    DataConfig,
+    CheckpointConfig,
+    OptimizerConfig,
+    DistillConfig,
+    DecodeConfig,
+)

@@ -1,0 +1,374 @@
+"""Orbax checkpoints: train state + data-iterator position, atomic, async, restorable on any mesh.
+
+A step directory holds `state` (sharded arrays), `data` (one iterator checkpoint per process)
+and `meta` (JSON: step, batches consumed, model config). Orbax writes into a temporary
+directory and renames it on commit, so a killed save never leaves a readable half checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import math
+import os
+import shutil
+from typing import Any, Protocol
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+from switch_jax.config import settings
+from switch_jax.models.config import ConfigError, ModelConfig, MoeConfig
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message says which one and why."""
+
+
+# Orbax re-raises TensorStore read failures of a truncated or garbled file as a bare Exception,
+# so restore catches them all; the traceback stays available at --verbosity=1.
+_READ_ERRORS = (Exception,)
+
+
+def resumable_settings() -> frozenset[str]:
+    """'Class.field' settings a resumed run may change: the fields marked resumable (where
+    things live, schedules of side work, the mesh: restore reshards)."""
+    classes = (ModelConfig, MoeConfig, *settings.RUN_CONFIG_CLASSES)
+    return frozenset().union(*(settings.resumable_fields(cls) for cls in classes))
+
+
+class SavableIterator(Protocol):
+    def save(self, path: str) -> None: ...
+    def restore(self, path: str) -> None: ...
+
+
+class DataIteratorHandler(ocp.CheckpointHandler):
+    """Saves each process's input-pipeline position in the same atomic step directory."""
+
+    def save(self, directory: epath.Path, args: DataIteratorSave):
+        path = directory / f"process_{jax.process_index()}"
+        path.mkdir(parents=True, exist_ok=True)
+        args.iterator.save(os.fspath(path / "iterator"))
+
+    def restore(self, directory: epath.Path, args: DataIteratorRestore):
+        path = directory / f"process_{jax.process_index()}"
+        if not path.exists():
+            raise CheckpointError(
+                f"{directory} has no input position for process {jax.process_index()}: "
+                f"was it written with a different number of hosts?"
+            )
+        args.iterator.restore(os.fspath(path / "iterator"))
+        return args.iterator
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataIteratorSave(ocp.args.CheckpointArgs):
+    iterator: Any
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIteratorRestore(ocp.args.CheckpointArgs):
+    iterator: Any
+
+
+class Checkpoints:
+    """Keep-K, every-N, async checkpoints of one run under MODEL_DIR/checkpoints."""
+
+    def __init__(self, model_dir: str, *, period: int, keep: int, async_save: bool = True):
+        self.directory = _absolute(model_dir) / "checkpoints"
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=period,
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+            cleanup_tmp_directories=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.attempted: list[int] = []  # steps passed to save(), committed or not
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(
+        self,
+        step: int,
+        state,
+        *,
+        iterator: SavableIterator | None = None,
+        meta: dict | None = None,
+        force: bool = False,
+    ) -> bool:
+        items = {
+            "state": ocp.args.StandardSave(state),
+            "meta": ocp.args.JsonSave({"step": step, **(meta or {})}),
+        }
+        if iterator is not None:
+            items["data"] = DataIteratorSave(iterator)
+        self.attempted.append(step)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, step: int, abstract_state, *, iterator: SavableIterator | None = None):
+        """Restore onto the shardings carried by `abstract_state` (any mesh).
+
+        A checkpoint of another model is named with its differing parameters; an unreadable one
+        raises CheckpointError naming the step directory, which is left untouched.
+        """
+        step_dir = self.directory / str(step)
+        _refuse_converted(step_dir)
+        items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+        if iterator is not None:
+            items["data"] = DataIteratorRestore(iterator)
+        try:
+            saved = ocp.PyTreeCheckpointer().metadata(step_dir / "state").item_metadata.tree
+            _check_param_shapes(saved.get("params"), abstract_state.params, step_dir)
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except CheckpointError:
+            raise
+        except _READ_ERRORS as e:
+            logging.debug("restore of %s failed", step_dir, exc_info=True)
+            raise CheckpointError(
+                f"{_explain(step_dir, e)} (left as is: move that step directory away to resume "
+                f"from an earlier checkpoint)"
+            ) from None
+        return restored["state"], restored["meta"]
+
+    def saved_settings(self, step: int) -> dict | None:
+        """The run settings stored with checkpoint `step` (None for checkpoints without them)."""
+        step_dir = self.directory / str(step)
+        _refuse_converted(step_dir)  # before a run writes anything into a converted MODEL_DIR
+        try:
+            return read_meta(os.fspath(step_dir)).get("settings")
+        except _READ_ERRORS as e:
+            raise CheckpointError(_explain(step_dir, e)) from None
+
+    def check_free_space(self, abstract_state, keep: int) -> None:
+        """Refuse to start when the disk cannot hold the checkpoints the run will keep.
+
+        Needs one checkpoint in flight beside up to `keep` committed ones (the oldest is
+        deleted only after the new one commits). Object stores (gs://) are not checked.
+        """
+        path = os.fspath(self.directory)
+        if "://" in path:
+            return
+        size = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+        committed = len(self.manager.all_steps())
+        needed = size * max(1, keep + 1 - committed)
+        free = shutil.disk_usage(path).free
+        if free < needed:
+            raise ConfigError(
+                f"MODEL_DIR={os.path.dirname(path)} has {free / 2**20:,.0f} MiB free but "
+                f"checkpoints need {needed / 2**20:,.0f} MiB ({size / 2**20:,.1f} MiB each, "
+                f"KEEP_CHECKPOINTS={keep} + 1 in flight); free space, lower KEEP_CHECKPOINTS "
+                f"or choose another MODEL_DIR"
+            )
+
+    def committed_steps(self) -> list[int]:
+        """Steps committed on disk now (re-read: after a failed save the cached list is stale)."""
+        try:
+            self.manager.reload()
+        except _READ_ERRORS:  # noqa: BLE001  (a full disk may fail the re-read too)
+            logging.debug("reload of %s failed", self.directory, exc_info=True)
+        return sorted(self.manager.all_steps())
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def is_out_of_space(error: BaseException | None) -> bool:
+    """ENOSPC anywhere in the chain: OSError errno 28, or its text in TensorFlow's
+    ResourceExhaustedError (iterator save) and TensorStore's errors (array writes)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        text = str(error)  # not every RESOURCE_EXHAUSTED: device out-of-memory is one too
+        if "No space left on device" in text or "RESOURCE_EXHAUSTED: Error writing" in text:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def select_steps(ckpts: Checkpoints, which: str | int = "latest") -> list[int]:
+    """Committed steps of `ckpts` named by `which`: 'latest', 'all' or one step number."""
+    steps = sorted(ckpts.manager.all_steps())
+    where = os.path.dirname(os.fspath(ckpts.directory))
+    if not steps:
+        raise CheckpointError(f"MODEL_DIR={where} has no checkpoint")
+    if which == "all":
+        return steps
+    if which == "latest":
+        return steps[-1:]
+    try:
+        step = int(which)
+    except ValueError:
+        raise ConfigError(f"checkpoint step {which!r} must be 'latest', 'all' or a step") from None
+    if step not in steps:
+        raise CheckpointError(f"MODEL_DIR={where} has no checkpoint {step}; it has {steps}")
+    return [step]
+
+
+def _absolute(path: str) -> epath.Path:
+    """Orbax refuses relative paths; a local MODEL_DIR may be given relative to the cwd."""
+    if "://" in path:
+        return epath.Path(path)
+    return epath.Path(os.path.abspath(path))
+
+
+def restore_params(path: str, abstract_params):
+    """Parameters only (fine-tuning, distillation): `path` is a step dir or a MODEL_DIR.
+
+    The optimizer state of the source run is ignored; the target shardings come from
+    `abstract_params` (ShapeDtypeStructs with shardings), so any mesh works.
+    """
+    step_dir = _resolve_step_dir(_absolute(path))
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+        saved = checkpointer.metadata(step_dir / "state").item_metadata.tree
+        _check_param_shapes(saved.get("params"), abstract_params, step_dir)
+        target = {"params": abstract_params}
+        restored = checkpointer.restore(
+            step_dir / "state",
+            args=ocp.args.PyTreeRestore(
+                item=target,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True,
+            ),
+        )
+    except CheckpointError:
+        raise
+    except _READ_ERRORS as e:
+        raise CheckpointError(_explain(step_dir, e)) from None
+    return restored["params"]
+
+
+def _refuse_converted(step_dir: epath.Path) -> None:
+    """A converted MODEL_DIR (switch_jax.convert) holds parameters only: no run resumes in it."""
+    try:
+        source = read_meta(os.fspath(step_dir)).get("converted_from")
+    except _READ_ERRORS:
+        return  # unreadable meta is reported by the restore itself
+    if source:
+        model_dir = step_dir.parent.parent
+        raise CheckpointError(
+            f"{model_dir} holds weights converted from {source} (parameters only, no training "
+            f"state): fine-tune from it with INIT_CHECKPOINT={model_dir} and a new MODEL_DIR"
+        )
+
+
+def restore_state(path: str, abstract_state):
+    """The whole train state (parameters, optimizer state, step, noise key) of another run's
+    checkpoint (`path`: a step dir or a MODEL_DIR), onto the shardings of `abstract_state`."""
+    step_dir = _resolve_step_dir(_absolute(path))
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+        saved = checkpointer.metadata(step_dir / "state").item_metadata.tree
+        _check_param_shapes(saved.get("params"), abstract_state.params, step_dir)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+        return checkpointer.restore(
+            step_dir / "state",
+            args=ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args),
+        )
+    except CheckpointError:
+        raise
+    except _READ_ERRORS as e:
+        raise CheckpointError(
+            f"{_explain(step_dir, e)} (INIT_RESTORE='all' needs the same optimizer settings; "
+            f"INIT_RESTORE='params' restores the parameters only)"
+        ) from None
+
+
+def _resolve_step_dir(path: epath.Path) -> epath.Path:
+    if (path / "state").exists():
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").exists() else path
+    steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
+    if not steps:
+        raise ConfigError(f"init_checkpoint={path} holds no committed checkpoint")
+    return root / str(steps[-1])
+
+
+def _check_param_shapes(saved, expected, step_dir) -> None:
+    """Name every parameter that differs, so a wrong --init_checkpoint is obvious."""
+    if saved is None:
+        raise CheckpointError(f"{step_dir} has no parameters")
+    saved_flat = dict(_flatten(saved))
+    expected_flat = dict(_flatten(expected))
+    problems = [f"missing {k}" for k in expected_flat if k not in saved_flat]
+    problems += [f"unexpected {k}" for k in saved_flat if k not in expected_flat]
+    problems += [
+        f"{k}: checkpoint {tuple(saved_flat[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected_flat.items()
+        if k in saved_flat and tuple(saved_flat[k].shape) != tuple(v.shape)
+    ]
+    if problems:
+        shown = "; ".join(problems[:8]) + (
+            f"; … {len(problems) - 8} more" if len(problems) > 8 else ""
+        )
+        raise CheckpointError(f"checkpoint {step_dir} does not match the model: {shown}")
+
+
+def _flatten(tree):
+    """(path, leaf) pairs with paths spelled the same for saved metadata and live trees."""
+
+    def name(k) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                return str(getattr(k, attr))
+        return str(k)
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [("/".join(name(k) for k in path), leaf) for path, leaf in leaves]
+
+
+def _explain(step_dir, error: Exception) -> str:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"cannot restore checkpoint {step_dir}: {first[:300]}"
+
+
+def read_meta(step_dir: str) -> dict:
+    return json.loads((epath.Path(step_dir) / "meta" / "metadata").read_text())
+
+
+def run_settings(configs) -> dict[str, Any]:
+    """Flat {'ModelConfig.d_model': 128, 'MoeConfig.num_experts': 8, ...}, JSON values."""
+    flat: dict[str, Any] = {}
+    for cfg in configs:
+        if cfg is None:  # an optional part that is off (Configs.distill)
+            continue
+        for field in dataclasses.fields(cfg):
+            value = getattr(cfg, field.name)
+            if dataclasses.is_dataclass(value):
+                for sub in dataclasses.fields(value):
+                    flat[f"{type(value).__name__}.{sub.name}"] = getattr(value, sub.name)
+            else:
+                flat[f"{type(cfg).__name__}.{field.name}"] = value
+    return json.loads(json.dumps(flat))  # tuples -> lists, as they come back from the meta
+
+
+def check_same_run(saved: dict | None, current: dict, model_dir: str) -> None:
+    """Refuse to resume MODEL_DIR with settings that would train something else."""
+    if saved is None:
+        return
+    keys = sorted((set(saved) | set(current)) - resumable_settings())
+    missing = object()
+    diffs = [
+        f"{k}: {saved.get(k, '<unset>')!r} -> {current.get(k, '<unset>')!r}"
+        for k in keys
+        if saved.get(k, missing) != current.get(k, missing)
+    ]
+    if diffs:
+        shown = "; ".join(diffs[:8]) + (f"; … {len(diffs) - 8} more" if len(diffs) > 8 else "")
+        raise ConfigError(
+            f"MODEL_DIR={model_dir} holds a run with other settings ({shown}); restore them or "
+            f"use a new MODEL_DIR (only steps, periods, eval, paths and the mesh may change)"
+        )

@@ -1,0 +1,117 @@
+"""One way to build a run from its configs; train, eval, bench, info and compile all use it.
+
+    run = build_run(configs)                 # configs: run_config.Configs (from gin)
+    run.partitioner, run.model_cfg           # the mesh; the model config adapted to it
+    run.setup.abstract_state                 # shapes + shardings of the whole train state
+    run.setup.init_state(), run.setup.train_step, run.setup.eval_step
+    run.checkpoints()                        # Orbax checkpoints of MODEL_DIR
+    run.pipeline_args("train")               # this host's switch_jax.data.pipeline arguments
+    run.device_batch(host_batch)             # this host's numpy batch -> global jax.Arrays
+
+`build_run(configs, partitioner=...)` takes a partitioner built on other devices (e.g. the
+compile-only devices of a TPU topology); nothing here touches data or files until asked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+
+from switch_jax.config.settings import Configs
+from switch_jax.models.config import ModelConfig
+from switch_jax.models.size import ModelInfo, model_info
+from switch_jax.parallel import partitioning
+from switch_jax.store import checkpoints
+from switch_jax.training import steps
+
+
+@dataclasses.dataclass
+class Run:
+    configs: Configs
+    partitioner: partitioning.Partitioner
+    model_cfg: ModelConfig  # adapted to the mesh (MoE group partitions)
+    info: ModelInfo
+    setup: steps.TrainingSetup
+
+    @property
+    def lengths(self) -> tuple[int, int]:
+        return feature_lengths(self.model_cfg, self.configs.data.feature_lengths)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.configs.data.batch_size * sum(self.lengths)
+
+    @property
+    def settings(self) -> dict:
+        """The flat settings stored with every checkpoint (a resume must match them)."""
+        return checkpoints.run_settings(self.configs)
+
+    def checkpoints(self, *, async_save: bool = True) -> checkpoints.Checkpoints:
+        ckpt = self.configs.checkpoint
+        return checkpoints.Checkpoints(
+            os.fspath(ckpt.model_dir), period=ckpt.period, keep=ckpt.keep, async_save=async_save
+        )
+
+    def pipeline_args(self, split: str) -> dict:
+        """Arguments of data.pipeline.make_batches / make_dataset for this host."""
+        data, train = self.configs.data, self.configs.train
+        hosts = 1 if data.host_input == "global" else jax.process_count()
+        options = {"tfds_data_dir": data.tfds_data_dir} if data.tfds_data_dir else {}
+        if data.vocabulary:
+            options["vocabulary"] = data.vocabulary
+        return dict(
+            task_or_mixture=data.mixture_or_task_name,
+            split=split,
+            feature_lengths=data.feature_lengths,
+            batch_size=data.batch_size // hosts,
+            architecture=self.model_cfg.architecture,
+            seed=train.seed,
+            shard_index=0 if hosts == 1 else jax.process_index(),
+            num_shards=hosts,
+            shuffle=split == "train",
+            repeat=True,
+            **options,
+        )
+
+    def device_batch(self, host_batch: dict) -> dict:
+        """This host's batch (numpy) as global arrays; with host_input='global' the host holds
+        the whole batch and feeds only its rows."""
+        if self.configs.data.host_input == "global" and jax.process_count() > 1:
+            rows = self.partitioner.host_batch_slice(self.configs.data.batch_size)
+            host_batch = {k: v[rows] for k, v in host_batch.items()}
+        return self.partitioner.shard_batch(host_batch)
+
+
+def feature_lengths(model_cfg: ModelConfig, lengths: dict[str, int]) -> tuple[int, int]:
+    """(input, target) lengths; input 0 for a decoder-only model."""
+    if model_cfg.is_encoder_decoder:
+        return lengths.get("inputs", 0), lengths["targets"]
+    return 0, lengths["targets"]
+
+
+def make_partitioner(configs: Configs, devices=None) -> partitioning.Partitioner:
+    train = configs.train
+    return partitioning.Partitioner(
+        train.mesh_shape, train.dcn_mesh_shape, train.partition_rules, devices=devices
+    )
+
+
+def build_run(configs: Configs, *, partitioner: partitioning.Partitioner | None = None) -> Run:
+    """Partitioner, adapted model config, model info and steps of `configs` (no state yet).
+
+    Raises ConfigError (one line) when the model or the batch does not split over the mesh.
+    """
+    partitioner = partitioner or make_partitioner(configs)
+    model_cfg = partitioner.adapt_model_config(configs.model, configs.data.batch_size)
+    info = model_info(model_cfg, *feature_lengths(model_cfg, configs.data.feature_lengths))
+    with partitioner.activate():
+        setup = steps.setup_training(
+            model_cfg,
+            configs.optimizer,
+            partitioner,
+            seed=configs.train.seed,
+            skip_nonfinite=configs.train.skip_nonfinite_updates,
+        )
+    return Run(configs, partitioner, model_cfg, info, setup)

@@ -1,0 +1,393 @@
+"""The training loop: data -> step -> metrics -> checkpoints, with resume and preemption."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from etils import epath
+
+from switch_jax.config.settings import Configs, TrainConfig
+from switch_jax.decode import evaluation
+from switch_jax.models.config import ConfigError
+from switch_jax.report import console
+from switch_jax.store import checkpoints
+from switch_jax.store import lease as lease_lib
+from switch_jax.training import build
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a non-finite loss; the last committed checkpoint is intact."""
+
+
+@dataclasses.dataclass
+class _Preemption:
+    """SIGTERM or a first Ctrl-C sets a flag; the loop saves at the next step boundary and exits
+    cleanly. A second Ctrl-C exits at once (the last committed checkpoint stays intact)."""
+
+    requested: bool = False
+    reason: str = ""
+
+    def install(self) -> None:
+        if jax.process_count() == 1:
+            signal.signal(signal.SIGTERM, lambda *_: self._request("preempted"))
+            signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _request(self, reason: str) -> None:
+        self.requested, self.reason = True, self.reason or reason
+
+    def _on_sigint(self, *_) -> None:
+        if self.reason == "interrupted":
+            print("\nCtrl-C again: exiting now, without saving", flush=True)
+            os._exit(130)  # Orbax's save threads would otherwise be awaited
+        self._request("interrupted")
+        print(
+            "\nCtrl-C: saving at the next step, then exiting (Ctrl-C again: exit now)", flush=True
+        )
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            # All hosts agree on the step through the coordination service.
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+
+def train(configs: Configs, *, operative_config: str = "") -> dict:
+    """Train to TRAIN_STEPS, resuming from MODEL_DIR; returns the last logged metrics.
+
+    Every check that can fail on user input (mesh, MODEL_DIR, a conflicting earlier run, disk
+    space) runs before the first step; a failure never deletes or rewrites a checkpoint.
+    """
+    model_dir = _prepare_model_dir(configs.checkpoint.model_dir)
+    # Before Orbax is opened: it deletes unfinished saves, which may be a live trainer's.
+    lease = lease_lib.acquire_for_job(os.fspath(model_dir))
+    try:
+        run = build.build_run(configs)
+        if configs.distill is not None:  # runs/distill.gin: a teacher runs inside the train step
+            from switch_jax.training import distill  # noqa: PLC0415
+
+            run = distill.attach_teacher(run)
+        ckpts = run.checkpoints()
+        progress = {"step": None}
+        try:
+            latest = ckpts.latest_step()
+            if latest is not None:  # before config.gin is overwritten: refuse another run's dir
+                checkpoints.check_same_run(
+                    ckpts.saved_settings(latest), run.settings, configs.checkpoint.model_dir
+                )
+            if jax.process_index() == 0:
+                _write_run_files(model_dir, operative_config, run.info, run.model_cfg)
+            ckpts.check_free_space(run.setup.abstract_state, configs.checkpoint.keep)
+            return _run(run, ckpts, lease, progress)
+        except NonFiniteLossError as e:
+            ckpts.wait()
+            last = ckpts.latest_step()
+            raise NonFiniteLossError(f"{e}; last committed checkpoint: {last}") from None
+        except Exception as e:
+            if checkpoints.is_out_of_space(e):
+                raise _out_of_space(ckpts, configs, progress["step"]) from None
+            raise
+        finally:
+            try:
+                ckpts.close()  # waits for an in-flight save: the last good one gets committed
+            except Exception as e:
+                if not checkpoints.is_out_of_space(e):
+                    raise
+                raise _out_of_space(ckpts, configs, progress["step"]) from None
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _out_of_space(ckpts, configs: Configs, step: int | None) -> checkpoints.CheckpointError:
+    """One line: where, which step was lost, and which checkpoint a rerun resumes from."""
+    committed = ckpts.committed_steps()
+    last = committed[-1] if committed else None
+    failed = next((s for s in ckpts.attempted if last is None or s > last), step)
+    intact = f"step {last} ({ckpts.directory / str(last)})" if last is not None else "none"
+    return checkpoints.CheckpointError(
+        f"out of space in MODEL_DIR={configs.checkpoint.model_dir} at step {failed} (not saved); "
+        f"last intact checkpoint: {intact}; free space and run the same command to resume"
+    )
+
+
+def _run(run: build.Run, ckpts, lease, progress: dict) -> dict:
+    from switch_jax.data import pipeline  # noqa: PLC0415 (TensorFlow only where data is read)
+    from switch_jax.report import metrics as metrics_lib  # noqa: PLC0415 (optional deps: clu)
+
+    train_cfg, ckpt_cfg = run.configs.train, run.configs.checkpoint
+    chief = jax.process_index() == 0
+    started = time.perf_counter()
+    resumed_from = ckpts.latest_step()
+    if chief:
+        print("\n".join(console.header_lines(run, ckpt_cfg.model_dir, resumed_from)), flush=True)
+    batches = pipeline.make_batches(**run.pipeline_args("train"))
+    preemption = _Preemption()
+    preemption.install()
+    # Created outside the mesh context: it may time a single-device matmul for the CPU peak.
+    logger = metrics_lib.MetricsLogger(
+        ckpt_cfg.model_dir,
+        total_steps=train_cfg.train_steps,
+        is_chief=chief,
+        flops_per_step=metrics_lib.train_flops_per_step(run.info, run.configs.data.batch_size),
+        start_step=resumed_from,
+        moe_layers=metrics_lib.moe_layer_ids(run.model_cfg),
+    )
+    profiler = _Profiler(train_cfg.profile_steps, ckpt_cfg.model_dir)
+    task_eval = evaluation.TaskEvaluator(run)  # decodes + task metrics, for tasks that have them
+    with run.partitioner.activate():
+        state, first_step = _initial_state(run, ckpts, batches)
+        loop = _Loop(train_cfg, logger, tokens=run.tokens_per_step)
+        eval_dataset = None
+        step = first_step
+        while step < train_cfg.train_steps:
+            profiler.before(step + 1)
+            compiling = step == first_step and chief
+            if compiling:
+                print("compiling the train step…", end=" ", flush=True)
+            t0 = time.perf_counter()
+            state, step_metrics = run.setup.train_step(state, run.device_batch(next(batches)))
+            if compiling:  # the first call returns once compiled; the step itself runs async
+                print(f"done in {console.duration(time.perf_counter() - t0)}", flush=True)
+            step += 1
+            progress["step"] = step
+            # Step N-1's metrics are read only after step N is dispatched: the device stays busy.
+            loop.dispatched(step, step_metrics)
+            profiler.after(step, step_metrics)
+            preempted = preemption.reached(step)
+            last = step == train_cfg.train_steps
+            if last or preempted or step % ckpt_cfg.period == 0:
+                loop.flush()  # a non-finite loss raises here, before anything is committed
+                if lease is not None:
+                    lease.check()  # never write beside a trainer that took MODEL_DIR over
+                meta = _meta(batches, run.settings)
+                ckpts.save(step, state, iterator=batches, meta=meta, force=True)
+            if preempted:
+                # No eval: the grace period before SIGKILL is short, the save must finish first.
+                print(f"{preemption.reason or 'preempted'}: saved step {step}, exiting", flush=True)
+                break
+            if train_cfg.eval_steps and (step % train_cfg.eval_period == 0 or last):
+                eval_dataset = eval_dataset or _eval_dataset(run)
+                results = _evaluate(run, state.params, eval_dataset)
+                logger.log_eval(step, {**results, **task_eval(state.params, step)})
+        loop.flush()
+    profiler.close()
+    logger.close()
+    ckpts.wait()  # the summary names a committed checkpoint; every process (Orbax may sync)
+    if chief:
+        lines = console.summary_lines(
+            first_step=first_step,
+            step=step,
+            total_steps=train_cfg.train_steps,
+            elapsed_s=time.perf_counter() - started,
+            last_checkpoint=ckpts.latest_step(),
+            checkpoint_dir=os.fspath(ckpts.directory),
+            model_dir=ckpt_cfg.model_dir,
+            stopped=preemption.reason or None,
+        )
+        print("\n".join(lines), flush=True)
+    return loop.last
+
+
+class _Profiler:
+    """A jax.profiler trace of steps [first, last] into MODEL_DIR/train/profile (TensorBoard's
+    profile tab reads it); process 0 only."""
+
+    def __init__(self, steps: tuple[int, int] | None, model_dir: str):
+        self.steps = steps if jax.process_index() == 0 else None
+        self.logdir = os.path.join(model_dir, "train", "profile")
+        self.active = False
+
+    def before(self, step: int) -> None:
+        if self.steps and step == self.steps[0] and not self.active:
+            jax.profiler.start_trace(self.logdir)
+            self.active = True
+
+    def after(self, step: int, step_metrics) -> None:
+        if self.active and step >= self.steps[1]:
+            jax.block_until_ready(step_metrics)  # the trace must hold the whole last step
+            self.close()
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+            print(f"profile of steps {self.steps[0]}-{self.steps[1]}: {self.logdir}", flush=True)
+
+
+class _Loop:
+    """Host side of the loop: finiteness check every step, logging every LOG_PERIOD steps."""
+
+    def __init__(self, run: TrainConfig, logger, tokens: int):
+        self.run, self.logger, self.tokens = run, logger, tokens
+        self.pending = None
+        self.last: dict = {}
+        self.skipped = 0
+        self.t0 = time.perf_counter()
+
+    def dispatched(self, step: int, step_metrics) -> None:
+        self.flush()
+        now = time.perf_counter()
+        self.pending = (step, step_metrics, now - self.t0)
+        self.t0 = now
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        step, step_metrics, step_time = self.pending
+        self.pending = None
+        loss, grad_norm = (float(jax.device_get(step_metrics[k])) for k in ("loss", "grad_norm"))
+        if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+            if self.run.skip_nonfinite_updates:  # the step already kept the old state in-graph
+                self.skipped += 1
+                logging.warning("step %d: non-finite loss/grad, update skipped", step)
+            else:
+                raise NonFiniteLossError(
+                    f"non-finite {'loss' if not np.isfinite(loss) else 'gradient'} (loss "
+                    f"{loss}, grad_norm {grad_norm}) at step {step}; nothing after the last "
+                    f"committed checkpoint was saved (lower LEARNING_RATE or set "
+                    f"TrainConfig.skip_nonfinite_updates=True)"
+                )
+        self.logger.step_done(step)
+        period = self.run.log_period
+        if step % period == 0 or step == 1 or step == self.run.train_steps:
+            self.last = jax.device_get(step_metrics)
+            self.logger.log_train(step, self.last, step_time=step_time, tokens=self.tokens)
+
+
+def evaluate_checkpoint(configs: Configs) -> tuple[int, dict]:
+    """Scalar eval metrics of the latest checkpoint in MODEL_DIR (see evaluate_checkpoints)."""
+    return evaluate_checkpoints(configs, "latest")[-1]
+
+
+def evaluate_checkpoints(configs: Configs, which: str | int = "latest") -> list[tuple[int, dict]]:
+    """Teacher-forced loss / accuracy (eval capacity factor) and, for tasks with metrics, the
+    decoded task metrics of checkpoint `which` ('latest', 'all' or a step) of MODEL_DIR;
+    written to MODEL_DIR/eval. Returns [(step, scalar metrics), ...] in step order."""
+    from switch_jax.report import metrics as metrics_lib  # noqa: PLC0415
+
+    run = build.build_run(configs)
+    model_dir = configs.checkpoint.model_dir
+    ckpts = run.checkpoints()
+    logger = metrics_lib.MetricsLogger(
+        model_dir,
+        total_steps=configs.train.train_steps,
+        is_chief=jax.process_index() == 0,
+        flops_per_step=0,
+        moe_layers=metrics_lib.moe_layer_ids(run.model_cfg),
+    )
+    task_eval, out = evaluation.TaskEvaluator(run), []
+    try:
+        dataset = _eval_dataset(run)
+        for step in checkpoints.select_steps(ckpts, which):
+            with run.partitioner.activate():
+                # Parameters only: the optimizer state is not needed, and a converted MODEL_DIR
+                # (switch_jax.convert) holds none.
+                params = checkpoints.restore_params(
+                    os.fspath(ckpts.directory / str(step)), run.setup.abstract_state.params
+                )
+                results = {**_evaluate(run, params, dataset), **task_eval(params, step)}
+            logger.log_eval(step, results)
+            out.append((step, {k: float(v) for k, v in results.items() if np.ndim(v) == 0}))
+    finally:
+        ckpts.close()
+        logger.close()
+    return out
+
+
+def _initial_state(run: build.Run, ckpts, batches):
+    setup = run.setup
+    latest = ckpts.latest_step()
+    if latest is not None:
+        state, meta = ckpts.restore(latest, setup.abstract_state, iterator=batches)
+        print(f"resumed from step {latest} ({ckpts.directory})", flush=True)
+        return state, int(meta["step"])
+    # A wrong init_checkpoint is refused before the (slow) initialisation.
+    params = None
+    init_checkpoint = run.configs.checkpoint.init_checkpoint
+    if init_checkpoint and run.configs.checkpoint.init_restore == "all":
+        return _restore_all(run, init_checkpoint)
+    if init_checkpoint:
+        params = checkpoints.restore_params(init_checkpoint, setup.abstract_state.params)
+    state = setup.init_state()
+    return (state if params is None else state._replace(params=params)), 0
+
+
+def _restore_all(run: build.Run, init_checkpoint: str):
+    """T5X's default fine-tuning start: parameters, optimizer state and step continue."""
+    state = checkpoints.restore_state(init_checkpoint, run.setup.abstract_state)
+    step, total = int(jax.device_get(state.step)), run.configs.train.train_steps
+    if total <= step:
+        raise ConfigError(
+            f"INIT_RESTORE='all' continues from step {step} of {init_checkpoint}, but "
+            f"TRAIN_STEPS={total} is not beyond it: set TRAIN_STEPS={step} + the fine-tuning "
+            f"steps, or INIT_RESTORE='params' to start at step 0"
+        )
+    print(f"initialised from step {step} of {init_checkpoint} (params + optimizer)", flush=True)
+    return state, step
+
+
+def _evaluate(run: build.Run, params, dataset) -> dict:
+    """Mean metrics over the first EVAL_STEPS validation batches (the same ones every time)."""
+    batches = iter(dataset)
+    totals: dict = {}
+    for _ in range(run.configs.train.eval_steps):
+        host = {k: v.numpy() for k, v in next(batches).items()}
+        out = jax.device_get(run.setup.eval_step(params, run.device_batch(host)))
+        for name, value in out.items():
+            totals.setdefault(name, []).append(np.asarray(value))
+    return {name: np.mean(values, axis=0) for name, values in totals.items()}
+
+
+def _eval_dataset(run: build.Run):
+    """The validation tf.data pipeline, built once; each evaluation iterates it afresh."""
+    from switch_jax.data import pipeline  # noqa: PLC0415
+
+    return pipeline.make_dataset(**run.pipeline_args("validation"))
+
+
+def _meta(batches, settings: dict) -> dict:
+    # The settings let a later start refuse a MODEL_DIR that holds a different run.
+    return {"batches_consumed": int(getattr(batches, "batches_consumed", -1)), "settings": settings}
+
+
+def _prepare_model_dir(model_dir: str) -> epath.Path:
+    """Fail before any step if MODEL_DIR cannot hold checkpoints."""
+    if not model_dir:
+        raise ConfigError("MODEL_DIR is not set: pass --gin.MODEL_DIR=\"'/path/to/run'\"")
+    path = epath.Path(model_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"MODEL_DIR={model_dir} is a file, not a directory; choose another path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"MODEL_DIR={model_dir} is not writable: {e.strerror or e}") from None
+    return path
+
+
+def _write_run_files(model_dir: epath.Path, operative_config: str, info, model_cfg=None) -> None:
+    if operative_config:
+        _write_atomic(model_dir / "config.gin", operative_config)
+    lines = [
+        f"{k}: {v:,}" if isinstance(v, int) else f"{k}: {v:.4g}" for k, v in info.as_dict().items()
+    ]
+    if model_cfg is not None and model_cfg.moe is not None:  # 'auto' resolved for the mesh
+        lines.append(f"moe_dispatch: {model_cfg.moe.dispatch}")
+    _write_atomic(model_dir / "model-info.txt", "\n".join(lines) + "\n")
+
+
+def _write_atomic(path: epath.Path, text: str) -> None:
+    """A kill mid-write leaves the old file, never a truncated one (rename is atomic locally)."""
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(text)
+    tmp.replace(path)
