@@ -77,8 +77,8 @@ def main(argv) -> None:
             f.write(text + "\n")
 
 
-run = cli.entry(main)  # console script `switch-bench`
+console_main = cli.entry(main)  # console script `switch-bench`
 
 
 if __name__ == "__main__":
-    run()
+    console_main()

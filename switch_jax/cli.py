@@ -173,10 +173,10 @@ def entry(
         except (*user_errors(), *extra_errors) as e:
             fail(e, 1)
 
-    def run() -> None:
+    def console_main() -> None:
         try:
             app.run(guarded, flags_parser=gin_config.flags_parser)
         except ConfigError as e:  # raised while rewriting --gin.* flags
             fail(e, 2)
 
-    return run
+    return console_main

@@ -42,7 +42,7 @@ def main(argv: Sequence[str]) -> None:
     print(json.dumps(r) if _JSON.value else aot.format_report(r))
 
 
-run = cli.entry(main, hosts=False, extra_errors=(aot.DoesNotFitError,))  # `switch-compile`
+console_main = cli.entry(main, hosts=False, extra_errors=(aot.DoesNotFitError,))  # `switch-compile`
 
 if __name__ == "__main__":
-    run()
+    console_main()

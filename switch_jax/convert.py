@@ -97,4 +97,7 @@ def _describe(cfg) -> str:
     return f"{kind}, {total:,} parameters"
 
 
-run = cli.entry(main, gin=False, hosts=False)  # console script `switch-convert`
+console_main = cli.entry(main, gin=False, hosts=False)  # console script `switch-convert`
+
+if __name__ == "__main__":
+    console_main()

@@ -24,7 +24,7 @@ def main(argv: list[str]) -> None:
         print(json.dumps({"step": step, **metrics}, sort_keys=True), flush=True)
 
 
-run = cli.entry(main, gin=False)  # console script `switch-eval`
+console_main = cli.entry(main, gin=False)  # console script `switch-eval`
 
 if __name__ == "__main__":
-    run()
+    console_main()

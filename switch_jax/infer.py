@@ -76,10 +76,10 @@ def main(argv: list[str]) -> None:
     )
 
 
-run = cli.entry(
+console_main = cli.entry(
     main, gin=False, extra_errors=(inference.InputError,)
 )  # console script `switch-inference.infer`
 
 
 if __name__ == "__main__":
-    run()
+    console_main()

@@ -40,8 +40,8 @@ def main(argv: Sequence[str]) -> None:
     print(json.dumps(r) if _JSON.value else planner.format_report(r))
 
 
-run = cli.entry(main, hosts=False)  # console script `switch-info`; needs no device
+console_main = cli.entry(main, hosts=False)  # console script `switch-info`; needs no device
 
 
 if __name__ == "__main__":
-    run()
+    console_main()

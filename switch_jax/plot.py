@@ -38,10 +38,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def run() -> None:
+def console_main() -> None:
     """Console script `switch-plot`."""
     sys.exit(main())
 
 
 if __name__ == "__main__":
-    run()
+    console_main()

@@ -12,7 +12,7 @@ def main(argv: list[str]) -> None:
     trainer.train(cli.configs(), operative_config=cli.operative_config())
 
 
-run = cli.entry(main)  # console script `switch-train`
+console_main = cli.entry(main)  # console script `switch-train`
 
 if __name__ == "__main__":
-    run()
+    console_main()
