@@ -6,8 +6,8 @@
        output tokens/s = batch x decode_length / seconds (EOS is disabled, so every row decodes
        exactly decode_length tokens; beam search computes beams x as many).
 
-Random weights (the speed does not depend on them), the mesh of MESH_SHAPE (default: all
-devices on 'data'), the decoder as switch_jax.infer builds it.
+Random weights (a fresh train state's: the speed does not depend on them), the mesh of
+MESH_SHAPE (default: all devices on 'data'), the Run and decoder as switch_jax.infer builds them.
 """
 
 from __future__ import annotations
@@ -19,13 +19,11 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
-from flax import nnx
 
 from switch_jax.config import gin_config
 from switch_jax.config.settings import DecodeConfig
 from switch_jax.decode import decoding
-from switch_jax.models.transformer import Transformer
-from switch_jax.training import build
+from switch_jax.training import build, losses
 
 gin_config.define_flags()
 _BATCH = flags.DEFINE_integer("batch", 32, "sequences per call")
@@ -39,17 +37,9 @@ def main(argv):
     del argv
     f = flags.FLAGS
     gin_config.parse_gin(f.gin_file or ["models/tiny.gin"], f.gin_bindings, f.gin_search_paths)
-    configs = gin_config.load_configs()
-    partitioner = build.make_partitioner(configs)
-    model_cfg = partitioner.adapt_model_config(configs.model)
-    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
-    shardings = partitioner.param_shardings(nnx.state(abstract, nnx.Param))
-    make = jax.jit(
-        lambda: nnx.state(Transformer(model_cfg, rngs=nnx.Rngs(0)), nnx.Param),
-        out_shardings=shardings,
-    )
-    with partitioner.activate():
-        params = make()
+    run = build.build_run(gin_config.load_configs(), objective=losses.LABELS)
+    partitioner, model_cfg = run.partitioner, run.model_cfg
+    params = run.setup.init_state().params
     rng = np.random.default_rng(0)
     key = "encoder_input_tokens" if model_cfg.is_encoder_decoder else "decoder_prompt_tokens"
     batch = {key: rng.integers(2, model_cfg.vocab_size, (_BATCH.value, _INPUT.value), np.int32)}

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 
-import jax
-
 from switch_jax.training import distill, steps
 
 
@@ -24,48 +22,31 @@ def _variants(args, seed: int) -> list[tuple[str, bool, float]]:
 
 
 def run(args, trainer, train, val, results, flush, model_config, load_params, seed) -> None:
-    part, opt = trainer.part, trainer.opt
+    part = trainer.part
     teacher_name = f"switch-{args.distill_experts}"
     teacher_cfg = part.adapt_model_config(model_config(args, args.distill_experts), args.batch_size)
     student_cfg = part.adapt_model_config(distill.dense_twin(teacher_cfg), args.batch_size)
-    t_abstract = steps.abstract_train_state(teacher_cfg, opt, part)
-    s_abstract = steps.abstract_train_state(student_cfg, opt, part)
-    t_shardings = t_abstract.shardings.params
-
-    def make(soft_weight):
-        objective = distill.distill_objective(
-            teacher_cfg, t_abstract.graphdef, soft_weight=soft_weight
-        )
-        return lambda: steps.make_train_step(
-            student_cfg,
-            opt,
-            part,
-            abstract=s_abstract,
-            objective=objective,
-            extra_shardings=(t_shardings,),
-        )
-
-    @jax.jit
-    def initialise(student_params, teacher_params):
-        return distill.init_from_teacher(student_params, teacher_params, student_cfg, teacher_cfg)[
-            0
-        ]
-
+    teacher = steps.abstract_params(teacher_cfg, part)
     path = os.path.join(args.out, "teachers", f"{teacher_name}-s{seed}.npz")
     if not os.path.exists(path):
         print(f"no teacher {path}: run --phases=scaling first; skipping seed {seed}")
         return
-    teacher = load_params(path, t_abstract.state.params, part)
+    teacher_params = load_params(path, teacher.params, part)
     for variant, from_teacher, soft_weight in _variants(args, seed):
-        key = f"distill-{soft_weight}"
-        trainer.compiled(key, student_cfg, make(soft_weight))
-        state = trainer.init(key, seed)  # the dense baseline's init of this seed
-        if from_teacher:
-            with part.activate():
-                state = state._replace(params=initialise(state.params, teacher))
-        record, _ = trainer.run(
-            f"{variant} s{seed}", key, state, train[seed], val, extra=(teacher,)
+        # The library's distillation objective with this seed's teacher (hence one setup per
+        # seed); a fresh state is the dense baseline's init of the seed, then the teacher's
+        # non-expert weights when `from_teacher`.
+        objective = distill.distill_objective(
+            teacher_cfg,
+            teacher,
+            soft_weight=soft_weight,
+            load_teacher=lambda: teacher_params,
+            student_cfg=student_cfg if from_teacher else None,
         )
+        key = f"{variant} s{seed}"
+        trainer.setup(key, student_cfg, objective)
+        state = trainer.init(key, seed)
+        record, _ = trainer.run(key, key, state, train[seed], val)
         record.update(teacher=teacher_name, soft_weight=soft_weight, init_from_teacher=from_teacher)
         results["distill"].setdefault(variant, {})[str(seed)] = record
         flush()

@@ -16,7 +16,6 @@ import tempfile
 import jax
 import numpy as np
 
-from switch_jax.config.settings import OptimizerConfig
 from switch_jax.formats import convert, hf_config
 from switch_jax.parallel import partitioning
 from switch_jax.store import checkpoints
@@ -36,8 +35,8 @@ def report(name: str) -> None:
                 capacity = json.load(f)["expert_capacity"]
             cfg = hf_config.hf_routing(cfg, ref["input_ids"].shape[1], capacity)
         partitioner = partitioning.Partitioner((1, 1, 1), devices=jax.devices()[:1])
-        abstract = steps.abstract_train_state(cfg, OptimizerConfig(), partitioner)
-        params = checkpoints.restore_params(os.path.join(tmp, "model"), abstract.state.params)
+        abstract = steps.abstract_params(cfg, partitioner)
+        params = checkpoints.restore_params(os.path.join(tmp, "model"), abstract.params)
     labels = ref["labels"]
     batch = {
         "encoder_input_tokens": ref["input_ids"].astype(np.int32),

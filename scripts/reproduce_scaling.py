@@ -10,11 +10,11 @@ Phase `scaling` trains, on the same batches, the dense T5 baseline and Switch mo
 experts at equal FLOPs per token (same shapes, every FFN of the `--sparse_every` pattern a Switch
 layer), for each of --seeds seeds (seed s = init seed s and data order s, shared by all models so
 that differences between models are paired). Phase `distill` distils each seed's Switch teacher
-(--distill_experts) into its dense twin with switch_jax.training.distill (student initialised
-from the teacher's non-expert weights, 0.25 x soft + 0.75 x hard loss; paper §4.2), plus, for seed 0,
-the two ablations of Table 6 (init only, distillation without init). Phase `checks` (not run by
-default) trains that Switch model with a bfloat16 router (Table 2) and with the 1.0x init scale
-(Table 3). Outputs in --out:
+(--distill_experts) into its dense twin with switch_jax.training.distill (student
+initialised from the teacher's non-expert weights, 0.25 x soft + 0.75 x hard loss; paper §4.2),
+plus, for seed 0, the two ablations of Table 6 (init only, distillation without init). Phase
+`checks` (not run by default) trains that Switch model with a bfloat16 router (Table 2) and with
+the 1.0x init scale (Table 3). Outputs in --out:
   results.json       every run's validation curve (step, training seconds) and the summary
   teachers/          each seed's Switch parameters (phase `distill` reads --distill_experts')
   *.png              loss vs step / vs wall-clock, step speedup vs experts, distillation gain kept
@@ -233,7 +233,9 @@ def load_data(args) -> tuple[dict[int, list[dict]], list[dict]]:
 
 
 class Trainer:
-    """Compiled steps per model config, reused across seeds (only the init differs)."""
+    """One training setup (steps.setup_training) per key, reused across seeds (only the init
+    differs); an in-memory loop over pre-loaded batches, evaluated on pre-loaded validation
+    batches (the library trainer reads a seqio task and writes a MODEL_DIR)."""
 
     def __init__(self, args):
         from switch_jax.config.settings import OptimizerConfig  # noqa: PLC0415
@@ -242,41 +244,37 @@ class Trainer:
         self.args = args
         self.part = partitioning.Partitioner((-1, 1, 1))
         self.opt = OptimizerConfig(schedule="constant", learning_rate=args.learning_rate)
-        self._compiled: dict = {}
+        self._setups: dict = {}
 
-    def compiled(self, key, model_cfg, make_step=None):
-        from switch_jax.training import steps  # noqa: PLC0415
+    def setup(self, key, model_cfg, objective=None):
+        """The setup of `model_cfg` (adapted to the mesh here) under `key`, built once."""
+        from switch_jax.training import losses, steps  # noqa: PLC0415
 
-        if key not in self._compiled:
+        if key not in self._setups:
             cfg = self.part.adapt_model_config(model_cfg, self.args.batch_size)
-            abstract = steps.abstract_train_state(cfg, self.opt, self.part)
-            make_step = make_step or (
-                lambda: steps.make_train_step(cfg, self.opt, self.part, abstract=abstract)
-            )
-            self._compiled[key] = (cfg, abstract, make_step(), steps.make_eval_step(cfg, self.part))
-        return self._compiled[key]
+            objective = objective or losses.LABELS
+            self._setups[key] = steps.setup_training(cfg, self.opt, self.part, objective=objective)
+        return self._setups[key]
 
     def init(self, key, seed: int):
-        from switch_jax.training import steps  # noqa: PLC0415
-
-        cfg, abstract, _, _ = self._compiled[key]
-        return steps.init_train_state(cfg, self.opt, self.part, seed, abstract=abstract)
+        """A fresh state of seed `seed` (and the objective's start, e.g. from a teacher)."""
+        return self._setups[key].init_state(seed)
 
     def evaluate(self, key, params, val) -> float:
-        eval_step = self._compiled[key][3]
+        eval_step = self._setups[key].eval_step
         values = [float(eval_step(params, self.part.shard_batch(b))["cross_entropy"]) for b in val]
         return float(np.mean(values))
 
-    def run(self, name, key, state, batches, val, *, extra=()) -> tuple[dict, object]:
+    def run(self, name, key, state, batches, val) -> tuple[dict, object]:
         """Train on `batches`, evaluating every --eval_every steps; returns (record, state)."""
         import jax  # noqa: PLC0415
 
-        args, step_fn = self.args, self._compiled[key][2]
+        args, step_fn = self.args, self._setups[key].train_step
         train_s, compile_s, curve = 0.0, 0.0, []
         with self.part.activate():
             for step in range(1, len(batches) + 1):
                 t0 = time.perf_counter()
-                state, m = step_fn(state, self.part.shard_batch(batches[step - 1]), *extra)
+                state, m = step_fn(state, self.part.shard_batch(batches[step - 1]))
                 loss = float(jax.device_get(m["loss"]))
                 dt = time.perf_counter() - t0
                 compile_s, train_s = (dt, train_s) if step == 1 else (compile_s, train_s + dt)
@@ -338,7 +336,7 @@ def run_scaling(args, trainer: Trainer, train, val, results: dict, flush, seed: 
     teachers = os.path.join(args.out, "teachers")
     os.makedirs(teachers, exist_ok=True)
     for name, experts in models:
-        trainer.compiled(name, model_config(args, experts))
+        trainer.setup(name, model_config(args, experts))
         state = trainer.init(name, seed)
         record, state = trainer.run(f"{name} s{seed}", name, state, train[seed], val)
         results["runs"].setdefault(name, {})[str(seed)] = record
@@ -357,7 +355,7 @@ def run_checks(args, trainer: Trainer, train, val, results: dict, flush, seed: i
         "init-scale-1.0": base.replace(init_scale=1.0),
     }
     for name, cfg in variants.items():
-        trainer.compiled(name, cfg)
+        trainer.setup(name, cfg)
         record, _ = trainer.run(f"{name} s{seed}", name, trainer.init(name, seed), train[seed], val)
         record["against"] = f"switch-{args.distill_experts}"
         results["checks"].setdefault(name, {})[str(seed)] = record

@@ -8,12 +8,12 @@ Every entry point (train, eval, infer, info, bench, compile, convert, plot) is w
     _OUT = cli.define_flag(flags.DEFINE_string, "output_file", None, "...")  # its own flags
 
     def main(argv):                     # absl argv, gin already parsed (see `entry`)
-        configs = cli.configs()         # run_config.Configs from the parsed gin
+        configs = cli.configs()         # config.settings.Configs from the parsed gin
         ...
 
-    run = cli.entry(main)               # the console script (pyproject [project.scripts])
+    console_main = cli.entry(main)      # the console script (pyproject [project.scripts])
     if __name__ == "__main__":
-        run()
+        console_main()
 
 `entry(main)` returns a function that parses the flags (`--gin.NAME=VALUE` rewritten into gin
 bindings, T5X's spelling), joins the hosts (`join_hosts`, before anything touches a device),
@@ -131,6 +131,7 @@ def parse_gin(extra_files: Sequence[str] = (), *, finalize: bool = True) -> None
 
 
 def operative_config() -> str:
+    """The gin bindings in effect (what the trainer stores as MODEL_DIR/config.gin)."""
     return gin_config.operative_config()
 
 

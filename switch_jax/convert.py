@@ -17,6 +17,7 @@ from absl import flags
 
 from switch_jax import cli
 from switch_jax.models.config import ConfigError
+from switch_jax.store import model_dir as model_dir_lib
 
 _FROM = cli.define_flag(
     flags.DEFINE_enum, "from", None, ["hf", "t5x"], "import: the source checkpoint's format"
@@ -74,9 +75,9 @@ def main(argv: list[str]) -> None:
         print(f"wrote {model_dir} ({_describe(cfg)}) from {source}", flush=True)
         return
     output = _require(_OUTPUT.value, "output", "with --to=hf")
-    gin_file = os.path.join(model_dir, "config.gin")
+    gin_file = os.fspath(model_dir_lib.config_file(model_dir))
     if not os.path.exists(gin_file):
-        raise ConfigError(f"--model_dir={model_dir} has no config.gin")
+        raise ConfigError(f"--model_dir={model_dir} has no {model_dir_lib.CONFIG_GIN}")
     cli.parse_gin([gin_file])
     cfg = cli.configs().model
     convert.export_hf(

@@ -3,14 +3,9 @@
     python -m switch_jax.info --gin_file=models/switch_base.gin [--gin.MESH_SHAPE="(1, 8, 1)"]
         [--num_devices=N] [--json]
 
-The train state sized here is the one training builds (steps.abstract_train_state: parameters,
-Adafactor statistics, step and noise key, each with its NamedSharding), on a
-jax.sharding.AbstractMesh of MESH_SHAPE (x DCN_MESH_SHAPE): no device is needed. A leaf's bytes
-on a device are its shard's shape (each dimension divided by the mesh axes its sharding names,
-rounded up as XLA pads) times its item size. The model and batch are checked against the mesh
-with the trainer's own checks (Partitioner.adapt_model_config), so a run info accepts is one the
-trainer accepts. Gradients add the parameter bytes again at run time; activations and XLA's
-temporaries come on top (`python -m switch_jax.compile` measures those for a TPU topology).
+The model and batch are checked against the mesh exactly as the trainer checks them; what is
+counted and how is said in switch_jax/tools/planner.py. Activations and XLA's temporaries come on
+top (`python -m switch_jax.compile` measures those for a TPU topology).
 """
 
 from __future__ import annotations

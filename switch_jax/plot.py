@@ -1,18 +1,8 @@
 """`python -m switch_jax.plot MODEL_DIR [--out DIR]`: PNGs of a run from its metrics.jsonl files.
 
-Reads MODEL_DIR/train/metrics.jsonl and MODEL_DIR/eval/metrics.jsonl (what the trainer writes)
-and writes into MODEL_DIR/plots (or --out):
-
-  loss.png          train loss and cross-entropy, eval loss and cross-entropy
-  learning_rate.png the schedule as logged
-  throughput.png    tokens/s and MFU (the first logged step, which includes compilation, is left
-                    out)
-  expert_load.png   one heatmap per MoE layer: each expert's share of tokens over steps, as a
-                    multiple of an even share (1.0 = balanced; 0 = an idle expert)
-  moe_health.png    per MoE layer: fraction of token assignments dropped (over capacity), router
-                    confidence (mean top-k probability) and the load-balancing loss
-
-Needs matplotlib (`pip install switch_jax[plot]`). Works on a run in progress.
+Writes loss, learning-rate, throughput, expert-load and MoE-health plots into MODEL_DIR/plots
+(or --out); switch_jax/report/plots.py lists what each one shows. Needs matplotlib
+(`pip install switch_jax[plot]`). Works on a run in progress.
 """
 
 from __future__ import annotations

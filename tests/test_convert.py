@@ -22,7 +22,7 @@ from flax import nnx
 
 from switch_jax.config import gin_config
 from switch_jax.config.settings import DataConfig, OptimizerConfig
-from switch_jax.formats import convert, hf_config, layout, model_dir, sources
+from switch_jax.formats import convert, converted, hf_config, layout, sources
 from switch_jax.models.config import ConfigError, ModelConfig
 from switch_jax.models.transformer import Transformer
 from switch_jax.parallel import partitioning
@@ -86,7 +86,7 @@ def forward(cfg, graphdef, params, batch):
 
 def flat_params(model_path: str, cfg: ModelConfig) -> dict:
     names = [e.path for e in layout.hf_entries(cfg, "switch" if cfg.moe else "t5")]
-    return model_dir.read_params(model_path, names)
+    return converted.read_params(model_path, names)
 
 
 @pytest.fixture(scope="module")
@@ -398,16 +398,16 @@ def test_streamed_and_disk_backed_writes_are_identical(tmp_path):
 
         return fill
 
-    tensors = [model_dir.Tensor(p, a.shape, fill_from(p)) for p, a in arrays.items()]
+    tensors = [converted.Tensor(p, a.shape, fill_from(p)) for p, a in arrays.items()]
     out = str(tmp_path / "model")
-    model_dir.prepare(out)
+    converted.prepare(out)
     # a 10 kB batch budget (3 partial saves) and the 24 kB stack assembled in a disk memmap
-    model_dir.write_params(out, iter(tensors), budget_bytes=10_000, disk_backed_bytes=20_000)
+    converted.write_params(out, iter(tensors), budget_bytes=10_000, disk_backed_bytes=20_000)
     assert filled == list(arrays)  # one tensor at a time, in order
-    back = model_dir.read_params(out, list(arrays))
+    back = converted.read_params(out, list(arrays))
     for path, value in arrays.items():
         assert np.array_equal(back[path], value), path
-    assert model_dir.saved_paths(out) == {p: a.shape for p, a in arrays.items()}
+    assert converted.saved_paths(out) == {p: a.shape for p, a in arrays.items()}
     assert not [p for p in os.listdir(out) if p.startswith(".convert-")]
 
 

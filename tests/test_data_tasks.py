@@ -11,7 +11,7 @@ pytest.importorskip("tensorflow_datasets")
 
 import data_fixtures  # noqa: E402
 
-from switch_jax.data import DataError, pipeline, tasks, vocab  # noqa: E402
+from switch_jax.data import DataError, pipeline, registry, tasks, vocab  # noqa: E402
 
 LENGTHS = {"inputs": 64, "targets": 16}
 
@@ -160,8 +160,7 @@ def test_embedded_tasks_on_a_pinned_corpus(tiny):
     finally:
         # Later tests in the session must get the default embedded corpus, not this one.
         for name in ("embedded_span_corruption", "embedded_lm"):
-            seqio.TaskRegistry.remove(name)
-            tasks._REGISTERED.pop(name, None)
+            registry.forget(name)
 
 
 def test_unknown_task_is_a_clear_error():

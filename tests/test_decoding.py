@@ -47,6 +47,11 @@ def single_device():
     return partitioning.Partitioner(mesh_shape=(1, 1, 1), devices=jax.devices()[:1])
 
 
+def decoder(cfg, partitioner, decode_cfg):
+    """make_decoder for a bare model config (a Run's model_cfg is adapted to its mesh already)."""
+    return decoding.make_decoder(partitioner.adapt_model_config(cfg), partitioner, decode_cfg)
+
+
 @functools.cache
 def model_and_params(architecture: str, scan: bool = False):
     cfg = config(architecture, scan)
@@ -99,7 +104,7 @@ def greedy_single():
     out = {}
     for arch in ("encoder_decoder", "decoder_only"):
         cfg, _, params = model_and_params(arch)
-        dec = decoding.make_decoder(cfg, single_device(), decoding.DecodeConfig(MAX_LEN))
+        dec = decoder(cfg, single_device(), decoding.DecodeConfig(MAX_LEN))
         out[arch] = jax.device_get(dec.generate(params, inputs(cfg)))
     return out
 
@@ -143,9 +148,7 @@ def _teacher_forced_log_lik(cfg, model, batch, tokens_BNL):
 def test_beam_search_scores_are_penalised_log_likelihoods_in_order(architecture):
     cfg, model, params = model_and_params(architecture)
     batch = inputs(cfg)
-    dec = decoding.make_decoder(
-        cfg, single_device(), decoding.DecodeConfig(MAX_LEN, beam_size=4, alpha=0.6)
-    )
+    dec = decoder(cfg, single_device(), decoding.DecodeConfig(MAX_LEN, beam_size=4, alpha=0.6))
     out = jax.device_get(dec.generate(params, batch))
     scores = out["beam_scores"]
     assert scores.shape == (4, 4) and (np.diff(scores, axis=1) <= 1e-6).all()
@@ -189,7 +192,7 @@ def test_beam_size_one_is_greedy(greedy_single):
 def test_sharded_decoding_equals_single_device(architecture, greedy_single):
     cfg, _, params = model_and_params(architecture)
     mesh = partitioning.Partitioner(mesh_shape=(2, 2, 2))
-    dec = decoding.make_decoder(cfg, mesh, decoding.DecodeConfig(MAX_LEN))
+    dec = decoder(cfg, mesh, decoding.DecodeConfig(MAX_LEN))
     out = dec.generate(params, inputs(cfg))
     assert out["tokens"].sharding.spec[0] == ("data", "expert")
     np.testing.assert_array_equal(np.asarray(out["tokens"]), greedy_single[architecture]["tokens"])
@@ -230,7 +233,7 @@ def test_dropless_decoding_equals_decoding_without_drops(greedy_single):
     cfg, _, params = model_and_params("encoder_decoder")
     tight = cfg.replace(moe=dataclasses.replace(cfg.moe, min_capacity=0))
     decode = decoding.DecodeConfig(MAX_LEN, capacity_factor=0.25, dispatch="dropless")
-    out = jax.device_get(decoding.make_decoder(tight, single_device(), decode).generate(
+    out = jax.device_get(decoder(tight, single_device(), decode).generate(
         params, inputs(cfg)
     ))  # fmt: skip
     np.testing.assert_array_equal(out["tokens"], greedy_single["encoder_decoder"]["tokens"])

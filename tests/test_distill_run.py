@@ -8,7 +8,7 @@ import pytest
 
 from switch_jax.config import gin_config
 from switch_jax.models.config import ConfigError
-from switch_jax.store import checkpoints
+from switch_jax.store import checkpoints, stored_config
 from switch_jax.training import build, distill, steps, trainer
 
 pytest.importorskip("seqio")
@@ -63,9 +63,9 @@ def test_distill_gin_trains_the_dense_twin_from_the_teacher(teacher_dir, tmp_pat
     assert last["loss"] == pytest.approx(last["objective"] + last["z_loss"], rel=1e-5)
 
     # The student's own config.gin describes the dense student (what eval / a later run reads).
-    student_cfg = distill.read_model_config(student_dir)
+    student_cfg = stored_config.read_model_config(student_dir)
     assert student_cfg == configs.model
-    teacher_cfg = distill.read_model_config(teacher_dir)
+    teacher_cfg = stored_config.read_model_config(teacher_dir)
     assert teacher_cfg.moe is not None and teacher_cfg.d_model == 32
     run = build.build_run(configs)
     with run.partitioner.activate():

@@ -111,10 +111,10 @@ def _check_against_reference(logits, mask, *, top_k, capacity, batch_prioritized
         logits, mask, top_k=top_k, capacity=capacity, batch_prioritized=batch_prioritized
     )
     real = np.broadcast_to(mask[..., None], expert.shape)
-    np.testing.assert_array_equal(np.asarray(route.kept_GTK), kept)
-    np.testing.assert_array_equal(np.asarray(route.expert_GTK)[real], expert[real])
-    np.testing.assert_array_equal(np.asarray(route.slot_GTK)[real], slot[real])
-    np.testing.assert_allclose(np.asarray(route.gate_GTK), gate, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(route.kept_GTP), kept)
+    np.testing.assert_array_equal(np.asarray(route.expert_GTP)[real], expert[real])
+    np.testing.assert_array_equal(np.asarray(route.slot_GTP)[real], slot[real])
+    np.testing.assert_allclose(np.asarray(route.gate_GTP), gate, rtol=1e-5, atol=1e-7)
     assert route.capacity == capacity
     want = reference_stats(logits, mask, expert, kept, capacity)
     for name, value in want.items():
@@ -139,7 +139,7 @@ def test_top1_matches_reference(capacity):
         assert kept.all()
     # A dropped token has gate exactly 0, a kept one the un-renormalised softmax probability.
     probs = _softmax(logits)
-    gate = np.asarray(route.gate_GTK)[..., 0]
+    gate = np.asarray(route.gate_GTP)[..., 0]
     assert np.all(gate[~kept[..., 0]] == 0.0)
     np.testing.assert_allclose(gate[kept[..., 0]], probs.max(-1)[kept[..., 0]], rtol=1e-6)
     assert np.all(gate[kept[..., 0]] < 1.0)
@@ -152,16 +152,16 @@ def test_slots_are_zero_based_cumsum_in_token_order():
     logits = np.full((1, 6, 2), -3.0, np.float32)
     logits[0, np.arange(6), choice] = 3.0
     route, _ = jit_route(jnp.asarray(logits), np.ones((1, 6), bool), top_k=1, capacity=2)
-    np.testing.assert_array_equal(np.asarray(route.slot_GTK)[0, :, 0], [0, 0, 1, 2, 1, 3])
-    np.testing.assert_array_equal(np.asarray(route.kept_GTK)[0, :, 0], [1, 1, 1, 0, 1, 0])
+    np.testing.assert_array_equal(np.asarray(route.slot_GTP)[0, :, 0], [0, 0, 1, 2, 1, 3])
+    np.testing.assert_array_equal(np.asarray(route.kept_GTP)[0, :, 0], [1, 1, 1, 0, 1, 0])
 
 
 def test_padding_excluded_from_slots_and_losses():
     logits, mask = _case(1, pad=0.3)
     assert not mask.all()
     route, stats, _ = _check_against_reference(logits, mask, top_k=1, capacity=2)
-    assert not np.asarray(route.kept_GTK)[~mask].any()
-    assert np.all(np.asarray(route.gate_GTK)[~mask] == 0.0)
+    assert not np.asarray(route.kept_GTP)[~mask].any()
+    assert np.all(np.asarray(route.gate_GTP)[~mask] == 0.0)
     # Real tokens get the same slots as when the padding is removed altogether.
     g = 0
     real = np.flatnonzero(mask[g])
@@ -169,7 +169,7 @@ def test_padding_excluded_from_slots_and_losses():
         jnp.asarray(logits[g : g + 1, real]), np.ones((1, real.size), bool), top_k=1, capacity=2
     )
     np.testing.assert_array_equal(
-        np.asarray(route.slot_GTK)[g, real], np.asarray(alone.slot_GTK)[0]
+        np.asarray(route.slot_GTP)[g, real], np.asarray(alone.slot_GTP)[0]
     )
     # Padding logits do not move any loss or statistic.
     noisy = logits.copy()

@@ -71,6 +71,7 @@ def closest(name: str, candidates: Iterable[str]) -> str | None:
 
 
 def did_you_mean(name: str, candidates: Iterable[str], prefix: str = "") -> str:
+    """'; did you mean {prefix}{closest}?' to append to an error, or '' when nothing is close."""
     best = closest(name, candidates)
     return f"; did you mean {prefix}{best}?" if best else ""
 
@@ -123,11 +124,13 @@ def explain(message: str) -> str:
 
 
 def configurable_names() -> list[str]:
+    """Short names of every gin configurable registered in this process, sorted."""
     registry = gin.config._REGISTRY  # noqa: SLF001  (gin has no public "list configurables")
     return sorted({selector.split(".")[-1] for selector, _ in registry.items()})
 
 
 def parameter_names(configurable: str) -> list[str]:
+    """Parameters of a gin configurable by name; [] if gin does not know it (no suggestion)."""
     try:
         fn = gin.config._REGISTRY.get_match(configurable).wrapped  # noqa: SLF001
         return list(inspect.signature(fn).parameters)

@@ -82,6 +82,7 @@ class DataConfig:
 
     @property
     def feature_lengths(self) -> dict[str, int]:
+        """{'inputs': 512, 'targets': 114}: stored as pairs so that the frozen config hashes."""
         return dict(self.task_feature_lengths)
 
 
@@ -226,6 +227,7 @@ class Configs(NamedTuple):
     decode: DecodeConfig = DecodeConfig()
 
     def replace(self, **changes) -> Configs:
+        """A copy with some concerns swapped (same spelling as the frozen dataclasses')."""
         return self._replace(**changes)
 
 

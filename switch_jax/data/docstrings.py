@@ -20,7 +20,7 @@ import seqio
 import tensorflow as tf
 
 from switch_jax.data import corpus as corpus_lib
-from switch_jax.data import task_metrics, tasks
+from switch_jax.data import registry, task_metrics
 from switch_jax.data.errors import DataError
 from switch_jax.data.vocab import load_vocabulary
 
@@ -94,22 +94,19 @@ def register(vocabulary=None) -> str:
     """Register `docstring_package` with the embedded corpus vocabulary (or `vocabulary`)."""
     if vocabulary is None:
         vocabulary = corpus_lib.build_embedded()[1]
-    key = vocabulary if isinstance(vocabulary, str) else id(vocabulary)
-    if tasks._REGISTERED.get(TASK) == key and TASK in seqio.TaskRegistry.names():
+    key = registry.vocab_key(vocabulary)
+    if registry.is_current(TASK, key, seqio.TaskRegistry):
         return TASK
     vocab = load_vocabulary(vocabulary)
-    if TASK in seqio.TaskRegistry.names():
-        seqio.TaskRegistry.remove(TASK)
-    seqio.TaskRegistry.add(
+    return registry.add_task(
         TASK,
+        key,
         source=seqio.FunctionDataSource(_dataset, splits=("train", "validation")),
         preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
         output_features={k: seqio.Feature(vocab, add_eos=True) for k in ("inputs", "targets")},
         postprocess_fn=task_metrics.stripped_text,
         metric_fns=[task_metrics.exact_match],
     )
-    tasks._REGISTERED[TASK] = key
-    return TASK
 
 
 BUILTIN = {TASK: register}

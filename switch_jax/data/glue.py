@@ -16,7 +16,7 @@ import os
 import seqio
 import tensorflow as tf
 
-from switch_jax.data import task_metrics, tasks
+from switch_jax.data import registry, task_metrics
 from switch_jax.data.errors import DataError, path_exists
 from switch_jax.data.vocab import T5_VOCAB, load_vocabulary
 
@@ -33,14 +33,17 @@ class Benchmark:
 
     @property
     def task_name(self) -> str:
+        """T5's task name, e.g. glue_cola_v002, super_glue_boolq_v102."""
         return f"glue_{self.name}_v002" if self.suite == "glue" else f"super_glue_{self.name}_v102"
 
     @property
     def tfds_name(self) -> str:
+        """The TFDS dataset the task reads, e.g. glue/cola:2.0.0."""
         version = GLUE_VERSION if self.suite == "glue" else SUPER_GLUE_VERSION
         return f"{self.suite}/{self.name}:{version}"
 
     def postprocess(self):
+        """seqio postprocessor: decoded label text -> what the benchmark's metrics compare."""
         if self.labels is None:
             return task_metrics.string_to_float
         if self.name == "multirc":
@@ -105,9 +108,12 @@ def to_text(example: dict, benchmark: Benchmark) -> dict:
         targets = tf.strings.as_string(tf.round(label * 5) / 5, precision=1)
     else:
         names = tf.constant(benchmark.labels)
+        # Test splits carry label -1: a target string no prediction can match.
         targets = tf.where(label < 0, "<unk>", tf.gather(names, tf.maximum(label, 0)))
     out = {"inputs": inputs, "targets": targets}
     if benchmark.name == "multirc":
+        # Its paragraphs carry HTML line breaks and bold tags, which T5 strips; the ids are kept
+        # to group answers by question for the MultiRC metrics.
         out["inputs"] = tf.strings.regex_replace(
             tf.strings.regex_replace(inputs, "<br>", " "), "<(/)?b>", ""
         )
@@ -132,17 +138,23 @@ def _check(benchmark: Benchmark, data_dir: str) -> None:
 def register_benchmark(
     benchmark: Benchmark, tfds_data_dir: str | None = None, vocabulary=T5_VOCAB
 ) -> str:
-    data_dir = tasks._tfds_dir(tfds_data_dir)
-    key = (data_dir, vocabulary if isinstance(vocabulary, str) else id(vocabulary))
+    """Register one benchmark's task (T5's text format, its metrics); the task name.
+
+    Args:
+      benchmark: an entry of GLUE or SUPER_GLUE.
+      tfds_data_dir: TFDS data directory holding it (checked now, with the `tfds build` line).
+      vocabulary: SentencePiece model path or seqio vocabulary; default T5's C4 vocabulary.
+    """
+    data_dir = registry.tfds_dir(tfds_data_dir)
+    key = (data_dir, registry.vocab_key(vocabulary))
     name = benchmark.task_name
-    if tasks._REGISTERED.get(name) == key and name in seqio.TaskRegistry.names():
+    if registry.is_current(name, key, seqio.TaskRegistry):
         return name
     _check(benchmark, data_dir)
     vocab = load_vocabulary(vocabulary)
-    if name in seqio.TaskRegistry.names():
-        seqio.TaskRegistry.remove(name)
-    seqio.TaskRegistry.add(
+    return registry.add_task(
         name,
+        key,
         source=seqio.TfdsDataSource(
             benchmark.tfds_name, tfds_data_dir=data_dir, splits=benchmark.splits
         ),
@@ -155,8 +167,6 @@ def register_benchmark(
         postprocess_fn=benchmark.postprocess(),
         metric_fns=list(benchmark.metric_fns),
     )
-    tasks._REGISTERED[name] = key
-    return name
 
 
 def _map(dataset, fn):
@@ -165,16 +175,12 @@ def _map(dataset, fn):
 
 def register_mixture(name: str, tfds_data_dir: str | None = None, vocabulary=T5_VOCAB) -> str:
     """Register every task of the mixture `name` and the mixture (rates = training examples)."""
-    data_dir = tasks._tfds_dir(tfds_data_dir)
-    key = (data_dir, vocabulary if isinstance(vocabulary, str) else id(vocabulary))
-    if tasks._REGISTERED.get(name) == key and name in seqio.MixtureRegistry.names():
+    data_dir = registry.tfds_dir(tfds_data_dir)
+    key = (data_dir, registry.vocab_key(vocabulary))
+    if registry.is_current(name, key, seqio.MixtureRegistry):
         return name
     names = [register_benchmark(b, data_dir, vocabulary) for b in MIXTURES[name]]
-    if name in seqio.MixtureRegistry.names():
-        seqio.MixtureRegistry.remove(name)
-    seqio.MixtureRegistry.add(name, names, default_rate=seqio.mixing_rate_num_examples)
-    tasks._REGISTERED[name] = key
-    return name
+    return registry.add_mixture(name, key, names, default_rate=seqio.mixing_rate_num_examples)
 
 
 BUILTIN = {

@@ -33,6 +33,7 @@ def class_label(label_names: Sequence[str]) -> Callable:
 
 
 def string_to_float(text, example=None, is_target=False, default: float = -1.0) -> float:
+    """A number (STS-B's score); text that is not one gives `default`, scored as a bad guess."""
     del example, is_target
     try:
         return float(_text(text).strip())
@@ -41,6 +42,7 @@ def string_to_float(text, example=None, is_target=False, default: float = -1.0) 
 
 
 def stripped_text(text, example=None, is_target=False) -> str:
+    """The text without surrounding whitespace (exact-match tasks)."""
     del example, is_target
     return _text(text).strip()
 
@@ -57,11 +59,13 @@ def multirc(text, example=None, is_target=False) -> dict:
 
 
 def accuracy(targets, predictions) -> dict:
+    """{'accuracy': % of predictions equal to their target}."""
     t, p = np.asarray(targets), np.asarray(predictions)
     return {"accuracy": 100.0 * float(np.mean(t == p))}
 
 
 def exact_match(targets, predictions) -> dict:
+    """{'exact_match': %}; compares element by element, so texts and dicts work too."""
     same = [t == p for t, p in zip(targets, predictions, strict=True)]
     return {"exact_match": 100.0 * float(np.mean(same))}
 
@@ -105,10 +109,12 @@ def matthews_corrcoef(targets, predictions) -> dict:
 
 
 def pearson_corrcoef(targets, predictions) -> dict:
+    """{'pearson_corrcoef': 100 x Pearson's r} (STS-B)."""
     return {"pearson_corrcoef": 100.0 * float(scipy.stats.pearsonr(targets, predictions)[0])}
 
 
 def spearman_corrcoef(targets, predictions) -> dict:
+    """{'spearman_corrcoef': 100 x Spearman's rho} (STS-B)."""
     return {"spearman_corrcoef": 100.0 * float(scipy.stats.spearmanr(targets, predictions)[0])}
 
 

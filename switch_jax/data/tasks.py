@@ -12,6 +12,7 @@ import seqio
 import tensorflow as tf
 
 from switch_jax.data import corpus as corpus_lib
+from switch_jax.data import docstrings, glue, registry
 from switch_jax.data import span_corruption as sc
 from switch_jax.data.errors import DataError, path_exists
 from switch_jax.data.vocab import MT5_VOCAB, T5_VOCAB, load_vocabulary
@@ -27,10 +28,6 @@ MC4_LANGUAGES = tuple(
     "sk sl sm sn so sq sr st su sv sw ta te tg th tr uk ur uz vi xh yi yo zh zh-Latn zu".split()
 )
 SPAN_CORRUPTION_LENGTHS = {"inputs": 512, "targets": 114}
-
-# Arguments of the last registration of each name, so repeated calls are free and a call with
-# new arguments (another data_dir, vocabulary) replaces the old task.
-_REGISTERED: dict[str, tuple] = {}
 
 
 def _features(vocab: seqio.Vocabulary, objective: str) -> dict[str, seqio.Feature]:
@@ -62,27 +59,16 @@ def _preprocessors(text_key: str | None, objective: str) -> list[Callable]:
 def _add_task(
     name, key, source, objective, vocab, text_key="text", shuffle_buffer_size=None
 ) -> str:
-    if _REGISTERED.get(name) == key and name in seqio.TaskRegistry.names():
+    if registry.is_current(name, key, seqio.TaskRegistry):
         return name
-    if name in seqio.TaskRegistry.names():
-        seqio.TaskRegistry.remove(name)
-    seqio.TaskRegistry.add(
+    return registry.add_task(
         name,
+        key,
         source=source,
         preprocessors=_preprocessors(text_key, objective),
         output_features=_features(vocab, objective),
         metric_fns=[],
         shuffle_buffer_size=shuffle_buffer_size or seqio.SHUFFLE_BUFFER_SIZE,
-    )
-    _REGISTERED[name] = key
-    return name
-
-
-def _tfds_dir(tfds_data_dir: str | None) -> str:
-    return (
-        tfds_data_dir
-        or os.environ.get("TFDS_DATA_DIR")
-        or os.path.expanduser("~/tensorflow_datasets")
     )
 
 
@@ -107,10 +93,10 @@ def register_c4(
         ~/tensorflow_datasets. Checked now, with a clear error when the data is missing.
       vocabulary: SentencePiece model path or seqio vocabulary; default T5's C4 vocabulary.
     """
-    data_dir = _tfds_dir(tfds_data_dir)
-    key = (data_dir, vocabulary if isinstance(vocabulary, str) else id(vocabulary))
+    data_dir = registry.tfds_dir(tfds_data_dir)
+    key = (data_dir, registry.vocab_key(vocabulary))
     names = ("c4_v301_span_corruption", "c4_v301_lm")
-    if all(_REGISTERED.get(n) == key for n in names):
+    if all(registry.key_of(n) == key for n in names):
         return names
     _check_tfds(C4_TFDS, data_dir, "en")
     vocab = load_vocabulary(vocabulary)
@@ -132,14 +118,10 @@ def register_mc4(
       vocabulary: default mT5's 250k SentencePiece model.
       languages: mC4 language codes to mix.
     """
-    data_dir = _tfds_dir(tfds_data_dir)
-    key = (
-        data_dir,
-        vocabulary if isinstance(vocabulary, str) else id(vocabulary),
-        tuple(languages),
-    )
+    data_dir = registry.tfds_dir(tfds_data_dir)
+    key = (data_dir, registry.vocab_key(vocabulary), tuple(languages))
     name = "mc4_span_corruption"
-    if _REGISTERED.get(name) == key and name in seqio.MixtureRegistry.names():
+    if registry.is_current(name, key, seqio.MixtureRegistry):
         return name
     _check_tfds(MC4_TFDS, data_dir, "multilingual")
     vocab = load_vocabulary(vocabulary)
@@ -148,12 +130,8 @@ def register_mc4(
         splits = {"train": lang, "validation": f"{lang}-validation"}
         source = seqio.TfdsDataSource(MC4_TFDS, tfds_data_dir=data_dir, splits=splits)
         tasks.append(_add_task(f"{name}.{lang}", key, source, "span_corruption", vocab))
-    if name in seqio.MixtureRegistry.names():
-        seqio.MixtureRegistry.remove(name)
     rate = functools.partial(seqio.mixing_rate_num_examples, temperature=1 / MC4_SAMPLING_ALPHA)
-    seqio.MixtureRegistry.add(name, tasks, default_rate=rate)
-    _REGISTERED[name] = key
-    return name
+    return registry.add_mixture(name, key, tasks, default_rate=rate)
 
 
 def register_text_files(
@@ -181,8 +159,7 @@ def register_text_files(
         if not seqio.utils.list_files(pattern):
             raise DataError(f"no files match {pattern!r} for the '{split}' split of task {name}")
     vocab = load_vocabulary(vocabulary)
-    vocab_key = vocabulary if isinstance(vocabulary, str) else id(vocabulary)
-    key = (repr(splits), vocab_key, objective, shuffle_buffer_size)
+    key = (repr(splits), registry.vocab_key(vocabulary), objective, shuffle_buffer_size)
     source = seqio.TextLineDataSource(splits)
     return _add_task(name, key, source, objective, vocab, None, shuffle_buffer_size)
 
@@ -208,12 +185,15 @@ def register_embedded(
     return names
 
 
+# Name -> its register function; nothing registers until get_provider asks for a name.
 _BUILTIN = {
     "c4_v301_span_corruption": register_c4,
     "c4_v301_lm": register_c4,
     "mc4_span_corruption": register_mc4,
     "embedded_span_corruption": register_embedded,
     "embedded_lm": register_embedded,
+    **glue.BUILTIN,
+    **docstrings.BUILTIN,
 }
 
 
@@ -227,13 +207,12 @@ def get_provider(name: str, **options) -> seqio.DatasetProviderBase:
         registered. They must be empty for names registered elsewhere.
     """
     registered = name in seqio.TaskRegistry.names() or name in seqio.MixtureRegistry.names()
-    builtin = _builtins()
-    if name in builtin and (options or not registered):
-        accepted = inspect.signature(builtin[name]).parameters
+    if name in _BUILTIN and (options or not registered):
+        accepted = inspect.signature(_BUILTIN[name]).parameters
         unknown = sorted(set(options) - set(accepted))
         if unknown:  # e.g. VOCABULARY for an embedded task, which builds its own vocabulary
             raise DataError(f"options {unknown} do not apply to the built-in task {name!r}")
-        builtin[name](**options)
+        _BUILTIN[name](**options)
     elif options:
         raise DataError(f"options {sorted(options)} only apply to built-in tasks, not {name!r}")
     try:
@@ -245,11 +224,4 @@ def get_provider(name: str, **options) -> seqio.DatasetProviderBase:
 
 def builtin_names() -> tuple[str, ...]:
     """Names `get_provider` can register on demand."""
-    return tuple(_builtins())
-
-
-def _builtins() -> dict:
-    # Imported here: the supervised-task modules build on this one's helpers.
-    from switch_jax.data import docstrings, glue  # noqa: PLC0415
-
-    return {**_BUILTIN, **glue.BUILTIN, **docstrings.BUILTIN}
+    return tuple(_BUILTIN)

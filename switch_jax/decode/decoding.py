@@ -1,6 +1,6 @@
 """Decoding a trained model: jit-compiled generate (sampling / beam search) and score functions.
 
-    decoder = make_decoder(model_cfg, partitioner, DecodeConfig(beam_size=4))
+    decoder = make_decoder(run.model_cfg, run.partitioner, DecodeConfig(beam_size=4))
     out = decoder.generate(params, {"encoder_input_tokens": x_BS})    # encoder-decoder
     out = decoder.generate(params, {"decoder_prompt_tokens": p_BP})   # decoder-only
     out["tokens"] [B, L] (best beam; EOS then 0s), out["log_prob"] [B], out["length"] [B];
@@ -33,8 +33,10 @@ from flax import nnx
 from switch_jax.config.settings import DecodeConfig
 from switch_jax.decode import search
 from switch_jax.models.config import ConfigError, ModelConfig
+from switch_jax.models.size import abstract_model
 from switch_jax.models.transformer import Transformer
 from switch_jax.parallel.partitioning import Partitioner
+from switch_jax.training import losses
 
 __all__ = ["DecodeConfig", "Decoder", "make_decoder", "generate", "sequence_log_likelihood"]
 
@@ -153,23 +155,29 @@ def sequence_log_likelihood(model: Transformer, batch: dict) -> jax.Array:
     """Sum over weighted target tokens of log p(target), teacher-forced, no noise: [B]."""
     logits_BLV, _ = model(batch, train=False)
     targets_BL = batch["decoder_target_tokens"]
-    weights_BL = batch.get("decoder_loss_weights")
-    weights_BL = (targets_BL > 0) if weights_BL is None else weights_BL
     log_p_BLV = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
     log_p_BL = jnp.take_along_axis(log_p_BLV, targets_BL[..., None], -1)[..., 0]
-    return jnp.sum(log_p_BL * weights_BL.astype(jnp.float32), axis=1)
+    return jnp.sum(log_p_BL * losses.target_weights(batch), axis=1)
 
 
 def make_decoder(model_cfg: ModelConfig, partitioner: Partitioner, cfg: DecodeConfig) -> Decoder:
     """jit-compiled generate and score on `partitioner`'s mesh (batch over data x expert).
 
-    `cfg.max_decode_length` must be set (see DecodeConfig.for_length).
+    `model_cfg` is adapted to that mesh already (a Run's model_cfg, or
+    Partitioner.adapt_model_config's); `cfg.max_decode_length` must be set (see
+    DecodeConfig.for_length).
     """
     if cfg.max_decode_length is None:
         raise ConfigError("MAX_DECODE_LENGTH is not set (DecodeConfig.for_length sets it)")
-    model_cfg = decoding_model_config(partitioner.adapt_model_config(model_cfg), cfg)
-    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
-    graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+    if partitioner.adapt_model_config(model_cfg) != model_cfg:  # a check: adapting is build's
+        raise ConfigError(
+            "the model config is not adapted to the decoding mesh: pass the Run's model_cfg "
+            "(or Partitioner.adapt_model_config's)"
+        )
+    model_cfg = decoding_model_config(model_cfg, cfg)
+    # Its own graph: the decoding config (no dropout, eval capacity, dispatch) lives in the
+    # modules; the parameters are the training model's.
+    graphdef, abstract_params = nnx.split(abstract_model(model_cfg), nnx.Param)
     param_shardings = partitioner.param_shardings(abstract_params)
     rows = partitioner.batch_sharding
 

@@ -25,7 +25,7 @@ from switch_jax.decode.decoding import make_decoder
 from switch_jax.decode.evaluation import EOS_ID
 from switch_jax.models.config import ConfigError
 from switch_jax.store import checkpoints
-from switch_jax.training import build
+from switch_jax.training import build, losses
 
 
 class InputError(ValueError):
@@ -113,12 +113,13 @@ def infer(
     flush_each: bool = False,
 ) -> dict:
     """Decode (or score) `records`, writing one JSON line per record to `out`; returns totals."""
-    run = build.build_run(configs)
+    # The label objective: inference needs no distillation teacher, only the params' shapes.
+    run = build.build_run(configs, objective=losses.LABELS)
     ckpts = run.checkpoints()
     try:
         (chosen,) = checkpoints.select_steps(ckpts, step)
-        step_dir = os.fspath(ckpts.directory / str(chosen))
-        params = checkpoints.restore_params(step_dir, run.setup.abstract_state.params)
+        step_dir = os.fspath(ckpts.step_dir(chosen))
+        params = checkpoints.restore_params(step_dir, run.abstract_params)
     finally:
         ckpts.close()
     codec = _Codec(configs, run.model_cfg)

@@ -17,8 +17,8 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from switch_jax.formats import converted as md
 from switch_jax.formats import hf_config, layout, sources
-from switch_jax.formats import model_dir as md
 from switch_jax.models.config import ConfigError, ModelConfig
 
 VOCAB_NAMES = ("spiece.model", "sentencepiece.model")

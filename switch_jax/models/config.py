@@ -87,6 +87,7 @@ class MoeConfig:
         )
 
     def is_sparse(self, layer: int) -> bool:
+        """Whether layer `layer` (0-based, within its stack) has a Switch FFN."""
         return self.sparse_every > 0 and layer % self.sparse_every == self.sparse_every - 1
 
 
@@ -168,17 +169,21 @@ class ModelConfig:
 
     @property
     def is_encoder_decoder(self) -> bool:
+        """True for T5's encoder-decoder, False for a decoder-only model."""
         return self.architecture == "encoder_decoder"
 
     def stack_depths(self) -> tuple[int, ...]:
+        """Layer count of each stack: (encoder, decoder), or (decoder,) for decoder-only."""
         if self.is_encoder_decoder:
             return (self.num_encoder_layers, self.num_decoder_layers)
         return (self.num_decoder_layers,)
 
     def is_sparse(self, layer: int) -> bool:
+        """Whether layer `layer` of a stack has a Switch FFN (never for a dense model)."""
         return self.moe is not None and self.moe.is_sparse(layer)
 
     def replace(self, **changes) -> ModelConfig:
+        """A copy with `changes` applied (and validated again)."""
         return dataclasses.replace(self, **changes)
 
 

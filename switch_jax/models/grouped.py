@@ -5,8 +5,10 @@ only through gathers whose backward is the inverse gather (no scatter-add: XLA:C
 serially). Under a mesh the row work runs per batch shard in `shard_map`, so no token leaves
 its shard except through the expert all-to-all.
 
-Legend: G groups, T tokens per group, N tokens of a shard, D d_model, F d_ff, E experts,
-K experts per token, A = N*K assignments, R sorted rows, X expert shards, C capacity.
+Legend: G groups, T tokens per group, N tokens of a shard (or any rows a gather reads), M rows
+a gather writes, D d_model, F d_ff, E experts, P experts per token (the top-k picks),
+A = N*P (or T*P) assignments, R sorted rows, X expert shards, C capacity, Z = E*C slots,
+J blocks of b rows (so M = J*b in the blocked matmul).
 """
 
 from __future__ import annotations
@@ -72,28 +74,29 @@ def grouped_matmul(x_RD, w_EDF, sizes_E, impl: str, block: int) -> jax.Array:
 
 def _blocked_matmul(x_RD, w_EDF, sizes_E, block):
     """Every expert segment padded to whole blocks of `block` rows; one batched matmul over
-    the blocks with each block's expert kernel (static worst case: R/block + E blocks)."""
+    the blocks with each block's expert kernel (static worst case: J = R/block + E blocks)."""
     R, E = x_RD.shape[0], w_EDF.shape[0]
     b = max(1, min(block, R))
-    NB = -(-R // b) + E
+    J = -(-R // b) + E
+    M = J * b
     padded_E = -(-sizes_E // b) * b
     pad_end_E = jnp.cumsum(padded_E)
     pad_start_E = pad_end_E - padded_E
     start_E = jnp.cumsum(sizes_E) - sizes_E
-    pos_P = jnp.arange(NB * b, dtype=jnp.int32)
-    expert_P = jnp.minimum(jnp.searchsorted(pad_end_E, pos_P, side="right"), E - 1)
-    rank_P = pos_P - pad_start_E[expert_P]
-    src_P = jnp.where(rank_P < sizes_E[expert_P], start_E[expert_P] + rank_P, R)
+    pos_M = jnp.arange(M, dtype=jnp.int32)
+    expert_M = jnp.minimum(jnp.searchsorted(pad_end_E, pos_M, side="right"), E - 1)
+    rank_M = pos_M - pad_start_E[expert_M]
+    src_M = jnp.where(rank_M < sizes_E[expert_M], start_E[expert_M] + rank_M, R)
     rank_R = jnp.arange(R, dtype=jnp.int32) - start_E[_segment_of(sizes_E, R)]
     dst_R = pad_start_E[_segment_of(sizes_E, R)] + rank_R
-    dst_R = jnp.where(jnp.arange(R) < jnp.sum(sizes_E), dst_R, NB * b)
-    x_NbD = take_rows(x_RD, src_P, dst_R).reshape(NB, b, -1)
+    dst_R = jnp.where(jnp.arange(R) < jnp.sum(sizes_E), dst_R, M)
+    x_JbD = take_rows(x_RD, src_M, dst_R).reshape(J, b, -1)
     # Each block's kernel by a one-hot matmul: its backward is a matmul too, where indexing
     # would transpose to a serial scatter-add of [blocks, D, F] on XLA:CPU.
-    onehot_NE = jax.nn.one_hot(expert_P[::b], E, dtype=w_EDF.dtype)
-    w_NDF = jnp.einsum("ne,edf->ndf", onehot_NE, w_EDF)
-    y_NbF = jnp.einsum("nbd,ndf->nbf", x_NbD, w_NDF)
-    return take_rows(y_NbF.reshape(NB * b, -1), dst_R, src_P)
+    onehot_JE = jax.nn.one_hot(expert_M[::b], E, dtype=w_EDF.dtype)
+    w_JDF = jnp.einsum("je,edf->jdf", onehot_JE, w_EDF)
+    y_JbF = jnp.einsum("jbd,jdf->jbf", x_JbD, w_JDF)
+    return take_rows(y_JbF.reshape(M, -1), dst_R, src_M)
 
 
 def _segment_of(sizes_E, R):
@@ -105,28 +108,28 @@ def _segment_of(sizes_E, R):
 # --------------------------------------------------------------------------- experts on rows
 
 
-def _local_rows(x_ND, expert_NK, valid_NK, gate_NK, run, num_experts):
+def _local_rows(x_ND, expert_NP, valid_NP, gate_NP, run, num_experts):
     """One shard, all its experts local: sort, grouped FFN, unsort, gate-weighted combine."""
-    N, K = expert_NK.shape
-    A = N * K
-    order_R, sizes_E = sort_by_expert(expert_NK.reshape(A), valid_NK.reshape(A), num_experts)
+    N, P = expert_NP.shape
+    A = N * P
+    order_R, sizes_E = sort_by_expert(expert_NP.reshape(A), valid_NP.reshape(A), num_experts)
     rows_valid = jnp.arange(A) < jnp.sum(sizes_E)
     src_R = jnp.where(rows_valid, order_R, A)  # assignment of each row (A: empty row)
     dst_A = inverse_map(src_R, A)
-    x_AD = jnp.repeat(x_ND, K, axis=0) if K > 1 else x_ND
+    x_AD = jnp.repeat(x_ND, P, axis=0) if P > 1 else x_ND
     y_RD = run(take_rows(x_AD, src_R, dst_A), sizes_E)
     y_AD = take_rows(y_RD, dst_A, src_R)
-    y_NKD = y_AD.reshape(N, K, -1)
-    return jnp.einsum("nkd,nk->nd", y_NKD, gate_NK.astype(y_NKD.dtype))
+    y_NPD = y_AD.reshape(N, P, -1)
+    return jnp.einsum("npd,np->nd", y_NPD, gate_NP.astype(y_NPD.dtype))
 
 
-def _exchanged_rows(x_ND, expert_NK, valid_NK, gate_NK, run, num_experts, axis, X):
+def _exchanged_rows(x_ND, expert_NP, valid_NP, gate_NP, run, num_experts, axis, X):
     """Expert parallel over mesh axis `axis` (size X): every shard sends each expert shard a
     fixed [A, D] buffer (room for all its assignments: no capacity, so no drop), all-to-all,
     grouped FFN on the E/X local experts, all-to-all back, combine."""
-    N, K = expert_NK.shape
-    A, E_l = N * K, num_experts // X
-    expert_A, valid_A = expert_NK.reshape(A), valid_NK.reshape(A)
+    N, P = expert_NP.shape
+    A, E_l = N * P, num_experts // X
+    expert_A, valid_A = expert_NP.reshape(A), valid_NP.reshape(A)
     order_R, sizes_E = sort_by_expert(expert_A, valid_A, num_experts)
     sent_X = jnp.sum(sizes_E.reshape(X, E_l), axis=1)
     start_X = jnp.cumsum(sent_X) - sent_X
@@ -135,7 +138,7 @@ def _exchanged_rows(x_ND, expert_NK, valid_NK, gate_NK, run, num_experts, axis, 
     filled_XA = i_XA < sent_X[:, None]
     src_XA = jnp.where(filled_XA, order_R[jnp.minimum(start_X[:, None] + i_XA, A - 1)], A)
     dst_A = inverse_map(src_XA.reshape(X * A), A)
-    x_AD = jnp.repeat(x_ND, K, axis=0) if K > 1 else x_ND
+    x_AD = jnp.repeat(x_ND, P, axis=0) if P > 1 else x_ND
     send_XAD = take_rows(x_AD, src_XA.reshape(X * A), dst_A).reshape(X, A, -1)
     local_e = jnp.take(expert_A, jnp.minimum(src_XA, A - 1)) % E_l
     send_id_XA = jnp.where(filled_XA, local_e, E_l)
@@ -151,20 +154,20 @@ def _exchanged_rows(x_ND, expert_NK, valid_NK, gate_NK, run, num_experts, axis, 
     ).reshape(X, A, -1)
     back_XAD = jax.lax.all_to_all(y_XAD, axis, 0, 0, tiled=True)
     y_AD = take_rows(back_XAD.reshape(X * A, -1), dst_A, src_XA.reshape(X * A))
-    y_NKD = y_AD.reshape(N, K, -1)
-    return jnp.einsum("nkd,nk->nd", y_NKD, gate_NK.astype(y_NKD.dtype))
+    y_NPD = y_AD.reshape(N, P, -1)
+    return jnp.einsum("npd,np->nd", y_NPD, gate_NP.astype(y_NPD.dtype))
 
 
 # --------------------------------------------------------------------------- capacity rows
 
 
-def capacity_rows(x_GTD, expert_GTK, kept_GTK, gate_GTK, capacity: int, num_experts: int, ffn):
+def capacity_rows(x_GTD, expert_GTP, kept_GTP, gate_GTP, capacity: int, num_experts: int, ffn):
     """'sorted' where dense matmuls win (CPU, expert parallel): each group's kept rows, sorted
     by expert, fill the C slots of their expert ([G, E, C, D], the buffer `scatter` builds),
     `ffn` maps [G, E, C, D] -> [G, E, C, D]."""
     G, T, D = x_GTD.shape
-    K, E, C = expert_GTK.shape[-1], num_experts, capacity
-    A = T * K
+    P, E, C = expert_GTP.shape[-1], num_experts, capacity
+    A = T * P
 
     def slots(expert_A, kept_A):  # which assignment fills slot (e, c), A = none
         order_R, sizes_E = sort_by_expert(expert_A, kept_A, E)
@@ -173,13 +176,13 @@ def capacity_rows(x_GTD, expert_GTK, kept_GTK, gate_GTK, capacity: int, num_expe
         pos_EC = jnp.minimum(start_E[:, None] + c_C[None], A - 1)
         return jnp.where(c_C[None] < sizes_E[:, None], order_R[pos_EC], A).reshape(E * C)
 
-    src_GS = jax.vmap(slots)(expert_GTK.reshape(G, A), kept_GTK.reshape(G, A))
-    dst_GA = jax.vmap(inverse_map, (0, None))(src_GS, A)
-    x_GAD = jnp.repeat(x_GTD, K, axis=1) if K > 1 else x_GTD
-    x_GSD = jax.vmap(take_rows)(x_GAD, src_GS, dst_GA)
-    y_GSD = ffn(x_GSD.reshape(G, E, C, D)).reshape(G, E * C, D)
-    y_GTKD = jax.vmap(take_rows)(y_GSD, dst_GA, src_GS).reshape(G, T, K, D)
-    return jnp.einsum("gtkd,gtk->gtd", y_GTKD, gate_GTK.astype(y_GTKD.dtype))
+    src_GZ = jax.vmap(slots)(expert_GTP.reshape(G, A), kept_GTP.reshape(G, A))
+    dst_GA = jax.vmap(inverse_map, (0, None))(src_GZ, A)
+    x_GAD = jnp.repeat(x_GTD, P, axis=1) if P > 1 else x_GTD
+    x_GZD = jax.vmap(take_rows)(x_GAD, src_GZ, dst_GA)
+    y_GZD = ffn(x_GZD.reshape(G, E, C, D)).reshape(G, E * C, D)
+    y_GTPD = jax.vmap(take_rows)(y_GZD, dst_GA, src_GZ).reshape(G, T, P, D)
+    return jnp.einsum("gtpd,gtp->gtd", y_GTPD, gate_GTP.astype(y_GTPD.dtype))
 
 
 # --------------------------------------------------------------------------- mesh wrapper
@@ -201,7 +204,7 @@ def _mesh_axes(name: str, rules) -> tuple[str, ...]:
     return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
-def row_dispatch(x_GTD, expert_GTK, valid_GTK, gate_GTK, weights, key, ffn: Callable):
+def row_dispatch(x_GTD, expert_GTP, valid_GTP, gate_GTP, weights, key, ffn: Callable):
     """y_GTD of the valid assignments through `ffn(rows_RD, sizes_E, weights, key)` (the
     experts as grouped matmuls), run per batch shard under a mesh.
 
@@ -209,16 +212,16 @@ def row_dispatch(x_GTD, expert_GTK, valid_GTK, gate_GTK, weights, key, ffn: Call
     folded with the shard's position: not the single-device draw (its distribution is).
     """
     G, T, D = x_GTD.shape
-    K = expert_GTK.shape[-1]
+    P = expert_GTP.shape[-1]
     E = weights[0].shape[0]
     mesh = jax.sharding.get_abstract_mesh()
     rules = core_spmd.get_logical_axis_rules()
     if mesh.empty or not rules:
         flat = _local_rows(
             x_GTD.reshape(G * T, D),
-            expert_GTK.reshape(G * T, K),
-            valid_GTK.reshape(G * T, K),
-            gate_GTK.reshape(G * T, K),
+            expert_GTP.reshape(G * T, P),
+            valid_GTP.reshape(G * T, P),
+            gate_GTP.reshape(G * T, P),
             lambda rows, sizes: ffn(rows, sizes, weights, key),
             E,
         )
@@ -228,16 +231,18 @@ def row_dispatch(x_GTD, expert_GTK, valid_GTK, gate_GTK, weights, key, ffn: Call
 
     def shard(x, e, v, g, weights, key):
         if key is not None:
+            # One mask per shard: with the replicated key every shard would draw the same mask.
             for a in batch + mlp:
                 key = jax.random.fold_in(key, jax.lax.axis_index(a))
 
         def run(rows, sizes):
             y = ffn(rows, sizes, weights, key)
+            # d_ff is split over `mlp`: each shard's wo contraction is a partial sum.
             return jax.lax.psum(y, mlp) if mlp else y
 
         g_l, t = x.shape[:2]
-        args = (x.reshape(g_l * t, D), e.reshape(g_l * t, K), v.reshape(g_l * t, K))
-        args += (g.reshape(g_l * t, K), run)
+        args = (x.reshape(g_l * t, D), e.reshape(g_l * t, P), v.reshape(g_l * t, P))
+        args += (g.reshape(g_l * t, P), run)
         if X == 1:
             y = _local_rows(*args, E)
         else:
@@ -251,4 +256,4 @@ def row_dispatch(x_GTD, expert_GTK, valid_GTK, gate_GTK, weights, key, ffn: Call
     key_spec = None if key is None else jax.P()
     specs = (tok, tok, tok, tok, w_specs, key_spec)
     fn = jax.shard_map(shard, in_specs=specs, out_specs=tok)
-    return fn(x_GTD, expert_GTK, valid_GTK, gate_GTK, weights, key)
+    return fn(x_GTD, expert_GTP, valid_GTP, gate_GTP, weights, key)

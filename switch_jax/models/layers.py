@@ -1,7 +1,7 @@
 """T5.1.1 building blocks: RMSNorm, embeddings, dense MLP, relative-position attention.
 
 Legend: B batch, L length (Q queries / S keys), D d_model, F d_ff, H heads, K head dim, V vocab.
-Parameters name logical axes only; partitioning.py maps them to mesh axes.
+Parameters name logical axes only; parallel/partitioning.py maps them to mesh axes.
 """
 
 from __future__ import annotations
@@ -16,17 +16,26 @@ from flax.core import spmd as core_spmd
 
 from switch_jax.models.config import ModelConfig
 
+# Finite, so a query whose keys are all masked (a padding position) gets a uniform softmax
+# instead of NaN: its output is ignored, but a NaN would survive the loss weights (0 * NaN).
 NEG_INF = -1e9
 
 
 class Keys(NamedTuple):
-    """Per-call randomness: None means that kind of noise is off (evaluation)."""
+    """Per-call randomness: None means that kind of noise is off (evaluation).
+
+    A NamedTuple, so it passes through jit and scan as a pytree (scan splits each key).
+    """
 
     dropout: jax.Array | None = None
     jitter: jax.Array | None = None
 
-    def fold(self, n: int) -> Keys:
-        return Keys(*(None if k is None else jax.random.fold_in(k, n) for k in self))
+    def fold(self, stream: int) -> Keys:
+        """Both keys folded with `stream` (a value of models/streams.py, or a layer index)."""
+        return Keys(*(None if k is None else jax.random.fold_in(k, stream) for k in self))
+
+
+NO_NOISE = Keys()
 
 
 def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
@@ -39,6 +48,7 @@ def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout with a mask per element; the identity without a key (evaluation)."""
     if rate <= 0 or key is None:
         return x
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
@@ -75,17 +85,22 @@ def kernel_param(
 
 
 class RMSNorm(nnx.Module):
+    """T5's LayerNorm: scale only (no mean subtraction, no bias), statistics in float32."""
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.scale = param(jnp.ones((cfg.d_model,), cfg.param_dtype), ("embed",))
         self.dtype = cfg.dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x / rms(x) * scale over the last axis, returned in the activation dtype."""
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6)
         return (x32 * self.scale[...].astype(jnp.float32)).astype(self.dtype)
 
 
 class Embed(nnx.Module):
+    """Token embedding [V, D], shared by both stacks and, with tied logits, the output layer."""
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         init = nnx.initializers.normal(cfg.embedding_init_stddev)
         self.embedding = param(
@@ -95,6 +110,7 @@ class Embed(nnx.Module):
         self.dtype = cfg.dtype
 
     def __call__(self, tokens_BL: jax.Array) -> jax.Array:
+        """Embeddings of `tokens_BL` in the activation dtype (no sqrt(D) scale, as T5)."""
         x_BLD = jnp.take(self.embedding[...], tokens_BL, axis=0).astype(self.dtype)
         return constrain(x_BLD, ("batch", "length", "embed"))
 
@@ -106,6 +122,7 @@ class Embed(nnx.Module):
 
 
 def activate(cfg: ModelConfig, h: jax.Array, gate: jax.Array | None) -> jax.Array:
+    """The FFN nonlinearity of `cfg.activation`; `gate` (x W0) is used by GEGLU only."""
     if cfg.activation == "relu":
         return jax.nn.relu(h)
     if cfg.activation == "gelu":
@@ -124,6 +141,7 @@ class Mlp(nnx.Module):
         self.wo = kernel_param(rngs, cfg, (cfg.d_ff, cfg.d_model), ("mlp", "embed"))
 
     def __call__(self, x_BLD: jax.Array, keys: Keys) -> jax.Array:
+        """FFN output [B, L, D]; `keys.dropout` drops hidden units (None: no dropout)."""
         dt = self.cfg.dtype
         h_BLF = jnp.einsum("bld,df->blf", x_BLD, self.wi[...].astype(dt))
         gate = None
@@ -148,6 +166,7 @@ def relative_position_bucket(
     else:
         distance = jnp.maximum(distance, 0)
     max_exact = num_buckets // 2
+    # log(0) would be -inf; those distances take the exact branch below anyway.
     safe = jnp.maximum(distance, 1).astype(jnp.float32)
     log_ratio = jnp.log(safe / max_exact) / math.log(max_distance / max_exact)
     large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(relative_position.dtype)
@@ -167,7 +186,7 @@ class RelativePositionBias(nnx.Module):
         self.cfg = cfg
         self.bidirectional = bidirectional
 
-    def __call__(self, q_len: int, k_len: int, q_offset=0) -> jax.Array:
+    def __call__(self, q_len: int, k_len: int, q_offset: int | jax.Array = 0) -> jax.Array:
         """[1, H, Q, S] bias; queries sit at positions q_offset.. (a decoding step), keys at 0..."""
         relative_QS = jnp.arange(k_len)[None, :] - (jnp.arange(q_len) + q_offset)[:, None]
         bucket_QS = relative_position_bucket(
@@ -197,6 +216,7 @@ class Attention(nnx.Module):
         )
 
     def __call__(self, x_BQD, memory_BSD, bias_BHQS, keys: Keys) -> jax.Array:
+        """Queries `x_BQD` attend to `memory_BSD` (itself for self-attention); [B, Q, D]."""
         return self.attend(x_BQD, *self.project_kv(memory_BSD), bias_BHQS, keys)
 
     def project_kv(self, memory_BSD) -> tuple[jax.Array, jax.Array]:
@@ -207,9 +227,15 @@ class Attention(nnx.Module):
         return k_BSHK, v_BSHK
 
     def attend(self, x_BQD, k_BSHK, v_BSHK, bias_BHQS, keys: Keys) -> jax.Array:
+        """Attention over already projected keys/values (a decoding cache, or `project_kv`).
+
+        `bias_BHQS` is additive (relative positions plus masks; B or H may be 1); dropout, if
+        `keys.dropout`, drops attention probabilities as T5 does.
+        """
         dt = self.cfg.dtype
         q_BQHK = jnp.einsum("bqd,dhk->bqhk", x_BQD, self.query[...].astype(dt))
         q_BQHK = constrain(q_BQHK, ("batch", "length", "heads", "kv"))
+        # Softmax in float32: bfloat16 logits lose the small differences attention relies on.
         logits_BHQS = jnp.einsum("bqhk,bshk->bhqs", q_BQHK, k_BSHK).astype(jnp.float32)
         probs_BHQS = jax.nn.softmax(logits_BHQS + bias_BHQS, axis=-1).astype(dt)
         probs_BHQS = dropout(probs_BHQS, self.cfg.dropout_rate, keys.dropout)
@@ -217,7 +243,9 @@ class Attention(nnx.Module):
         return jnp.einsum("bqhk,hkd->bqd", ctx_BQHK, self.out[...].astype(dt))
 
 
-def attention_mask(q_segments_BQ, k_segments_BS, *, causal: bool, q_offset=0) -> jax.Array:
+def attention_mask(
+    q_segments_BQ, k_segments_BS, *, causal: bool, q_offset: int | jax.Array = 0
+) -> jax.Array:
     """Additive [B, 1, Q, S] mask: same packed segment, not padding, and causal if asked.
 
     `q_offset` is the position of the first query (decoding over a cache of keys 0..S-1).

@@ -1,7 +1,8 @@
 """Switch / MoE feed-forward layer: group tokens, route, dispatch to stacked experts, combine.
 
 Legend: B batch, L length, D d_model, F d_ff, G groups, T tokens per group, E experts,
-C capacity, K experts per token.
+C capacity, P experts per token (the top-k picks), A = T*P assignments, Z = E*C slots,
+R sorted rows.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ from flax import nnx
 from switch_jax.models import grouped, routing
 from switch_jax.models.config import ModelConfig, MoeConfig
 from switch_jax.models.layers import Keys, activate, constrain, dropout, kernel_param, param
-
-JITTER_STREAM = 1  # fold-in constants keep the layer's noise streams independent
-EXPERT_DROPOUT_STREAM = 2
+from switch_jax.models.streams import MoeStream
 
 # What 'auto' means per platform: a capacity dispatch everywhere (so the trained function does
 # not depend on the platform; 'dropless' is a different model), the fastest one measured
@@ -61,11 +60,21 @@ class MoeLayer(nnx.Module):
     def __call__(
         self, x_BLD: jax.Array, token_mask_BL: jax.Array, keys: Keys, *, train: bool
     ) -> tuple[jax.Array, routing.RouterStats]:
+        """(y_BLD, this layer's RouterStats).
+
+        Args:
+          x_BLD: normed layer input.
+          token_mask_BL: real tokens; padding takes no capacity and gets an output of 0.
+          keys: the FFN's keys: jitter (router input, train only) and expert dropout.
+          train: train capacity factor and jitter; else the eval capacity factor.
+        """
         B, L, D = x_BLD.shape
         moe = self.moe
         # Partitioner.adapt_model_config resolves 'auto' for the mesh's devices (AOT for TPU on
         # a CPU host); a bare layer resolves it for the default backend.
         dispatch = resolve_dispatch(moe.dispatch, jax.default_backend())
+        # Tokens route in groups of at most group_size: capacity grows with the group, so bounded
+        # groups keep the [G, T, E, C] dispatch linear in the batch.
         G = routing.num_groups(B * L, moe.group_size, moe.num_expert_partitions)
         T = B * L // G
         x_GTD = constrain(x_BLD.reshape(G, T, D), ("batch", "length", "embed"))
@@ -73,7 +82,7 @@ class MoeLayer(nnx.Module):
 
         jitter_key = None
         if train and keys.jitter is not None:
-            jitter_key = jax.random.fold_in(keys.jitter, JITTER_STREAM)
+            jitter_key = jax.random.fold_in(keys.jitter, MoeStream.JITTER)
         logits_GTE = routing.router_logits(
             x_GTD,
             self.router[...],
@@ -102,16 +111,16 @@ class MoeLayer(nnx.Module):
         if dispatch == "sorted" and (impl == "blocked" or grouped.expert_shards() > 1):
             # Capacity-bounded segments: dense matmuls, and the all-to-all of [E, G, C, D].
             y_GTD = grouped.capacity_rows(
-                x_GTD, r.expert_GTK, r.kept_GTK, r.gate_GTK, capacity, moe.num_experts, experts
+                x_GTD, r.expert_GTP, r.kept_GTP, r.gate_GTP, capacity, moe.num_experts, experts
             )
         else:
             weights = (self.wi[...], None if self.wi_gate is None else self.wi_gate[...])
             weights += (self.wo[...],)
             y_GTD = grouped.row_dispatch(
                 x_GTD,
-                r.expert_GTK,
-                r.kept_GTK,
-                r.gate_GTK,
+                r.expert_GTP,
+                r.kept_GTP,
+                r.gate_GTP,
                 weights,
                 self._dropout_key(keys),
                 functools.partial(self._rows_ffn, impl=impl),
@@ -121,7 +130,7 @@ class MoeLayer(nnx.Module):
     def _dropout_key(self, keys: Keys):
         if keys.dropout is None or self.moe.expert_dropout_rate <= 0:
             return None
-        return jax.random.fold_in(keys.dropout, EXPERT_DROPOUT_STREAM)
+        return jax.random.fold_in(keys.dropout, MoeStream.EXPERT_DROPOUT)
 
     def _rows_ffn(self, x_RD, sizes_E, weights, key, *, impl: str):
         """The experts on rows sorted by expert (segment sizes_E): grouped matmuls."""
@@ -158,11 +167,11 @@ def _einsum_dispatch(x_GTD, route: routing.Routing, num_experts: int, experts):
     """GShard one-hot dispatch/combine: cost O(G*T*E*C*D), paper-exact, TPU-friendly."""
     dt = x_GTD.dtype
     C = route.capacity
-    onehot_GTKE = jax.nn.one_hot(route.expert_GTK, num_experts, dtype=jnp.float32)
-    onehot_GTKC = jax.nn.one_hot(route.slot_GTK, C, dtype=jnp.float32)
-    kept_GTK = route.kept_GTK.astype(jnp.float32)
-    dispatch_GTEC = jnp.einsum("gtke,gtkc,gtk->gtec", onehot_GTKE, onehot_GTKC, kept_GTK)
-    combine_GTEC = jnp.einsum("gtke,gtkc,gtk->gtec", onehot_GTKE, onehot_GTKC, route.gate_GTK)
+    onehot_GTPE = jax.nn.one_hot(route.expert_GTP, num_experts, dtype=jnp.float32)
+    onehot_GTPC = jax.nn.one_hot(route.slot_GTP, C, dtype=jnp.float32)
+    kept_GTP = route.kept_GTP.astype(jnp.float32)
+    dispatch_GTEC = jnp.einsum("gtpe,gtpc,gtp->gtec", onehot_GTPE, onehot_GTPC, kept_GTP)
+    combine_GTEC = jnp.einsum("gtpe,gtpc,gtp->gtec", onehot_GTPE, onehot_GTPC, route.gate_GTP)
     # Cast back to the activation dtype before the all-to-all (selective precision).
     x_GECD = jnp.einsum("gtec,gtd->gecd", dispatch_GTEC.astype(dt), x_GTD)
     y_GECD = experts(x_GECD)
@@ -174,18 +183,19 @@ def _scatter_dispatch(x_GTD, route: routing.Routing, num_experts: int, experts):
     `take_rows` (its backward is the inverse gather, not a serial scatter-add)."""
     G, T, D = x_GTD.shape
     C = route.capacity
-    K = route.expert_GTK.shape[-1]
-    slots, A = num_experts * C, T * K
-    # Slot of each assignment (slots: dropped) and the assignment filling each slot (A: empty).
-    dst_GA = jnp.where(route.kept_GTK, route.expert_GTK * C + route.slot_GTK, slots)
+    P = route.expert_GTP.shape[-1]
+    Z, A = num_experts * C, T * P
+    # Slot of each assignment (Z: dropped) and the assignment filling each slot (A: empty).
+    dst_GA = jnp.where(route.kept_GTP, route.expert_GTP * C + route.slot_GTP, Z)
     dst_GA = dst_GA.reshape(G, A).astype(jnp.int32)
     assignment_A = jnp.arange(A, dtype=jnp.int32)
-    src_GS = jax.vmap(
-        lambda d: jnp.full((slots,), A, jnp.int32).at[d].set(assignment_A, mode="drop")
-    )(dst_GA)
-    x_GAD = jnp.repeat(x_GTD, K, axis=1) if K > 1 else x_GTD
-    x_GSD = jax.vmap(grouped.take_rows)(x_GAD, src_GS, dst_GA)
-    y_GSD = experts(x_GSD.reshape(G, num_experts, C, D)).reshape(G, slots, D)
-    y_GTKD = jax.vmap(grouped.take_rows)(y_GSD, dst_GA, src_GS).reshape(G, T, K, D)
-    gate_GTK = route.gate_GTK.astype(x_GTD.dtype)
-    return jnp.einsum("gtkd,gtk->gtd", y_GTKD, gate_GTK)
+    # mode="drop" discards the dropped assignments' out-of-range index Z.
+    src_GZ = jax.vmap(lambda d: jnp.full((Z,), A, jnp.int32).at[d].set(assignment_A, mode="drop"))(
+        dst_GA
+    )
+    x_GAD = jnp.repeat(x_GTD, P, axis=1) if P > 1 else x_GTD
+    x_GZD = jax.vmap(grouped.take_rows)(x_GAD, src_GZ, dst_GA)
+    y_GZD = experts(x_GZD.reshape(G, num_experts, C, D)).reshape(G, Z, D)
+    y_GTPD = jax.vmap(grouped.take_rows)(y_GZD, dst_GA, src_GZ).reshape(G, T, P, D)
+    gate_GTP = route.gate_GTP.astype(x_GTD.dtype)
+    return jnp.einsum("gtpd,gtp->gtd", y_GTPD, gate_GTP)

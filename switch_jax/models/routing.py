@@ -1,6 +1,7 @@
 """Router math only: float32 logits, jitter, top-k choice, capacity, aux and z losses, statistics.
 
-Legend: G groups, T tokens per group, D d_model, E experts, K experts per token, C capacity.
+Legend: G groups, T tokens per group, D d_model, E experts, P experts per token (the top-k
+picks), C capacity.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from switch_jax.models.config import ConfigError
 class Routing(NamedTuple):
     """Where every token goes. Dropped or padding assignments have `kept=False` and gate 0."""
 
-    expert_GTK: jax.Array  # int32 expert chosen for each of the K assignments of a token
-    slot_GTK: jax.Array  # int32 position inside that expert's buffer (meaningless if not kept)
-    kept_GTK: jax.Array  # bool: assignment fits in capacity and the token is real
-    gate_GTK: jax.Array  # float32 router probability of the chosen expert, 0 where not kept
+    expert_GTP: jax.Array  # int32 expert chosen for each of the P assignments of a token
+    slot_GTP: jax.Array  # int32 position inside that expert's buffer (meaningless if not kept)
+    kept_GTP: jax.Array  # bool: assignment fits in capacity and the token is real
+    gate_GTP: jax.Array  # float32 router probability of the chosen expert, 0 where not kept
     capacity: int | None  # None: dropless (no capacity, slots unused)
 
 
@@ -32,7 +33,7 @@ class RouterStats(NamedTuple):
     expert_fraction: jax.Array  # [E] fraction of real token assignments sent to each expert
     fraction_dropped: jax.Array  # fraction of real token assignments over capacity
     router_confidence: jax.Array  # mean over real tokens of the summed top-k probabilities
-    # C * E / (T * K): the capacity factor really used. Dropless: the one the busiest expert
+    # C * E / (T * P): the capacity factor really used. Dropless: the one the busiest expert
     # of the busiest group needed (no assignment dropped at or above it).
     effective_capacity_factor: jax.Array
 
@@ -44,6 +45,8 @@ def expert_capacity(
     if capacity_factor <= 0:
         raise ConfigError(f"capacity factor must be > 0, got {capacity_factor}")
     capacity = max(int(round(capacity_factor * tokens_per_group / num_experts)), min_capacity)
+    # More than T slots could never fill (an expert gets at most every token of its group);
+    # at least 1 even with min_capacity=0, so that no expert buffer is empty.
     return max(1, min(capacity, tokens_per_group))
 
 
@@ -104,23 +107,23 @@ def route(
     G, T, E = logits_GTE.shape
     real_GT = token_mask_GT.astype(bool)
     probs_GTE = jax.nn.softmax(logits_GTE, axis=-1)
-    gate_GTK, expert_GTK = _top_k(probs_GTE, top_k)
-    wants_GTK = jnp.broadcast_to(real_GT[..., None], expert_GTK.shape)
+    gate_GTP, expert_GTP = _top_k(probs_GTE, top_k)
+    wants_GTP = jnp.broadcast_to(real_GT[..., None], expert_GTP.shape)
 
     if capacity is None:
-        slot_GTK, kept_GTK = jnp.zeros_like(expert_GTK), wants_GTK
+        slot_GTP, kept_GTP = jnp.zeros_like(expert_GTP), wants_GTP
     else:
         order_GT = _priority_order(probs_GTE, real_GT) if batch_prioritized else None
-        slot_GTK = _slots_in_priority_order(expert_GTK, wants_GTK, order_GT, E)
-        kept_GTK = wants_GTK & (slot_GTK < capacity)
+        slot_GTP = _slots_in_priority_order(expert_GTP, wants_GTP, order_GT, E)
+        kept_GTP = wants_GTP & (slot_GTP < capacity)
     routing = Routing(
-        expert_GTK=expert_GTK,
-        slot_GTK=slot_GTK,
-        kept_GTK=kept_GTK,
-        gate_GTK=jnp.where(kept_GTK, gate_GTK, 0.0),
+        expert_GTP=expert_GTP,
+        slot_GTP=slot_GTP,
+        kept_GTP=kept_GTP,
+        gate_GTP=jnp.where(kept_GTP, gate_GTP, 0.0),
         capacity=capacity,
     )
-    return routing, _stats(logits_GTE, probs_GTE, expert_GTK, gate_GTK, real_GT, kept_GTK, capacity)
+    return routing, _stats(logits_GTE, probs_GTE, expert_GTP, gate_GTP, real_GT, kept_GTP, capacity)
 
 
 def _top_k(probs_GTE: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -143,34 +146,34 @@ def _priority_order(probs_GTE, real_GT):
     return jnp.argsort(-confidence_GT, axis=-1, stable=True).astype(jnp.int32)
 
 
-def _slots_in_priority_order(expert_GTK, wants_GTK, order_GT, num_experts):
+def _slots_in_priority_order(expert_GTP, wants_GTP, order_GT, num_experts):
     """0-based position of each assignment in its expert's queue (cumsum over priority order;
     `order_GT=None` is token order, which needs no permutation)."""
-    G, T, K = expert_GTK.shape
+    G, T, P = expert_GTP.shape
     take = jax.vmap(lambda a, idx: a[idx])
-    onehot_GTKE = jax.nn.one_hot(expert_GTK, num_experts, dtype=jnp.int32)
-    onehot_GTKE = onehot_GTKE * wants_GTK[..., None]
+    onehot_GTPE = jax.nn.one_hot(expert_GTP, num_experts, dtype=jnp.int32)
+    onehot_GTPE = onehot_GTPE * wants_GTP[..., None]
     if order_GT is not None:
-        onehot_GTKE = take(onehot_GTKE, order_GT)
-    # Priority runs over (k, token): every first choice, then every second choice.
-    ordered_GKTE = jnp.swapaxes(onehot_GTKE, 1, 2)
-    position_GKTE = jnp.cumsum(ordered_GKTE.reshape(G, K * T, num_experts), axis=1)
-    position_GKTE = position_GKTE.reshape(G, K, T, num_experts) - 1
-    slot_GKT = jnp.sum(position_GKTE * ordered_GKTE, axis=-1)
-    slot_ordered_GTK = jnp.swapaxes(slot_GKT, 1, 2)
+        onehot_GTPE = take(onehot_GTPE, order_GT)
+    # Priority runs over (pick, token): every first choice, then every second choice.
+    ordered_GPTE = jnp.swapaxes(onehot_GTPE, 1, 2)
+    position_GPTE = jnp.cumsum(ordered_GPTE.reshape(G, P * T, num_experts), axis=1)
+    position_GPTE = position_GPTE.reshape(G, P, T, num_experts) - 1
+    slot_GPT = jnp.sum(position_GPTE * ordered_GPTE, axis=-1)
+    slot_ordered_GTP = jnp.swapaxes(slot_GPT, 1, 2)
     if order_GT is None:
-        return slot_ordered_GTK.astype(jnp.int32)
+        return slot_ordered_GTP.astype(jnp.int32)
     inverse_GT = jnp.argsort(order_GT, axis=-1)
-    return take(slot_ordered_GTK, inverse_GT).astype(jnp.int32)
+    return take(slot_ordered_GTP, inverse_GT).astype(jnp.int32)
 
 
-def _stats(logits_GTE, probs_GTE, expert_GTK, gate_GTK, real_GT, kept_GTK, capacity):
+def _stats(logits_GTE, probs_GTE, expert_GTP, gate_GTP, real_GT, kept_GTP, capacity):
     G, T, E = probs_GTE.shape
-    K = expert_GTK.shape[-1]
+    P = expert_GTP.shape[-1]
     real_f = real_GT.astype(jnp.float32)
     n_real_G = jnp.maximum(real_f.sum(-1), 1.0)
     # f counts the router's choice before capacity drops (paper Eq. 5, Mesh TF density_1).
-    chosen_GTE = jnp.max(jax.nn.one_hot(expert_GTK, E, dtype=jnp.float32), axis=-2)
+    chosen_GTE = jnp.max(jax.nn.one_hot(expert_GTP, E, dtype=jnp.float32), axis=-2)
     f_GE = jnp.einsum("gte,gt->ge", chosen_GTE, real_f) / n_real_G[:, None]
     p_GE = jnp.einsum("gte,gt->ge", probs_GTE, real_f) / n_real_G[:, None]
     aux = jnp.mean(jnp.sum(f_GE * p_GE, axis=-1)) * E
@@ -178,15 +181,15 @@ def _stats(logits_GTE, probs_GTE, expert_GTK, gate_GTK, real_GT, kept_GTK, capac
     n_real = jnp.maximum(real_f.sum(), 1.0)
     z_GT = jax.nn.logsumexp(logits_GTE, axis=-1) ** 2
     router_z = jnp.sum(z_GT * real_f) / n_real
-    assigned = n_real * K
-    expert_fraction = jnp.einsum("gtke,gt->e", jax.nn.one_hot(expert_GTK, E), real_f) / assigned
-    dropped = jnp.sum(real_f[..., None] * (1.0 - kept_GTK.astype(jnp.float32))) / assigned
-    confidence = jnp.sum(gate_GTK.sum(-1) * real_f) / n_real
+    assigned = n_real * P
+    expert_fraction = jnp.einsum("gtpe,gt->e", jax.nn.one_hot(expert_GTP, E), real_f) / assigned
+    dropped = jnp.sum(real_f[..., None] * (1.0 - kept_GTP.astype(jnp.float32))) / assigned
+    confidence = jnp.sum(gate_GTP.sum(-1) * real_f) / n_real
     if capacity is None:
-        load_GE = jnp.einsum("gtke,gt->ge", jax.nn.one_hot(expert_GTK, E), real_f)
-        effective = jnp.max(load_GE) * E / (T * K)
+        load_GE = jnp.einsum("gtpe,gt->ge", jax.nn.one_hot(expert_GTP, E), real_f)
+        effective = jnp.max(load_GE) * E / (T * P)
     else:
-        effective = jnp.asarray(capacity * E / (T * K), jnp.float32)
+        effective = jnp.asarray(capacity * E / (T * P), jnp.float32)
     return RouterStats(
         aux_loss=aux,
         router_z_loss=router_z,

@@ -26,12 +26,19 @@ class ModelInfo:
 
 
 def abstract_model(cfg: ModelConfig) -> Transformer:
+    """The model of `cfg` with ShapeDtypeStruct leaves: graph, shapes and logical axes, nothing
+    allocated. The one place a Transformer is built abstractly (training.steps, decoding and the
+    counts here take their graph and shapes from it)."""
     return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
 
 
-def count_params(cfg: ModelConfig) -> tuple[int, int]:
-    """(total, expert) parameter counts; expert parameters carry a leading 'expert' axis."""
-    params = nnx.state(abstract_model(cfg), nnx.Param)
+def count_params(cfg: ModelConfig, params=None) -> tuple[int, int]:
+    """(total, expert) parameter counts; expert parameters carry a leading 'expert' axis.
+
+    `params`: the abstract params of `cfg` when the caller has them (else built here).
+    """
+    if params is None:
+        params = nnx.state(abstract_model(cfg), nnx.Param)
     total = expert = 0
     for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable)):
         size = int(leaf.size)
@@ -42,9 +49,12 @@ def count_params(cfg: ModelConfig) -> tuple[int, int]:
     return total, expert
 
 
-def model_info(cfg: ModelConfig, input_length: int = 512, target_length: int = 114) -> ModelInfo:
-    """FLOPs for span-corruption lengths (encoder-decoder) or a target_length LM sequence."""
-    total, expert = count_params(cfg)
+def model_info(
+    cfg: ModelConfig, input_length: int = 512, target_length: int = 114, *, params=None
+) -> ModelInfo:
+    """FLOPs for span-corruption lengths (encoder-decoder) or a target_length LM sequence;
+    `params` as for count_params."""
+    total, expert = count_params(cfg, params)
     k_over_e = cfg.moe.top_k / cfg.moe.num_experts if cfg.moe else 0.0
     active = total - expert + int(round(expert * k_over_e))
     flops = _sequence_flops(cfg, input_length, target_length)

@@ -1,7 +1,7 @@
 """Encoder-decoder and decoder-only T5.1.1 stacks interleaving dense and Switch FFN layers.
 
-Legend: B batch, L length (Q new decoder positions / S cached positions), D d_model, V vocab.
-Batches use seqio feature-converter names (encoder_input_tokens, decoder_input_tokens, ...).
+Legend: B batch, L length (Q new decoder positions / S cached or encoder positions), D d_model,
+H heads, V vocab. Batches use seqio feature-converter names (encoder_input_tokens, ...).
 
 Inference: `init_cache` holds, per decoder layer, the self-attention keys/values of every
 position decoded so far and the cross-attention keys/values of the encoder output (computed
@@ -11,6 +11,7 @@ once); `decode` runs new positions against it. The training path (`__call__`) do
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ from flax import nnx
 
 from switch_jax.models.config import ModelConfig
 from switch_jax.models.layers import (
+    NO_NOISE,
     Attention,
     Embed,
     Keys,
@@ -31,8 +33,17 @@ from switch_jax.models.layers import (
 )
 from switch_jax.models.moe import MoeLayer
 from switch_jax.models.routing import RouterStats
+from switch_jax.models.streams import STACK_OUTPUT, LayerStream, ModelStream
 
-NO_NOISE = Keys()
+
+class StackContext(NamedTuple):
+    """What every layer of a stack shares in one call (a pytree: scan bodies close over it)."""
+
+    self_bias_BHQS: jax.Array  # relative positions + packing / padding / causal mask
+    token_mask_BQ: jax.Array  # bool: real tokens, the ones that take MoE capacity
+    encoded_BSD: jax.Array | None = None  # encoder output (training; decoding caches its K/V)
+    cross_bias_BHQS: jax.Array | None = None  # [B, 1, Q, S] encoder packing / padding mask
+    index: int | jax.Array | None = None  # decoding: position of the first new token
 
 
 class Layer(nnx.Module):
@@ -47,47 +58,53 @@ class Layer(nnx.Module):
         self.pre_mlp_norm = RMSNorm(cfg, rngs=rngs)
         self.mlp = MoeLayer(cfg, rngs=rngs) if sparse else Mlp(cfg, rngs=rngs)
 
-    def __call__(self, x_BLD, ctx: dict, keys: Keys, *, train: bool):
+    def __call__(self, x_BLD, ctx: StackContext, keys: Keys, *, train: bool):
+        """(x_BLD, RouterStats or None for a dense layer) over whole sequences."""
         h = self.pre_self_attention_norm(x_BLD)
-        h = self.self_attention(h, h, ctx["self_bias"], keys.fold(0))
-        x_BLD = x_BLD + dropout(h, self.cfg.dropout_rate, keys.fold(1).dropout)
+        h = self.self_attention(h, h, ctx.self_bias_BHQS, keys.fold(LayerStream.SELF_ATTENTION))
+        residual_key = keys.fold(LayerStream.SELF_ATTENTION_RESIDUAL).dropout
+        x_BLD = x_BLD + dropout(h, self.cfg.dropout_rate, residual_key)
         return self._cross_and_ffn(x_BLD, ctx, keys, train=train)
 
     def init_cache(self, batch_size: int, length: int, encoded_BSD=None) -> dict:
+        """Zero self-attention K/V for `length` positions; cross K/V of `encoded_BSD` now."""
         shape = (batch_size, length, self.cfg.num_heads, self.cfg.head_dim)
         cache = {"k": jnp.zeros(shape, self.cfg.dtype), "v": jnp.zeros(shape, self.cfg.dtype)}
         if self.cross_attention is not None:
             cache["cross_k"], cache["cross_v"] = self.cross_attention.project_kv(encoded_BSD)
         return cache
 
-    def decode(self, x_BQD, ctx: dict, cache: dict):
-        """New positions ctx['index'].. : their keys/values go into the cache, then attend."""
+    def decode(self, x_BQD, ctx: StackContext, cache: dict):
+        """New positions ctx.index.. : their keys/values go into the cache, then attend."""
         h = self.pre_self_attention_norm(x_BQD)
         axes = ("batch", "length", "heads", "kv")
         new = dict(cache)
         for name, value in zip(("k", "v"), self.self_attention.project_kv(h), strict=True):
-            updated = jax.lax.dynamic_update_slice_in_dim(cache[name], value, ctx["index"], 1)
+            updated = jax.lax.dynamic_update_slice_in_dim(cache[name], value, ctx.index, 1)
             new[name] = constrain(updated, axes)
-        h = self.self_attention.attend(h, new["k"], new["v"], ctx["self_bias"], NO_NOISE)
+        h = self.self_attention.attend(h, new["k"], new["v"], ctx.self_bias_BHQS, NO_NOISE)
         cross_kv = (cache["cross_k"], cache["cross_v"]) if "cross_k" in cache else None
         x_BQD, stats = self._cross_and_ffn(x_BQD + h, ctx, NO_NOISE, train=False, cross_kv=cross_kv)
         return x_BQD, new, stats
 
-    def _cross_and_ffn(self, x_BLD, ctx: dict, keys: Keys, *, train: bool, cross_kv=None):
+    def _cross_and_ffn(self, x_BLD, ctx: StackContext, keys: Keys, *, train: bool, cross_kv=None):
         rate = self.cfg.dropout_rate
         if self.cross_attention is not None:
             h = self.pre_cross_attention_norm(x_BLD)
             if cross_kv is None:
-                cross_kv = self.cross_attention.project_kv(ctx["encoded"])
-            h = self.cross_attention.attend(h, *cross_kv, ctx["cross_bias"], keys.fold(2))
-            x_BLD = x_BLD + dropout(h, rate, keys.fold(3).dropout)
+                cross_kv = self.cross_attention.project_kv(ctx.encoded_BSD)
+            cross_keys = keys.fold(LayerStream.CROSS_ATTENTION)
+            h = self.cross_attention.attend(h, *cross_kv, ctx.cross_bias_BHQS, cross_keys)
+            residual_key = keys.fold(LayerStream.CROSS_ATTENTION_RESIDUAL).dropout
+            x_BLD = x_BLD + dropout(h, rate, residual_key)
         h = self.pre_mlp_norm(x_BLD)
         stats = None
+        ffn_keys = keys.fold(LayerStream.FFN)
         if isinstance(self.mlp, MoeLayer):
-            h, stats = self.mlp(h, ctx["token_mask"], keys.fold(4), train=train)
+            h, stats = self.mlp(h, ctx.token_mask_BQ, ffn_keys, train=train)
         else:
-            h = self.mlp(h, keys.fold(4))
-        x_BLD = x_BLD + dropout(h, rate, keys.fold(5).dropout)
+            h = self.mlp(h, ffn_keys)
+        x_BLD = x_BLD + dropout(h, rate, keys.fold(LayerStream.FFN_RESIDUAL).dropout)
         return constrain(x_BLD, ("batch", "length", "embed")), stats
 
 
@@ -104,7 +121,8 @@ class Block(nnx.Module):
             ]
         )
 
-    def __call__(self, x_BLD, ctx, keys: Keys, *, train: bool):
+    def __call__(self, x_BLD, ctx: StackContext, keys: Keys, *, train: bool):
+        """(x_BLD, RouterStats of the block's sparse layers in order); layer i gets keys.fold(i)."""
         all_stats = []
         for i, layer in enumerate(self.layers):
             x_BLD, stats = layer(x_BLD, ctx, keys.fold(i), train=train)
@@ -113,9 +131,11 @@ class Block(nnx.Module):
         return x_BLD, all_stats
 
     def init_cache(self, batch_size: int, length: int, encoded_BSD=None) -> tuple:
+        """One cache per layer."""
         return tuple(layer.init_cache(batch_size, length, encoded_BSD) for layer in self.layers)
 
-    def decode(self, x_BQD, ctx, cache: tuple):
+    def decode(self, x_BQD, ctx: StackContext, cache: tuple):
+        """`Layer.decode` through the block's layers: (x_BQD, new cache, sparse-layer stats)."""
         new, all_stats = [], []
         for layer, layer_cache in zip(self.layers, cache, strict=True):
             x_BQD, layer_cache, stats = layer.decode(x_BQD, ctx, layer_cache)
@@ -138,6 +158,7 @@ class Stack(nnx.Module):
         self.cfg, self.causal = cfg, causal
         self.relpos_bias = RelativePositionBias(cfg, bidirectional=not causal, rngs=rngs)
         self.final_norm = RMSNorm(cfg, rngs=rngs)
+        # scan needs identical bodies: a block is one period of the dense/sparse pattern.
         every = cfg.moe.sparse_every if (cfg.moe and cfg.moe.sparse_every) else 1
         if cfg.scan_layers:
             self.num_blocks = num_layers // every
@@ -160,15 +181,26 @@ class Stack(nnx.Module):
     def __call__(
         self, x_BLD, segments_BL, keys: Keys, *, train: bool, encoded=None, encoder_segments_BS=None
     ):
+        """(normed and dropped-out x_BLD, stacked RouterStats or None) over whole sequences.
+
+        Args:
+          x_BLD: embedded (and dropped-out) tokens.
+          segments_BL: packed segment ids, 0 for padding.
+          keys: this stack's noise; block i gets keys.fold(i) (a split key under scan).
+          train: selects the MoE train capacity factor and router jitter.
+          encoded: encoder output to cross-attend to (decoder of an encoder-decoder model).
+          encoder_segments_BS: the encoder's segment ids, with `encoded`.
+        """
         L = x_BLD.shape[1]
-        ctx = {
-            "self_bias": self.relpos_bias(L, L)
-            + attention_mask(segments_BL, segments_BL, causal=self.causal),
-            "token_mask": segments_BL > 0,
-        }
+        self_bias_BHLL = self.relpos_bias(L, L) + attention_mask(
+            segments_BL, segments_BL, causal=self.causal
+        )
+        cross_bias = None
         if encoded is not None:
-            ctx["encoded"] = encoded
-            ctx["cross_bias"] = attention_mask(segments_BL, encoder_segments_BS, causal=False)
+            cross_bias = attention_mask(segments_BL, encoder_segments_BS, causal=False)
+        ctx = StackContext(
+            self_bias_BHLL, segments_BL > 0, encoded_BSD=encoded, cross_bias_BHQS=cross_bias
+        )
         if self.cfg.scan_layers:
             x_BLD, stats = self._scan(x_BLD, ctx, keys, train)
         else:
@@ -178,11 +210,13 @@ class Stack(nnx.Module):
                 stats.extend(block_stats)
             stats = _stack(stats)
         x_BLD = self.final_norm(x_BLD)
-        return dropout(x_BLD, self.cfg.dropout_rate, keys.fold(10_000).dropout), stats
+        return dropout(x_BLD, self.cfg.dropout_rate, keys.fold(STACK_OUTPUT).dropout), stats
 
-    def _scan(self, x_BLD, ctx, keys: Keys, train: bool):
+    def _scan(self, x_BLD, ctx: StackContext, keys: Keys, train: bool):
         graphdef, state = nnx.split(self.blocks)
         n = self.num_blocks
+        # scan takes per-block keys as a stacked input, hence split (not fold_in(i)): scanned and
+        # unscanned models draw different noise from the same keys.
         block_keys = Keys(*(None if k is None else jax.random.split(k, n) for k in keys))
 
         def body(x, scanned):
@@ -209,15 +243,15 @@ class Stack(nnx.Module):
         """Inference on Q new positions starting at `index` (keys 0..S-1 are cached)."""
         B, Q = token_mask_BQ.shape
         S = key_valid_BS.shape[1]
+        # Every new position is a query of one segment; which keys count comes from key_valid_BS.
         queries_BQ = jnp.ones((B, Q), jnp.int32)
-        ctx = {
-            "index": index,
-            "self_bias": self.relpos_bias(Q, S, q_offset=index)
-            + attention_mask(queries_BQ, key_valid_BS, causal=True, q_offset=index),
-            "token_mask": token_mask_BQ,
-        }
+        self_bias_BHQS = self.relpos_bias(Q, S, q_offset=index) + attention_mask(
+            queries_BQ, key_valid_BS, causal=True, q_offset=index
+        )
+        cross_bias = None
         if encoder_valid_BS is not None:
-            ctx["cross_bias"] = attention_mask(queries_BQ, encoder_valid_BS, causal=False)
+            cross_bias = attention_mask(queries_BQ, encoder_valid_BS, causal=False)
+        ctx = StackContext(self_bias_BHQS, token_mask_BQ, cross_bias_BHQS=cross_bias, index=index)
         if self.cfg.scan_layers:
             graphdef, state = nnx.split(self.blocks)
 
@@ -281,6 +315,7 @@ class Transformer(nnx.Module):
         )
 
     def __call__(self, batch: dict, *, train: bool = False, keys: Keys = NO_NOISE):
+        """Teacher-forced forward pass of a seqio-style batch (see the class docstring)."""
         cfg = self.cfg
         stats = {}
         encoded = enc_segments = None
@@ -293,11 +328,12 @@ class Transformer(nnx.Module):
         if targets is None:  # inference: the BOS = 0 opening every decoder input is real
             targets = jnp.asarray(dec_tokens).at[:, 0].set(1)
         dec_segments = _segments(batch, "decoder", targets)
-        y = dropout(self.token_embedder(dec_tokens), cfg.dropout_rate, keys.fold(3).dropout)
+        embedding_key = keys.fold(ModelStream.DECODER_EMBEDDING).dropout
+        y = dropout(self.token_embedder(dec_tokens), cfg.dropout_rate, embedding_key)
         y, stats["decoder"] = self.decoder(
             y,
             dec_segments,
-            keys.fold(4),
+            keys.fold(ModelStream.DECODER),
             train=train,
             encoded=encoded,
             encoder_segments_BS=enc_segments,
@@ -306,8 +342,9 @@ class Transformer(nnx.Module):
 
     def encode(self, tokens_BS, segments_BS, keys: Keys = NO_NOISE, *, train: bool = False):
         """(encoder output [B, S, D], encoder RouterStats)."""
-        x = dropout(self.token_embedder(tokens_BS), self.cfg.dropout_rate, keys.fold(1).dropout)
-        return self.encoder(x, segments_BS, keys.fold(2), train=train)
+        embedding_key = keys.fold(ModelStream.ENCODER_EMBEDDING).dropout
+        x = dropout(self.token_embedder(tokens_BS), self.cfg.dropout_rate, embedding_key)
+        return self.encoder(x, segments_BS, keys.fold(ModelStream.ENCODER), train=train)
 
     def init_cache(self, batch_size: int, length: int, encoded_BSD=None, encoder_valid_BS=None):
         """Empty decoder cache for `length` positions; cross K/V of `encoded_BSD` filled now."""

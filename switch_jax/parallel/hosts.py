@@ -38,7 +38,7 @@ def initialize(
       local_device_ids: devices this process drives (default: all it sees).
       timeout_s: how long to wait for the other processes.
     """
-    if jax.distributed.is_initialized():
+    if jax.distributed.is_initialized():  # tests and notebooks may call an entry twice
         return True
     env = os.environ
     coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")

@@ -168,10 +168,12 @@ class Partitioner:
         return self.mesh.devices.flat[0].platform
 
     def axis_size(self, name: str) -> int:
+        """Devices along mesh axis `name` ('data', 'expert' or 'model')."""
         return self.mesh.shape[name]
 
     @property
     def is_abstract(self) -> bool:
+        """True for a planning mesh without devices (`info`): nothing can be placed on it."""
         return isinstance(self.mesh, AbstractMesh)
 
     @property
@@ -235,6 +237,7 @@ class Partitioner:
         return P(*core_spmd.from_sharding_rules(tuple(logical_axes), rules))
 
     def sharding(self, logical_axes: Sequence[str | None], *, param: bool = False):
+        """NamedSharding of an array whose dimensions carry `logical_axes` (see mesh_spec)."""
         return NamedSharding(self.mesh, self.mesh_spec(logical_axes, param=param))
 
     def param_shardings(self, abstract_params):
@@ -256,6 +259,7 @@ class Partitioner:
 
     @property
     def replicated(self) -> NamedSharding:
+        """A full copy on every device (scalars, the step counter, RNG keys)."""
         return NamedSharding(self.mesh, P())
 
     @property

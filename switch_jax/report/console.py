@@ -66,17 +66,20 @@ class Eta:
         self._last: tuple[int, float] | None = None
 
     def update(self, step: int) -> None:
+        """Note that `step` has just finished."""
         now = self.clock()
         if self._base is None:
             self._base = (step, now)
         self._last = (step, now)
 
     def seconds_per_step(self) -> float | None:
+        """Wall seconds per step since the first step; None until a later step has finished."""
         if self._base is None or self._last is None or self._last[0] <= self._base[0]:
             return None
         return (self._last[1] - self._base[1]) / (self._last[0] - self._base[0])
 
     def remaining_s(self) -> float | None:
+        """Seconds left to `total_steps` at the current rate; None while there is no rate."""
         rate = self.seconds_per_step()
         if rate is None:
             return None
@@ -84,6 +87,7 @@ class Eta:
 
 
 def duration(seconds: float) -> str:
+    """'4m05s' or '2h13m': the coarse form a progress line needs."""
     seconds = int(round(seconds))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)

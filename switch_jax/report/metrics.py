@@ -28,15 +28,14 @@ JSON lines after it (logged after the checkpoint that was restored) are dropped 
 reads as one uninterrupted run.
 
 MFU = flops_per_step / step_time / peak, where flops_per_step counts forward + backward
-(3 x the forward FLOPs of models.info) and peak is the dense bf16 peak of all devices
-(`peak_flops`; on CPU, a float32 matmul timed once in this process).
+(3 x the forward FLOPs of models/size.py) and peak is the dense bf16 peak of all devices
+(report/hardware.py's `peak_flops`; on CPU, a float32 matmul timed once in this process).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -45,71 +44,15 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from switch_jax.report import hardware
 from switch_jax.report.console import Eta, duration
+from switch_jax.store import model_dir as model_dir_lib
 
-# Dense bf16 peak FLOP/s per JAX device, by device_kind substring (first match wins, so the more
-# specific names come first). TPU v2/v3 expose each core as a device: half the chip's peak.
-PEAK_FLOPS = (
-    ("v6 lite", 918e12),  # v6e (Trillium)
-    ("v6e", 918e12),
-    ("v5 lite", 197e12),  # v5e
-    ("v5e", 197e12),
-    ("v5p", 459e12),
-    ("v5", 459e12),  # v5p reports "TPU v5"
-    ("v4", 275e12),
-    ("v3", 61.5e12),  # 123 TFLOP/s per chip, 2 cores
-    ("v2", 22.5e12),
-    ("h200", 989e12),
-    ("h100 pcie", 756e12),
-    ("h100", 989e12),  # SXM
-    ("a100", 312e12),
-)
-_CPU_PEAK: float | None = None
-STACKS = ("encoder", "decoder")
-
-
-def peak_flops_per_device(device_kind: str) -> float | None:
-    """Table value for a device kind (e.g. 'TPU v4', 'NVIDIA H100 80GB HBM3'); None if unknown."""
-    kind = device_kind.lower()
-    for key, flops in PEAK_FLOPS:
-        if key in kind:
-            return flops
-    return None
-
-
-def measure_cpu_peak(n: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of a float32 n x n matmul on the host CPU, best of `repeats` (cached)."""
-    global _CPU_PEAK
-    if _CPU_PEAK is None:
-        import jax
-        import jax.numpy as jnp
-
-        cpu = jax.devices("cpu")[0]
-        a = jax.device_put(np.ones((n, n), np.float32), cpu)
-        matmul = jax.jit(jnp.matmul)
-        matmul(a, a).block_until_ready()
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            matmul(a, a).block_until_ready()
-            best = min(best, time.perf_counter() - t0)
-        _CPU_PEAK = 2 * n**3 / best
-    return _CPU_PEAK
-
-
-def peak_flops() -> float | None:
-    """Peak FLOP/s of all devices of the job; the CPU host counts once however many devices."""
-    import jax
-
-    devices = jax.devices()
-    if devices[0].platform == "cpu":
-        return measure_cpu_peak() * jax.process_count()
-    per_device = peak_flops_per_device(devices[0].device_kind)
-    return per_device * len(devices) if per_device else None
+STACKS = ("encoder", "decoder")  # the prefixes of router statistics in a step's metrics
 
 
 def train_flops_per_step(info: Any, batch_size: int) -> float:
-    """Forward + backward FLOPs of one step: 3 x models.info's forward FLOPs per sequence."""
+    """Forward + backward FLOPs of one step: 3 x models/size.py's forward FLOPs per sequence."""
     return 3.0 * info.flops_per_sequence * batch_size
 
 
@@ -316,16 +259,19 @@ class MetricsLogger:
         self.flops_per_step = flops_per_step
         self.moe_layers = moe_layers
         self.console = console and is_chief
-        self._peak = peak if peak is not None else (peak_flops() if flops_per_step else None)
+        self._peak = (
+            peak if peak is not None else (hardware.peak_flops() if flops_per_step else None)
+        )
         self.eta = Eta(total_steps)
         self._files: dict[str, Any] = {}
         self._tb: dict[str, _TensorBoard] = {}
         if not is_chief:
             return
         for kind in ("train", "eval"):
-            folder = epath.Path(model_dir) / kind
+            folder = model_dir_lib.summary_dir(model_dir, kind)
             folder.mkdir(parents=True, exist_ok=True)
-            self._files[kind] = _JsonLines(os.fspath(folder / "metrics.jsonl"), start_step)
+            metrics_file = model_dir_lib.metrics_file(model_dir, kind)
+            self._files[kind] = _JsonLines(os.fspath(metrics_file), start_step)
             self._tb[kind] = _TensorBoard(os.fspath(folder))
 
     def step_done(self, step: int) -> None:
@@ -347,6 +293,7 @@ class MetricsLogger:
         return row
 
     def log_eval(self, step: int, metrics: Mapping[str, Any]) -> dict:
+        """Log one evaluation (loss, accuracy, task metrics) at training step `step`."""
         scalars, lists = flatten_metrics(metrics, self.moe_layers)
         row = self._write("eval", step, scalars, lists)
         if self.console:
@@ -383,12 +330,14 @@ class MetricsLogger:
         return " | ".join(parts)
 
     def flush(self) -> None:
+        """Push buffered events and lines to their files (before a checkpoint or an exit)."""
         for tb in self._tb.values():
             tb.flush()
         for f in self._files.values():
             f.flush()
 
     def close(self) -> None:
+        """Flush and close every writer; the logger writes nothing afterwards."""
         for tb in self._tb.values():
             tb.close()
         for f in self._files.values():
@@ -398,7 +347,3 @@ class MetricsLogger:
 
 def _fmt(x: float) -> str:
     return f"{x:.4f}" if abs(x) < 100 else f"{x:.1f}"
-
-
-if __name__ == "__main__":  # pragma: no cover - quick manual check of the peak table / CPU peak
-    print(f"peak FLOP/s of this job's devices: {peak_flops():.3g}", file=sys.stderr)

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from switch_jax.store import model_dir as model_dir_lib
+
 _LAYER = re.compile(r"^moe/(encoder|decoder)/layer_(\d+)/expert_fraction$")
 
 
@@ -82,11 +84,11 @@ def plot_run(model_dir: str, out_dir: str | None = None) -> list[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         raise PlotError("matplotlib is not installed: pip install 'switch_jax[plot]'") from None
-    train = read_rows(os.path.join(model_dir, "train", "metrics.jsonl"))
-    evals = read_rows(os.path.join(model_dir, "eval", "metrics.jsonl"))
+    train = read_rows(os.fspath(model_dir_lib.metrics_file(model_dir, "train")))
+    evals = read_rows(os.fspath(model_dir_lib.metrics_file(model_dir, "eval")))
     if not train and not evals:
         raise PlotError(f"MODEL_DIR={model_dir} has no train/ or eval/ metrics.jsonl to plot")
-    out_dir = out_dir or os.path.join(model_dir, "plots")
+    out_dir = out_dir or os.path.join(model_dir, model_dir_lib.PLOTS_DIR)  # as typed
     os.makedirs(out_dir, exist_ok=True)
     title = os.path.basename(os.path.normpath(model_dir))
     figures = {

@@ -1,8 +1,9 @@
 """Orbax checkpoints: train state + data-iterator position, atomic, async, restorable on any mesh.
 
-A step directory holds `state` (sharded arrays), `data` (one iterator checkpoint per process)
-and `meta` (JSON: step, batches consumed, model config). Orbax writes into a temporary
-directory and renames it on commit, so a killed save never leaves a readable half checkpoint.
+A step directory (store/model_dir.py names it) holds `state` (sharded arrays), `data` (one
+iterator checkpoint per process) and `meta` (JSON: step, batches consumed, model config). Orbax
+writes into a temporary directory and renames it on commit, so a killed save never leaves a
+readable half checkpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from etils import epath
 
 from switch_jax.config import settings
 from switch_jax.models.config import ConfigError, ModelConfig, MoeConfig
+from switch_jax.store import model_dir as model_dir_lib
 
 
 class CheckpointError(RuntimeError):
@@ -80,7 +82,8 @@ class Checkpoints:
     """Keep-K, every-N, async checkpoints of one run under MODEL_DIR/checkpoints."""
 
     def __init__(self, model_dir: str, *, period: int, keep: int, async_save: bool = True):
-        self.directory = _absolute(model_dir) / "checkpoints"
+        self.root = model_dir_lib.absolute(model_dir)
+        self.directory = model_dir_lib.checkpoints_dir(model_dir)
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=period,
             max_to_keep=keep,
@@ -94,6 +97,10 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def step_dir(self, step: int) -> epath.Path:
+        """The directory of checkpoint `step` (committed or not)."""
+        return model_dir_lib.step_dir(self.root, step)
+
     def save(
         self,
         step: int,
@@ -104,11 +111,11 @@ class Checkpoints:
         force: bool = False,
     ) -> bool:
         items = {
-            "state": ocp.args.StandardSave(state),
-            "meta": ocp.args.JsonSave({"step": step, **(meta or {})}),
+            model_dir_lib.STATE: ocp.args.StandardSave(state),
+            model_dir_lib.META: ocp.args.JsonSave({"step": step, **(meta or {})}),
         }
         if iterator is not None:
-            items["data"] = DataIteratorSave(iterator)
+            items[model_dir_lib.DATA] = DataIteratorSave(iterator)
         self.attempted.append(step)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
@@ -118,13 +125,17 @@ class Checkpoints:
         A checkpoint of another model is named with its differing parameters; an unreadable one
         raises CheckpointError naming the step directory, which is left untouched.
         """
-        step_dir = self.directory / str(step)
+        step_dir = self.step_dir(step)
         _refuse_converted(step_dir)
-        items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+        items = {
+            model_dir_lib.STATE: ocp.args.StandardRestore(abstract_state),
+            model_dir_lib.META: ocp.args.JsonRestore(),
+        }
         if iterator is not None:
-            items["data"] = DataIteratorRestore(iterator)
+            items[model_dir_lib.DATA] = DataIteratorRestore(iterator)
         try:
-            saved = ocp.PyTreeCheckpointer().metadata(step_dir / "state").item_metadata.tree
+            state_dir = model_dir_lib.state_dir(step_dir)
+            saved = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
             _check_param_shapes(saved.get("params"), abstract_state.params, step_dir)
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except CheckpointError:
@@ -135,11 +146,11 @@ class Checkpoints:
                 f"{_explain(step_dir, e)} (left as is: move that step directory away to resume "
                 f"from an earlier checkpoint)"
             ) from None
-        return restored["state"], restored["meta"]
+        return restored[model_dir_lib.STATE], restored[model_dir_lib.META]
 
     def saved_settings(self, step: int) -> dict | None:
         """The run settings stored with checkpoint `step` (None for checkpoints without them)."""
-        step_dir = self.directory / str(step)
+        step_dir = self.step_dir(step)
         _refuse_converted(step_dir)  # before a run writes anything into a converted MODEL_DIR
         try:
             return read_meta(os.fspath(step_dir)).get("settings")
@@ -161,7 +172,7 @@ class Checkpoints:
         free = shutil.disk_usage(path).free
         if free < needed:
             raise ConfigError(
-                f"MODEL_DIR={os.path.dirname(path)} has {free / 2**20:,.0f} MiB free but "
+                f"MODEL_DIR={os.fspath(self.root)} has {free / 2**20:,.0f} MiB free but "
                 f"checkpoints need {needed / 2**20:,.0f} MiB ({size / 2**20:,.1f} MiB each, "
                 f"KEEP_CHECKPOINTS={keep} + 1 in flight); free space, lower KEEP_CHECKPOINTS "
                 f"or choose another MODEL_DIR"
@@ -201,7 +212,7 @@ def is_out_of_space(error: BaseException | None) -> bool:
 def select_steps(ckpts: Checkpoints, which: str | int = "latest") -> list[int]:
     """Committed steps of `ckpts` named by `which`: 'latest', 'all' or one step number."""
     steps = sorted(ckpts.manager.all_steps())
-    where = os.path.dirname(os.fspath(ckpts.directory))
+    where = os.fspath(ckpts.root)
     if not steps:
         raise CheckpointError(f"MODEL_DIR={where} has no checkpoint")
     if which == "all":
@@ -217,27 +228,21 @@ def select_steps(ckpts: Checkpoints, which: str | int = "latest") -> list[int]:
     return [step]
 
 
-def _absolute(path: str) -> epath.Path:
-    """Orbax refuses relative paths; a local MODEL_DIR may be given relative to the cwd."""
-    if "://" in path:
-        return epath.Path(path)
-    return epath.Path(os.path.abspath(path))
-
-
 def restore_params(path: str, abstract_params):
     """Parameters only (fine-tuning, distillation): `path` is a step dir or a MODEL_DIR.
 
     The optimizer state of the source run is ignored; the target shardings come from
     `abstract_params` (ShapeDtypeStructs with shardings), so any mesh works.
     """
-    step_dir = _resolve_step_dir(_absolute(path))
+    step_dir = model_dir_lib.resolve_step_dir(path)
+    state_dir = model_dir_lib.state_dir(step_dir)
     checkpointer = ocp.PyTreeCheckpointer()
     try:
-        saved = checkpointer.metadata(step_dir / "state").item_metadata.tree
+        saved = checkpointer.metadata(state_dir).item_metadata.tree
         _check_param_shapes(saved.get("params"), abstract_params, step_dir)
         target = {"params": abstract_params}
         restored = checkpointer.restore(
-            step_dir / "state",
+            state_dir,
             args=ocp.args.PyTreeRestore(
                 item=target,
                 restore_args=ocp.checkpoint_utils.construct_restore_args(target),
@@ -258,7 +263,7 @@ def _refuse_converted(step_dir: epath.Path) -> None:
     except _READ_ERRORS:
         return  # unreadable meta is reported by the restore itself
     if source:
-        model_dir = step_dir.parent.parent
+        model_dir = model_dir_lib.model_dir_of_step(step_dir)
         raise CheckpointError(
             f"{model_dir} holds weights converted from {source} (parameters only, no training "
             f"state): fine-tune from it with INIT_CHECKPOINT={model_dir} and a new MODEL_DIR"
@@ -268,14 +273,15 @@ def _refuse_converted(step_dir: epath.Path) -> None:
 def restore_state(path: str, abstract_state):
     """The whole train state (parameters, optimizer state, step, noise key) of another run's
     checkpoint (`path`: a step dir or a MODEL_DIR), onto the shardings of `abstract_state`."""
-    step_dir = _resolve_step_dir(_absolute(path))
+    step_dir = model_dir_lib.resolve_step_dir(path)
+    state_dir = model_dir_lib.state_dir(step_dir)
     checkpointer = ocp.PyTreeCheckpointer()
     try:
-        saved = checkpointer.metadata(step_dir / "state").item_metadata.tree
+        saved = checkpointer.metadata(state_dir).item_metadata.tree
         _check_param_shapes(saved.get("params"), abstract_state.params, step_dir)
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
         return checkpointer.restore(
-            step_dir / "state",
+            state_dir,
             args=ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args),
         )
     except CheckpointError:
@@ -285,16 +291,6 @@ def restore_state(path: str, abstract_state):
             f"{_explain(step_dir, e)} (INIT_RESTORE='all' needs the same optimizer settings; "
             f"INIT_RESTORE='params' restores the parameters only)"
         ) from None
-
-
-def _resolve_step_dir(path: epath.Path) -> epath.Path:
-    if (path / "state").exists():
-        return path
-    root = path / "checkpoints" if (path / "checkpoints").exists() else path
-    steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
-    if not steps:
-        raise ConfigError(f"init_checkpoint={path} holds no committed checkpoint")
-    return root / str(steps[-1])
 
 
 def _check_param_shapes(saved, expected, step_dir) -> None:
@@ -335,8 +331,9 @@ def _explain(step_dir, error: Exception) -> str:
     return f"cannot restore checkpoint {step_dir}: {first[:300]}"
 
 
-def read_meta(step_dir: str) -> dict:
-    return json.loads((epath.Path(step_dir) / "meta" / "metadata").read_text())
+def read_meta(step_dir: str | os.PathLike) -> dict:
+    """The JSON metadata a step directory was saved with (step, settings, conversion source)."""
+    return json.loads(model_dir_lib.meta_file(epath.Path(step_dir)).read_text())
 
 
 def run_settings(configs) -> dict[str, Any]:

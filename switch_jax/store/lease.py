@@ -3,25 +3,33 @@
     with lease.hold(model_dir):   # LeaseError (one line naming the holder) if a live run has it
         ... train ...
 
-MODEL_DIR/trainer.lease is JSON {host, pid, started, refreshed, token}. A thread rewrites
-`refreshed` every `refresh_s`; a lease not refreshed for `ttl_s` is stale and the next trainer
-takes it over with a message (a lease of a process that is no longer running on this host is
-stale at once, so a local restart after kill -9 does not wait). Taking over is atomic: locally
-starters take turns under an flock on trainer.lease.lock, and the stale file is renamed away (one
-renamer wins) before an exclusive create, which alone keeps one winner where flock is missing;
-on gs:// every write carries a generation precondition (google-cloud-storage, the `gcs` extra).
+MODEL_DIR/trainer.lease is JSON {host, pid, started, refreshed, beat, token}; a thread rewrites it
+every `refresh_s` with `beat` + 1. No decision compares two hosts' clocks:
+
+- A starter takes a lease over only after watching it stay unchanged for `ttl_s` on its own
+  monotonic clock, or at once if the holder's pid no longer runs on this host (a restart after
+  kill -9). The holder's wall-clock `refreshed` can make a starter refuse sooner, never take over.
+- `check()`, called before every save, re-reads the lease and compares the token. Once the
+  holder's last successful refresh (its own monotonic clock) is older than the TTL minus a margin,
+  a starter may have taken over: check() then passes only if a refresh that is atomic with
+  takeovers succeeds now, and fails outright where the store cannot make it atomic or refreshes
+  have been failing (a lost mount). So a takeover comes at least `margin_s` after the last moment
+  the old holder passed check() without such a refresh.
+
+Create, refresh, takeover and release run under one flock on trainer.lease.lock, and the lease is
+linked or renamed into place (readers never see half of one). On gs:// each write carries a
+generation precondition instead (google-cloud-storage, the `gcs` extra). Where flock is missing
+or only excludes this host (FUSE mounts such as gcsfuse) one warning says what is lost: two
+starters on different hosts may both win, and a refresh stalled for over `margin_s` may overwrite
+a takeover; a stalled holder still stops before its next save.
 
 Only the trainer (process 0 of a job) takes the lease; eval, info and infer only read MODEL_DIR.
-A holder that finds its lease taken over (it stalled past the TTL) sets `lost`, and the trainer
-stops before its next save instead of writing beside the new holder.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
-import json
 import os
 import socket
 import threading
@@ -31,262 +39,224 @@ from collections.abc import Iterator
 
 from absl import logging
 
-LEASE_FILE = "trainer.lease"
+from switch_jax.store.lease_stores import (
+    MARGIN,
+    GcsStore,
+    Holder,
+    LeaseError,
+    LocalStore,
+    clock,
+)
+from switch_jax.store.model_dir import LEASE_FILE
+
+__all__ = ["LEASE_FILE", "Holder", "Lease", "LeaseError", "acquire_for_job", "hold"]
+
 TTL_S = 120.0
 REFRESH_S = 20.0
 _HELD_HERE: set[str] = set()  # tokens this process holds (a restarted container may reuse a pid)
 
 
-class LeaseError(RuntimeError):
-    """MODEL_DIR is held by another live trainer (or this one lost its lease)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Holder:
-    host: str
-    pid: int
-    started: float
-    refreshed: float
-    token: str
-
-    def describe(self, now: float) -> str:
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(self.started))
-        return (
-            f"host {self.host}, pid {self.pid}, started {started} UTC, refreshed "
-            f"{max(0.0, now - self.refreshed):.0f}s ago"
-        )
-
-
-class LocalStore:
-    """The lease file on a local (or mounted) file system."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    @contextlib.contextmanager
-    def turn(self) -> Iterator[None]:
-        """Exclusive among starters on this file system while it lasts."""
-        try:
-            fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError:  # a read-only or odd mount: the rename protocol alone
-            yield
-            return
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except OSError:  # no flock on this mount (some NFS/FUSE)
-                pass
-            yield
-        finally:
-            os.close(fd)  # releases the flock
-
-    def read(self) -> tuple[Holder, str] | None:
-        try:
-            with open(self.path) as f:
-                text = f.read()
-        except FileNotFoundError:
-            return None
-        return _parse(text), text
-
-    def create(self, holder: Holder) -> bool:
-        # Written aside and linked into place: a reader never sees a half-written lease.
-        tmp = f"{self.path}.new-{holder.token}"
-        with open(tmp, "w") as f:
-            f.write(_dump(holder))
-        try:
-            os.link(tmp, self.path)  # atomic, fails if a lease exists
-        except FileExistsError:
-            return False
-        except OSError:  # no hard links (some FUSE mounts): exclusive create instead
-            return self._create_exclusive(holder)
-        finally:
-            os.unlink(tmp)
-        return True
-
-    def _create_exclusive(self, holder: Holder) -> bool:
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            f.write(_dump(holder))
-        return True
-
-    def take_over(self, stale_text: str, holder: Holder) -> bool:
-        """Replace the lease whose content is `stale_text`; False if it changed meanwhile."""
-        aside = f"{self.path}.stale-{holder.token}"
-        try:
-            os.rename(self.path, aside)  # atomic: of two takers, one gets FileNotFoundError
-        except FileNotFoundError:
-            return False
-        with open(aside) as f:
-            moved = f.read()
-        if moved != stale_text:  # refreshed or taken over between our read and the rename
-            with contextlib.suppress(FileExistsError):
-                os.link(aside, self.path)
-            os.unlink(aside)
-            return False
-        os.unlink(aside)
-        return self.create(holder)
-
-    def refresh(self, holder: Holder) -> bool:
-        """Rewrite our lease; False if it is no longer ours."""
-        current = self.read()
-        if current is None or current[0].token != holder.token:
-            return False
-        tmp = f"{self.path}.tmp-{holder.token}"
-        with open(tmp, "w") as f:
-            f.write(_dump(holder))
-        os.replace(tmp, self.path)
-        return True
-
-    def release(self, holder: Holder) -> None:
-        current = self.read()
-        if current is not None and current[0].token == holder.token:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-
-
-class GcsStore:
-    """The lease object on gs://, every write conditioned on the generation we last saw.
-
-    Unmeasured here (no GCS in this environment); needs `pip install switch_jax[gcs]`.
-    """
-
-    def __init__(self, path: str):
-        try:
-            from google.cloud import storage  # noqa: PLC0415
-        except ImportError:
-            raise LeaseError(
-                f"the lease {path} needs google-cloud-storage: pip install 'switch_jax[gcs]'"
-            ) from None
-
-        bucket, _, name = path[len("gs://") :].partition("/")
-        self.blob = storage.Client().bucket(bucket).blob(name)
-        self.generation: int | None = None
-
-    def read(self) -> tuple[Holder, str] | None:
-        from google.api_core import exceptions  # noqa: PLC0415
-
-        try:
-            self.blob.reload()
-            text = self.blob.download_as_text(if_generation_match=self.blob.generation)
-        except (exceptions.NotFound, exceptions.PreconditionFailed):
-            return None
-        self.generation = self.blob.generation
-        return _parse(text), text
-
-    def _write(self, holder: Holder, if_generation_match: int) -> bool:
-        from google.api_core import exceptions  # noqa: PLC0415
-
-        try:
-            self.blob.upload_from_string(_dump(holder), if_generation_match=if_generation_match)
-        except exceptions.PreconditionFailed:
-            return False
-        self.generation = self.blob.generation
-        return True
-
-    def turn(self) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()  # the generation preconditions decide
-
-    def create(self, holder: Holder) -> bool:
-        return self._write(holder, 0)  # 0: only if no object exists
-
-    def take_over(self, stale_text: str, holder: Holder) -> bool:
-        return self.generation is not None and self._write(holder, self.generation)
-
-    def refresh(self, holder: Holder) -> bool:
-        return self.generation is not None and self._write(holder, self.generation)
-
-    def release(self, holder: Holder) -> None:
-        from google.api_core import exceptions  # noqa: PLC0415
-
-        with contextlib.suppress(exceptions.NotFound, exceptions.PreconditionFailed):
-            self.blob.delete(if_generation_match=self.generation)
-
-
 class Lease:
-    """An acquired lease on `model_dir`; `lost` turns True if another trainer took it over."""
+    """An acquired lease on `model_dir`; `lost` turns True once this holder may have lost it."""
 
     def __init__(self, model_dir: str, *, ttl_s: float = TTL_S, refresh_s: float = REFRESH_S):
+        self.margin_s = MARGIN * ttl_s
+        if not 0 < refresh_s < ttl_s - self.margin_s:
+            raise ValueError(f"lease refresh_s={refresh_s} must be in (0, {ttl_s - self.margin_s})")
         path = os.path.join(os.fspath(model_dir), LEASE_FILE)
         self.model_dir = os.fspath(model_dir)
-        self.store = GcsStore(path) if path.startswith("gs://") else LocalStore(path)
+        remote = path.startswith("gs://")
+        # Generous: safety never depends on it, it only bounds the wait behind a stalled process.
+        lock_timeout_s = max(self.margin_s, 10.0)
+        self.store = (GcsStore if remote else LocalStore)(path, lock_timeout_s=lock_timeout_s)
         self.ttl_s, self.refresh_s = ttl_s, refresh_s
         now = time.time()
         self.holder = Holder(socket.gethostname(), os.getpid(), now, now, uuid.uuid4().hex)
         self.lost = False
+        self.refresh_errors = 0  # failed refreshes since the lease was taken
+        self._failing = 0  # failed refreshes since the last one that succeeded
+        self._refreshing = threading.Lock()
+        # True after taking over a lease by watching it expire: its holder may be a stalled
+        # process that resumes (so its unfinished files must not be deleted under it).
+        self.predecessor_may_live = False
+        self._why_lost = ""
+        self._last_ok = clock()  # start of the last write of ours that succeeded
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def acquire(self) -> str | None:
-        """Take the lease; returns a take-over message, or None. Raises LeaseError if held."""
-        for _ in range(5):  # a race with another starter: look again
-            with self.store.turn():
-                if self.store.create(self.holder):
-                    self._start_refreshing()
-                    return None
-                current = self.store.read()
-                if current is None:
-                    continue
-                other, text = current
-                why = self._stale(other)
-                if why is None:
-                    raise LeaseError(
-                        f"MODEL_DIR={self.model_dir} is in use by another trainer "
-                        f"({other.describe(time.time())}); stop it or choose another MODEL_DIR "
-                        f"(a lease not refreshed for {self.ttl_s:.0f}s is taken over)"
-                    )
-                if self.store.take_over(text, self.holder):
-                    self._start_refreshing()
-                    return f"took over the lease of MODEL_DIR={self.model_dir} from {why}"
+        """Take the lease; returns a take-over message, or None. Raises LeaseError if held.
+
+        May watch a lease that looks stale for up to `ttl_s` before taking it over.
+        """
+        # Ours before it is written: a racing starter here must not take it for a dead pid's.
+        _HELD_HERE.add(self.holder.token)
+        try:
+            return self._acquire()
+        except OSError as e:
+            _HELD_HERE.discard(self.holder.token)
+            raise LeaseError(f"MODEL_DIR={self.model_dir}: cannot use {LEASE_FILE}: {e}") from None
+        except BaseException:
+            _HELD_HERE.discard(self.holder.token)
+            raise
+
+    def _acquire(self) -> str | None:
+        for _ in range(5):  # a race with another starter, or a release while watching: again
+            started = clock()
+            if self.store.create(self.holder):
+                self._start_refreshing(started)
+                return None
+            current = self.store.read()
+            if current is None:
+                continue
+            why = self._dead(current[0])
+            may_live = why is None
+            why = why or self._watch(*current)
+            if why is None:
+                continue
+            started = clock()
+            if self.store.take_over(current[1], self.holder):
+                self.predecessor_may_live = may_live
+                self._start_refreshing(started)
+                return f"took over the lease of MODEL_DIR={self.model_dir} from {why}"
         raise LeaseError(f"MODEL_DIR={self.model_dir}: could not take the lease (contended)")
 
-    def _stale(self, other: Holder) -> str | None:
-        """Why the lease `other` may be taken over, or None if its holder may be alive."""
+    def _dead(self, other: Holder) -> str | None:
+        """Why `other` may be taken over at once: its process is gone from this host."""
+        if other.host != self.holder.host:
+            return None
         now = time.time()
-        if now - other.refreshed > self.ttl_s:
-            return f"an expired run ({other.describe(now)})"
-        if other.host == self.holder.host and not _running(other.pid):
+        if not _running(other.pid):
             return f"a run that is no longer running ({other.describe(now)})"
-        if other.host == self.holder.host and other.pid == os.getpid():
-            if other.token in _HELD_HERE:
-                return None
+        if other.pid == os.getpid() and other.token not in _HELD_HERE:
             return f"an earlier process with this pid ({other.describe(now)})"
         return None
 
-    def _start_refreshing(self) -> None:
-        _HELD_HERE.add(self.holder.token)
+    def _watch(self, other: Holder, text: str) -> str | None:
+        """Wait until the lease has stayed `text` for the TTL on our clock and say why it is
+        stale; None if it vanished. Raises LeaseError as soon as it looks or proves alive."""
+        mine = other.host == self.holder.host and other.token in _HELD_HERE
+        if mine or time.time() - other.refreshed <= self.ttl_s:
+            raise self._in_use(other, "")
+        logging.warning(
+            "MODEL_DIR=%s: the lease of %s looks stale; watching it for %.0fs before taking over",
+            self.model_dir,
+            other.describe(time.time()),
+            self.ttl_s,
+        )
+        deadline = clock() + self.ttl_s
+        while clock() < deadline:
+            time.sleep(min(1.0, self.ttl_s / 20))
+            current = self.store.read()
+            if current is None:
+                return None
+            if current[1] != text:
+                raise self._in_use(current[0], "; it was refreshed while this one waited")
+            if why := self._dead(current[0]):
+                return why
+        return f"an expired run (unchanged for {self.ttl_s:g}s; {other.describe(time.time())})"
+
+    def _in_use(self, other: Holder, note: str) -> LeaseError:
+        return LeaseError(
+            f"MODEL_DIR={self.model_dir} is in use by another trainer "
+            f"({other.describe(time.time())}{note}); stop it or choose another MODEL_DIR "
+            f"(a lease not refreshed for {self.ttl_s:g}s is taken over)"
+        )
+
+    def _start_refreshing(self, written_from: float) -> None:
+        self._last_ok = written_from
         self._thread = threading.Thread(target=self._refresh_loop, name="lease", daemon=True)
         self._thread.start()
 
+    def _age(self) -> float:
+        return clock() - self._last_ok
+
+    def _expired(self) -> bool:
+        return self._age() > self.ttl_s - self.margin_s
+
+    def _lose(self, why: str) -> None:
+        if not self.lost:
+            self.lost, self._why_lost = True, why
+            logging.error("%s", why)
+
+    def _lose_stalled(self) -> None:
+        cause = f"{self._failing} refreshes in a row failed" if self._failing else "it stalled"
+        self._lose(
+            f"MODEL_DIR={self.model_dir}: this trainer's lease was last refreshed "
+            f"{self._age():.3g}s ago ({cause}), over the {self.ttl_s - self.margin_s:.3g}s after "
+            f"which another trainer may take it over; stopping without saving"
+        )
+
+    def _lose_taken(self) -> None:
+        self._lose(
+            f"MODEL_DIR={self.model_dir} was taken over by another trainer while this one "
+            f"stalled for over {self.ttl_s:g}s; stopping without saving"
+        )
+
     def _refresh_loop(self) -> None:
-        while not self._stop.wait(self.refresh_s):
-            self.holder = dataclasses.replace(self.holder, refreshed=time.time())
-            try:
-                ok = self.store.refresh(self.holder)
-            except OSError as e:  # a flaky mount: keep trying until the TTL says otherwise
-                logging.warning("lease refresh of %s failed: %s", self.model_dir, e)
-                continue
-            if not ok:
-                self.lost = True
-                logging.error("the lease of MODEL_DIR=%s was taken over", self.model_dir)
+        while not self._stop.wait(self.refresh_s) and not self.lost:
+            self._refresh()
+
+    def _refresh(self) -> None:
+        with self._refreshing:  # the thread and check() may both get here
+            if self.lost:
                 return
+            # Past the age a starter may have taken over. A fenced store (flock, generations)
+            # decides by this very write whether it did; an unfenced one cannot, nor after
+            # failures, which may have been writes whose outcome is unknown.
+            if self._expired() and (self._failing or not self.store.fenced):
+                self._lose_stalled()
+                return
+            started = clock()
+            beat = dataclasses.replace(
+                self.holder, refreshed=time.time(), beat=self.holder.beat + 1
+            )
+            try:
+                ok = self.store.refresh(beat)
+            except Exception as e:  # a flaky mount or a stalled lock: retried until expired
+                self.refresh_errors += 1
+                self._failing += 1
+                logging.warning("lease refresh of %s failed: %s", self.model_dir, e)
+                if self._expired():
+                    self._lose_stalled()
+                return
+            if not ok:
+                self._lose_taken()
+                return
+            self.holder, self._last_ok, self._failing = beat, started, 0
 
     def check(self) -> None:
-        """Raise LeaseError if another trainer took the lease (call before writing)."""
+        """Raise LeaseError unless this trainer surely still holds the lease (call before writing).
+
+        Reads the lease now and compares the token. Once the last successful refresh is older
+        than the TTL minus the margin (a stall), it passes only if a refresh under the lock (or
+        generation precondition) succeeds now; where the store cannot fence, it fails.
+        """
+        if self._expired():
+            self._refresh()
+        if not self.lost:
+            try:
+                current = self.store.read()
+            except Exception as e:  # the age test above still fences: no takeover before TTL
+                logging.warning("lease check of %s could not read it: %s", self.model_dir, e)
+                return
+            if current is None or current[0].token != self.holder.token:
+                self._lose_taken()
         if self.lost:
-            raise LeaseError(
-                f"MODEL_DIR={self.model_dir} was taken over by another trainer while this one "
-                f"stalled for over {self.ttl_s:.0f}s; stopping without saving"
-            )
+            raise LeaseError(self._why_lost)
 
     def release(self) -> None:
+        """Stop refreshing and delete the lease if it is surely still ours."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        if not self.lost:
-            self.store.release(self.holder)
+        # Unfenced, a delete after the age could remove a takeover's lease; fenced, the token
+        # compare under the lock decides.
+        if self._thread and not self.lost and (self.store.fenced or not self._expired()):
+            try:
+                self.store.release(self.holder)
+            except Exception as e:  # left behind: the next start watches it expire
+                logging.warning("lease release of %s failed: %s", self.model_dir, e)
         _HELD_HERE.discard(self.holder.token)
 
 
@@ -337,14 +307,3 @@ def _running(pid: int) -> bool:
     except PermissionError:  # another user's live process
         return True
     return True
-
-
-def _dump(holder: Holder) -> str:
-    return json.dumps(dataclasses.asdict(holder), sort_keys=True) + "\n"
-
-
-def _parse(text: str) -> Holder:
-    try:
-        return Holder(**json.loads(text))
-    except (json.JSONDecodeError, TypeError):  # a torn write: nobody can be holding it
-        return Holder("?", -1, 0.0, 0.0, "")

@@ -27,6 +27,7 @@ import jax
 from switch_jax.config.settings import Configs
 from switch_jax.models.config import ConfigError
 from switch_jax.parallel import hlo, partitioning
+from switch_jax.report import hardware
 from switch_jax.tools import planner
 from switch_jax.training import build, steps
 
@@ -36,21 +37,32 @@ INSTALL_HINT = "pip install 'switch_jax[tpu]' (or: pip install 'libtpu==0.0.42.*
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
+    """How libtpu names the slices of one TPU generation; the chip itself is report/hardware's."""
+
+    chip: hardware.Chip
     topology_prefix: str  # get_topology_desc's name: 'v5:2x4x4'
     chip_config: str  # 'megacore' (2 TensorCores as one device) or 'default'
     dims: int  # 3-D torus (v4, v5p) or 2-D (v5e, v6e)
     cores_per_chip_in_name: int  # v4-64 is 32 chips
-    hbm_bytes: int  # what the compiler may use per chip (its own "available HBM", libtpu 0.0.42)
-    peak_bf16_flops: float  # per chip, dense
+
+    @property
+    def hbm_bytes(self) -> int:
+        """What the compiler may use per chip."""
+        return self.chip.hbm_bytes
+
+    @property
+    def peak_bf16_flops(self) -> float:
+        """Dense bf16 FLOP/s per chip."""
+        return self.chip.peak_bf16_flops
 
 
+# The generations libtpu can give compile-only devices for, keyed by hardware.CHIPS names.
 GENERATIONS = {
-    "v4": Generation("v4", "megacore", 3, 2, int(30.75 * GiB), 275e12),
-    "v5p": Generation("v5", "megacore", 3, 2, int(95.74 * GiB), 459e12),
-    "v5e": Generation("v5e", "default", 2, 1, int(15.75 * GiB), 197e12),
-    "v6e": Generation("v6e", "default", 2, 1, int(31.25 * GiB), 918e12),
+    "v4": Generation(hardware.by_name("v4"), "v4", "megacore", 3, 2),
+    "v5p": Generation(hardware.by_name("v5p"), "v5", "megacore", 3, 2),
+    "v5e": Generation(hardware.by_name("v5e"), "v5e", "default", 2, 1),
+    "v6e": Generation(hardware.by_name("v6e"), "v6e", "default", 2, 1),
 }
-ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +114,8 @@ def _torus(chips: int, dims: int) -> tuple[int, ...] | None:
 def parse_topology(name: str, num_slices: int = 1) -> Topology:
     """'v5p-64', 'v4-8', 'v5e-16', 'v5litepod-256', 'v6e-8' -> Topology (ConfigError if not)."""
     match = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", name.strip().lower())
-    gen = ALIASES.get(match.group(1), match.group(1)) if match else None
+    chip = hardware.by_name(match.group(1)) if match else None
+    gen = chip.name if chip else None
     if gen not in GENERATIONS:
         raise ConfigError(
             f"--topology={name!r} must look like v4-N, v5p-N, v5e-N (v5litepod-N) or v6e-N"
@@ -204,7 +217,9 @@ def compile_train_step(
     try:
         with partitioner.activate():
             t0 = time.perf_counter()
-            compiled = run.setup.train_step.jitted.lower(abstract_state, batch).compile()
+            # A distillation run's step also takes its teacher's params (abstract here).
+            inputs = run.setup.abstract_inputs
+            compiled = run.setup.train_step.jitted.lower(abstract_state, batch, *inputs).compile()
             compile_s = time.perf_counter() - t0
     except jax.errors.JaxRuntimeError as e:
         raise _not_fit(e, where) from None

@@ -1,15 +1,21 @@
-"""One way to build a run from its configs; train, eval, bench, info and compile all use it.
+"""One way to build a run from its configs, once; train, eval, infer, bench, info and compile
+all take the Run it returns instead of rebuilding parts of it.
 
-    run = build_run(configs)                 # configs: run_config.Configs (from gin)
+    run = build_run(configs)                 # configs: config.settings.Configs (from gin)
     run.partitioner, run.model_cfg           # the mesh; the model config adapted to it
+    run.abstract_params                      # parameter shapes + shardings (restoring params)
     run.setup.abstract_state                 # shapes + shardings of the whole train state
     run.setup.init_state(), run.setup.train_step, run.setup.eval_step
     run.checkpoints()                        # Orbax checkpoints of MODEL_DIR
     run.pipeline_args("train")               # this host's switch_jax.data.pipeline arguments
     run.device_batch(host_batch)             # this host's numpy batch -> global jax.Arrays
 
+The model graph, abstract state, optimizer and steps are built once (steps.setup_training),
+for the objective the configs name: the label cross-entropy, or with `configs.distill` the
+distillation objective and its teacher (distill.objective_from_configs).
 `build_run(configs, partitioner=...)` takes a partitioner built on other devices (e.g. the
-compile-only devices of a TPU topology); nothing here touches data or files until asked.
+compile-only devices of a TPU topology); nothing here touches data or checkpoints until asked
+(a distillation teacher's config.gin is read at build time, its params at the first step).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from switch_jax.models.config import ModelConfig
 from switch_jax.models.size import ModelInfo, model_info
 from switch_jax.parallel import partitioning
 from switch_jax.store import checkpoints
-from switch_jax.training import steps
+from switch_jax.training import losses, steps
 
 
 @dataclasses.dataclass
@@ -33,7 +39,12 @@ class Run:
     partitioner: partitioning.Partitioner
     model_cfg: ModelConfig  # adapted to the mesh (MoE group partitions)
     info: ModelInfo
-    setup: steps.TrainingSetup
+    setup: steps.TrainingSetup  # model graph, abstract state, init, train/eval steps
+
+    @property
+    def abstract_params(self):
+        """nnx.State of the parameters' ShapeDtypeStructs, carrying their target shardings."""
+        return self.setup.model.params
 
     @property
     def lengths(self) -> tuple[int, int]:
@@ -98,14 +109,30 @@ def make_partitioner(configs: Configs, devices=None) -> partitioning.Partitioner
     )
 
 
-def build_run(configs: Configs, *, partitioner: partitioning.Partitioner | None = None) -> Run:
+def build_run(
+    configs: Configs,
+    *,
+    partitioner: partitioning.Partitioner | None = None,
+    objective: losses.Objective | None = None,
+) -> Run:
     """Partitioner, adapted model config, model info and steps of `configs` (no state yet).
 
-    Raises ConfigError (one line) when the model or the batch does not split over the mesh.
+    Args:
+      configs: the run's configs.
+      partitioner: default: the mesh of configs.train on this process's devices.
+      objective: what the train step minimises; default: the one `configs` names (the
+        distillation objective when configs.distill is set, else the label cross-entropy).
+
+    Raises ConfigError (one line) when the model or the batch does not split over the mesh, or a
+    distillation teacher does not fit the student.
     """
     partitioner = partitioner or make_partitioner(configs)
     model_cfg = partitioner.adapt_model_config(configs.model, configs.data.batch_size)
-    info = model_info(model_cfg, *feature_lengths(model_cfg, configs.data.feature_lengths))
+    if objective is None and configs.distill is not None:
+        from switch_jax.training import distill  # noqa: PLC0415 (reads the teacher's config)
+
+        objective = distill.objective_from_configs(configs, model_cfg, partitioner)
+    objective = objective or losses.LABELS
     with partitioner.activate():
         setup = steps.setup_training(
             model_cfg,
@@ -113,5 +140,8 @@ def build_run(configs: Configs, *, partitioner: partitioning.Partitioner | None 
             partitioner,
             seed=configs.train.seed,
             skip_nonfinite=configs.train.skip_nonfinite_updates,
+            objective=objective,
         )
+    lengths = feature_lengths(model_cfg, configs.data.feature_lengths)
+    info = model_info(model_cfg, *lengths, params=setup.model.params)
     return Run(configs, partitioner, model_cfg, info, setup)

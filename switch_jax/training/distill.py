@@ -6,9 +6,10 @@ with the teacher's non-expert weights, and trained on
 with soft_weight = 0.25 ("0.75 mix of hard and soft loss"). The teacher runs without dropout or
 jitter at the eval capacity factor.
 
-    objective = distill_objective(teacher_cfg, teacher_graphdef)   # steps.make_train_step(...)
+    objective = distill_objective(teacher_cfg, steps.abstract_params(teacher_cfg, partitioner))
+    setup = steps.setup_training(student_cfg, opt_cfg, partitioner, objective=objective)
     params, report = init_from_teacher(student_params, teacher_params, student_cfg, teacher_cfg)
-    run = attach_teacher(run_builder.build_run(configs))   # what the trainer does (distill.gin)
+    objective = objective_from_configs(configs, student_cfg, partitioner)  # build.build_run's
 
 Legend: B batch, L length, V vocab.
 """
@@ -17,13 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from switch_jax.config.settings import DistillConfig  # noqa: F401 (re-exported: gin binds it there)
-from switch_jax.models.config import ConfigError, ModelConfig, MoeConfig
+from switch_jax.models.config import ConfigError, ModelConfig
 from switch_jax.models.transformer import NO_NOISE
 from switch_jax.training import losses, steps
 
@@ -47,48 +49,52 @@ def distill_token_sums(
     soft_weight: float,
     temperature: float = 1.0,
     z_loss: float = 0.0,
-) -> dict:
-    """Sums over real target tokens (float32) of the mixed objective and its parts.
+) -> losses.TokenSums:
+    """Token sums minimising the mixed objective, reported with its parts.
 
     `objective` = soft_weight * T^2 * soft_cross_entropy + (1 - soft_weight) * cross_entropy,
     where soft_cross_entropy is CE(softmax(teacher / T), softmax(student / T)) and cross_entropy
     is the usual CE to the labels (what validation reports). Divide by `num_tokens`.
     """
     sums = losses.token_sums(student_logits_BLV, batch, z_loss)
-    weights_BL = batch.get("decoder_loss_weights")
-    weights_BL = (batch["decoder_target_tokens"] > 0) if weights_BL is None else weights_BL
-    weights_BL = weights_BL.astype(jnp.float32)
+    weights_BL = losses.target_weights(batch)
     # The teacher is a fixed target: no gradient flows into its parameters.
     teacher_BLV = jax.lax.stop_gradient(teacher_logits_BLV.astype(jnp.float32)) / temperature
     student_BLV = student_logits_BLV.astype(jnp.float32) / temperature
     soft_ce_BL = -jnp.sum(
         jax.nn.softmax(teacher_BLV, axis=-1) * jax.nn.log_softmax(student_BLV, axis=-1), axis=-1
     )
-    sums["soft_cross_entropy"] = jnp.sum(soft_ce_BL * weights_BL)
-    sums["objective"] = (
-        soft_weight * temperature**2 * sums["soft_cross_entropy"]
-        + (1.0 - soft_weight) * sums["cross_entropy"]
-    )
-    return sums
+    soft = jnp.sum(soft_ce_BL * weights_BL)
+    objective = soft_weight * temperature**2 * soft + (1.0 - soft_weight) * sums.minimised
+    reported = {**sums.reported, "soft_cross_entropy": soft, "objective": objective}
+    return sums._replace(minimised=objective, reported=reported)
 
 
 def distill_objective(
     teacher_cfg: ModelConfig,
-    teacher_graphdef,
+    teacher: steps.AbstractParams,
     *,
     soft_weight: float = 0.25,
     temperature: float = 1.0,
-) -> Callable:
-    """`token_sums(student_logits_BLV, batch, teacher_params, z_loss)` for steps.make_train_step.
+    load_teacher: Callable[[], Any] | None = None,
+    student_cfg: ModelConfig | None = None,
+) -> losses.Objective:
+    """The mixed objective; the train step's one further input is the teacher's params.
 
     The teacher forward runs inside the student's train step (no dropout, no jitter, eval
     capacity factor: `train=False`), on the same microbatch, sharded like any model.
+
+    Args:
+      teacher_cfg: the teacher's model config (adapted to the mesh).
+      teacher: its abstract params (steps.abstract_params), which give the step its sharding.
+      load_teacher: reads the teacher's params (at the first step or init); None: the caller
+        passes them to the bare step (steps.make_train_step).
+      student_cfg: given, a fresh student starts from the teacher's non-expert weights.
     """
-    del teacher_cfg  # the graphdef carries it; kept in the signature for readability at call sites
 
     def token_sums(student_logits_BLV, batch, teacher_params, z_loss):
-        teacher = nnx.merge(teacher_graphdef, teacher_params)
-        teacher_logits_BLV, _ = teacher(batch, train=False, keys=NO_NOISE)
+        teacher_model = nnx.merge(teacher.graphdef, teacher_params)
+        teacher_logits_BLV, _ = teacher_model(batch, train=False, keys=NO_NOISE)
         return distill_token_sums(
             student_logits_BLV,
             teacher_logits_BLV,
@@ -98,7 +104,15 @@ def distill_objective(
             z_loss=z_loss,
         )
 
-    return token_sums
+    def from_teacher(student_params, teacher_params):
+        return init_from_teacher(student_params, teacher_params, student_cfg, teacher_cfg)[0]
+
+    return losses.Objective(
+        token_sums=token_sums,
+        abstract_inputs=(teacher.params,),
+        load_inputs=(lambda: (load_teacher(),)) if load_teacher else tuple,
+        init_params=from_teacher if student_cfg is not None else None,
+    )
 
 
 # --- student initialisation -----------------------------------------------------------------
@@ -217,98 +231,40 @@ def init_from_teacher(
 
 # --- the teacher of a run -------------------------------------------------------------------
 
-_READ_CONFIG = """
-import dataclasses, json, sys
-from switch_jax.config import gin_config
-gin_config.parse_gin([sys.argv[1]], finalize=False)
-print(json.dumps(dataclasses.asdict(gin_config.load_configs().model)))
-"""
 
+def objective_from_configs(configs, student_cfg: ModelConfig, partitioner) -> losses.Objective:
+    """The distillation objective of `configs.distill` for the student `student_cfg` (adapted to
+    `partitioner`): the teacher of DistillConfig.teacher_model_dir runs inside the train step
+    and the student minimises the mixed loss; with init_from_teacher a fresh state starts from
+    the teacher's non-expert weights. The teacher's params are restored read-only (params only)
+    at first use, sharded with the run's partitioner like any model.
 
-def read_model_config(model_dir: str) -> ModelConfig:
-    """The ModelConfig that MODEL_DIR/config.gin describes (ours or the converter's).
-
-    Parsed in a child process: gin's state is global, and this process's gin holds the
-    student's run, which must stay as it is (it is the student's operative config).
+    Raises:
+      ConfigError: the teacher's config is missing or its vocabulary is not the student's.
     """
-    import json  # noqa: PLC0415
-    import os  # noqa: PLC0415
-    import subprocess  # noqa: PLC0415
-    import sys  # noqa: PLC0415
-    import tempfile  # noqa: PLC0415
+    from switch_jax.store import checkpoints, stored_config  # noqa: PLC0415
 
-    from etils import epath  # noqa: PLC0415
-
-    path = epath.Path(model_dir) / "config.gin"
-    if not path.exists():
-        raise ConfigError(f"TEACHER_MODEL_DIR={model_dir} has no config.gin (not a MODEL_DIR?)")
-    with tempfile.TemporaryDirectory() as tmp:  # a local copy: gin reads local files only
-        local = os.path.join(tmp, "config.gin")
-        with open(local, "w") as f:
-            f.write(path.read_text())
-        command = [sys.executable, "-c", _READ_CONFIG, local]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode:
-        lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
-        last = lines[-1] if lines else f"exit status {done.returncode}"
-        raise ConfigError(f"TEACHER_MODEL_DIR={model_dir}: its config.gin fails: {last}")
-    fields = json.loads(done.stdout.strip().splitlines()[-1])
-    moe = fields.pop("moe")
-    return ModelConfig(**fields, moe=MoeConfig(**moe) if moe else None)
-
-
-def attach_teacher(run):
-    """`run` (run_builder.Run) with the distill objective: its train step runs the teacher of
-    DistillConfig.teacher_model_dir and minimises the mixed loss; a fresh state starts from the
-    teacher's non-expert weights. The teacher is restored read-only (params only), sharded with
-    the run's partitioner like any model.
-    """
-    from switch_jax.store import checkpoints  # noqa: PLC0415
-
-    cfg, part = run.configs.distill, run.partitioner
-    teacher_cfg = part.adapt_model_config(
-        read_model_config(cfg.teacher_model_dir), run.configs.data.batch_size
+    cfg = configs.distill
+    teacher_cfg = partitioner.adapt_model_config(
+        stored_config.read_model_config(cfg.teacher_model_dir, setting="TEACHER_MODEL_DIR"),
+        configs.data.batch_size,
     )
-    if teacher_cfg.vocab_size != run.model_cfg.vocab_size:
+    if teacher_cfg.vocab_size != student_cfg.vocab_size:
         raise ConfigError(
             f"the teacher's vocab_size {teacher_cfg.vocab_size} differs from the student's "
-            f"{run.model_cfg.vocab_size}: distillation compares their output distributions"
+            f"{student_cfg.vocab_size}: distillation compares their output distributions"
         )
-    opt = run.configs.optimizer
-    t_abstract = steps.abstract_train_state(teacher_cfg, opt, part)
-    with part.activate():
-        teacher = checkpoints.restore_params(cfg.teacher_model_dir, t_abstract.state.params)
-    s_abstract = steps.abstract_train_state(run.model_cfg, opt, part)
-    objective = distill_objective(
-        teacher_cfg, t_abstract.graphdef, soft_weight=cfg.soft_weight, temperature=cfg.temperature
+    teacher = steps.abstract_params(teacher_cfg, partitioner)
+
+    def load_teacher():
+        with partitioner.activate():
+            return checkpoints.restore_params(cfg.teacher_model_dir, teacher.params)
+
+    return distill_objective(
+        teacher_cfg,
+        teacher,
+        soft_weight=cfg.soft_weight,
+        temperature=cfg.temperature,
+        load_teacher=load_teacher,
+        student_cfg=student_cfg if cfg.init_from_teacher else None,
     )
-    step = steps.make_train_step(
-        run.model_cfg,
-        opt,
-        part,
-        abstract=s_abstract,
-        skip_nonfinite=run.configs.train.skip_nonfinite_updates,
-        objective=objective,
-        extra_shardings=(t_abstract.shardings.params,),
-    )
-    init_state = run.setup.init_state
-    if cfg.init_from_teacher:
-
-        def merge(student, teacher):
-            return init_from_teacher(student, teacher, run.model_cfg, teacher_cfg)[0]
-
-        # Shapes only: a student that is not the teacher's dense twin fails here, before init.
-        jax.eval_shape(merge, s_abstract.state.params, t_abstract.state.params)
-        copy = jax.jit(merge, out_shardings=s_abstract.shardings.params)
-
-        def init_state():
-            state = run.setup.init_state()
-            with part.activate():
-                return state._replace(params=copy(state.params, teacher))
-
-    setup = dataclasses.replace(
-        run.setup,
-        train_step=lambda state, batch: step(state, batch, teacher),
-        init_state=init_state,
-    )
-    return dataclasses.replace(run, setup=setup)

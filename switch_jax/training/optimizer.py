@@ -4,6 +4,7 @@ Public API:
 
     layouts = factor_layouts(abstract_params)   # per leaf: 'layers'/'expert' slices, heads x kv
     tx = adafactor(cfg, layouts)                # optax.GradientTransformation
+    tx = for_params(cfg, abstract_params)       # the same, with the layouts of those params
     specs = state_logical_specs(cfg, abstract_params)     # opt-state tree of logical P(...)
     schedule = learning_rate_schedule(cfg)                # step -> lr
     grads, aux = accumulate_gradients(grad_fn, params, batch, num_microbatches)
@@ -222,14 +223,21 @@ def _factored_dims(shape, factored: bool, min_dim: int) -> tuple[int, int] | Non
     return order[-2], order[-1]
 
 
-def state_logical_specs(cfg: OptimizerConfig, abstract_params) -> Any:
-    """Logical-axis PartitionSpecs of `adafactor(cfg, factor_layouts(params)).init(params)`.
+def for_params(cfg: OptimizerConfig, abstract_params) -> optax.GradientTransformation:
+    """The run's optimizer: Adafactor with the factor layouts of these (abstract) parameters."""
+    return adafactor(cfg, factor_layouts(abstract_params))
+
+
+def state_logical_specs(cfg: OptimizerConfig, abstract_params, abstract_state=None) -> Any:
+    """Logical-axis PartitionSpecs of `for_params(cfg, params).init(params)`; `abstract_state`:
+    that state's shapes when the caller has them (else traced here).
 
     Statistics inherit the axes of the parameter dims they keep, so they shard like the
     parameter (expert statistics over 'expert').
     """
     layouts = factor_layouts(abstract_params)
-    abstract_state = jax.eval_shape(adafactor(cfg, layouts).init, values(abstract_params))
+    if abstract_state is None:
+        abstract_state = jax.eval_shape(adafactor(cfg, layouts).init, values(abstract_params))
 
     def leaf_specs(layout, v):
         n = layout.lead

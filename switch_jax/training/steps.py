@@ -1,34 +1,37 @@
-"""Pure training functions: state creation, jit-compiled train and eval steps (no I/O); the loss
-itself is switch_jax.training.losses.
+"""Pure training functions: the abstract model and state, state creation, jit-compiled train and
+eval steps (no I/O); the loss rules are switch_jax.training.losses.
 
 Public API:
 
-    setup = setup_training(model_cfg, opt_cfg, partitioner, seed=0)
-    setup.init_state() -> TrainState          # created under jit, already sharded
+    setup = setup_training(model_cfg, opt_cfg, partitioner, seed=0, objective=None)
+    setup.init_state(seed=None) -> TrainState       # created under jit, already sharded
     setup.train_step(state, batch) -> (state, metrics)   # state donated
     setup.eval_step(params, batch) -> metrics # eval capacity factor, no noise
     setup.abstract_state / setup.state_shardings  # ShapeDtypeStructs with shardings (Orbax)
+    setup.model                               # graph + abstract params (decoding, restoring)
 
-    abstract_train_state(model_cfg, opt_cfg, partitioner) -> AbstractState
+    abstract_params(model_cfg, partitioner) -> AbstractParams      # the one abstract model
+    abstract_train_state(model_cfg, opt_cfg, partitioner) -> AbstractState   # + optimizer
     batch_shapes(model_cfg, batch_size, (inputs, targets), sharding) -> {name: ShapeDtypeStruct}
     init_train_state(model_cfg, opt_cfg, partitioner, seed=0) -> TrainState
-    make_train_step(model_cfg, opt_cfg, partitioner) -> train_step
+    make_train_step(model_cfg, opt_cfg, partitioner, objective=None) -> train_step
     make_eval_step(model_cfg, partitioner) -> eval_step
     compute_loss(model_cfg, graphdef, params, batch, keys, train=) -> (loss, metrics)
 
 `model_cfg` should come from `partitioner.adapt_model_config` (MoE groups split over the mesh).
 Batches are dicts of [B, L] arrays with seqio feature-converter names; `decoder_loss_weights`
-marks real target tokens (default: target != 0). Metrics are on-device scalars/small arrays:
-loss = cross_entropy + z_loss + aux_loss + router_z_loss (the last three already scaled by their
-coefficients), accuracy, num_tokens, learning_rate, grad_norm (train only), and per stack
-'encoder/...' / 'decoder/...': aux_loss [layers] (unscaled, 1.0 = balanced), router_z_loss
-[layers], expert_fraction [layers, E], fraction_dropped [layers], router_confidence [layers],
-effective_capacity_factor (scalar).
+marks real target tokens (losses.target_weights). Metrics are on-device scalars/small arrays:
+loss = cross_entropy (or the objective) + z_loss + aux_loss + router_z_loss (the last three
+already scaled by their coefficients), accuracy, num_tokens, learning_rate, grad_norm (train
+only), and per stack 'encoder/...' / 'decoder/...': aux_loss [layers] (unscaled, 1.0 =
+balanced), router_z_loss [layers], expert_fraction [layers, E], fraction_dropped [layers],
+router_confidence [layers], effective_capacity_factor (scalar).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -43,12 +46,12 @@ from switch_jax.config.settings import OptimizerConfig
 from switch_jax.models import routing
 from switch_jax.models.config import ConfigError, ModelConfig
 from switch_jax.models.layers import Keys
+from switch_jax.models.size import abstract_model
+from switch_jax.models.streams import KeyStream
 from switch_jax.models.transformer import Transformer
 from switch_jax.parallel.partitioning import BATCH_AXES, Partitioner
 from switch_jax.training import losses, optimizer
-from switch_jax.training.losses import compute_loss, token_sums  # noqa: F401 (part of this API)
-
-DROPOUT_STREAM, JITTER_STREAM = 0, 1
+from switch_jax.training.losses import compute_loss  # noqa: F401 (part of this API)
 
 
 class TrainState(NamedTuple):
@@ -58,63 +61,103 @@ class TrainState(NamedTuple):
     rng: jax.Array  # uint32[2] base key of dropout / jitter noise
 
 
+class AbstractParams(NamedTuple):
+    """The model graph and its parameters' shapes, with nothing allocated."""
+
+    graphdef: Any
+    params: Any  # nnx.State of Params: ShapeDtypeStruct values carrying their target shardings
+    shardings: Any  # NamedSharding leaves (same tree)
+
+
 class AbstractState(NamedTuple):
     graphdef: Any
     state: TrainState  # jax.ShapeDtypeStruct leaves carrying their target shardings
     shardings: TrainState  # NamedSharding leaves (same tree)
+    tx: optax.GradientTransformation  # the optimizer the state was shaped for
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainingSetup:
+    """Everything a run trains and evaluates with, built once from one abstract model."""
+
     model_cfg: ModelConfig
-    abstract_state: TrainState
-    state_shardings: TrainState
-    init_state: Callable[[], TrainState]
-    train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
+    model: AbstractParams
+    abstract: AbstractState
+    init_state: Callable[..., TrainState]  # (seed=None): a fresh state, the objective's start
+    train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]  # objective inputs bound
     eval_step: Callable[[Any, dict], dict]
+    objective: losses.Objective = losses.LABELS
+    inputs: Callable[[], tuple] = tuple  # the objective's further step inputs (read once)
+
+    @property
+    def abstract_state(self) -> TrainState:
+        return self.abstract.state
+
+    @property
+    def state_shardings(self) -> TrainState:
+        return self.abstract.shardings
+
+    @property
+    def abstract_inputs(self) -> tuple:
+        """ShapeDtypeStructs of `inputs()`: what lowering the train step without data needs."""
+        return self.objective.abstract_inputs
 
 
 def _is_var(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def _make_tx(model_cfg, opt_cfg, abstract_params):
-    return optimizer.adafactor(opt_cfg, optimizer.factor_layouts(abstract_params))
-
-
-def _init_fn(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, tx=None):
+def _init_fn(model_cfg: ModelConfig, tx):
     def init(seed_key):
         param_key, noise_key = jax.random.split(seed_key)
         model = Transformer(model_cfg, rngs=nnx.Rngs(params=param_key))
         _, params = nnx.split(model, nnx.Param)
-        opt_state = tx.init(optimizer.values(params)) if tx is not None else None
+        opt_state = tx.init(optimizer.values(params))
         return TrainState(params, opt_state, jnp.zeros([], jnp.int32), noise_key)
 
     return init
 
 
+def _with_shardings(shapes, shardings):
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
+    )
+
+
+def abstract_params(model_cfg: ModelConfig, partitioner: Partitioner) -> AbstractParams:
+    """The model's graph and parameter shapes with their target shardings (no allocation)."""
+    graphdef, params = nnx.split(abstract_model(model_cfg), nnx.Param)
+    shardings = partitioner.param_shardings(params)
+    return AbstractParams(graphdef, _with_shardings(params, shardings), shardings)
+
+
 def abstract_train_state(
-    model_cfg: ModelConfig, opt_cfg: OptimizerConfig, partitioner: Partitioner
+    model_cfg: ModelConfig,
+    opt_cfg: OptimizerConfig,
+    partitioner: Partitioner,
+    *,
+    model: AbstractParams | None = None,
 ) -> AbstractState:
-    """Shapes and target shardings of the whole train state, with nothing allocated."""
-    model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
-    graphdef, abstract_params = nnx.split(model, nnx.Param)
-    tx = _make_tx(model_cfg, opt_cfg, abstract_params)
-    # An abstract key: a concrete one would be placed on the active mesh, whose devices may
-    # be compile-only (aot) or absent (AbstractMesh).
-    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    shapes = jax.eval_shape(_init_fn(model_cfg, opt_cfg, tx), key)
-    opt_specs = optimizer.state_logical_specs(opt_cfg, abstract_params)
+    """Shapes and target shardings of the whole train state, with nothing allocated; the
+    optimizer is built here, once, for the state's parameters. `model`: abstract_params'."""
+    model = model or abstract_params(model_cfg, partitioner)
+    tx = optimizer.for_params(opt_cfg, model.params)
+    opt_shapes = jax.eval_shape(tx.init, optimizer.values(model.params))
+    opt_specs = optimizer.state_logical_specs(opt_cfg, model.params, opt_shapes)
     shardings = TrainState(
-        params=partitioner.param_shardings(shapes.params),
+        params=model.shardings,
         opt_state=partitioner.logical_shardings(opt_specs, param=True),
         step=partitioner.replicated,
         rng=partitioner.replicated,
     )
-    state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
+    # The step counter and the noise key as _init_fn makes them: int32 [] and a uint32[2] key.
+    shapes = TrainState(
+        model.params,
+        opt_shapes,
+        jax.ShapeDtypeStruct((), jnp.int32),
+        jax.ShapeDtypeStruct((2,), jnp.uint32),
     )
-    return AbstractState(graphdef, state, shardings)
+    return AbstractState(model.graphdef, _with_shardings(shapes, shardings), shardings, tx)
 
 
 def batch_shapes(
@@ -148,8 +191,7 @@ def init_train_state(
 ) -> TrainState:
     """Create parameters and optimizer state under jit straight into their shardings."""
     abstract = abstract or abstract_train_state(model_cfg, opt_cfg, partitioner)
-    tx = _make_tx(model_cfg, opt_cfg, abstract.state.params)
-    init = jax.jit(_init_fn(model_cfg, opt_cfg, tx), out_shardings=abstract.shardings)
+    init = jax.jit(_init_fn(model_cfg, abstract.tx), out_shardings=abstract.shardings)
     with partitioner.activate():
         return init(jax.random.PRNGKey(seed))
 
@@ -187,8 +229,8 @@ check_batch = _check_batch  # public: the planner (switch_jax.info) runs the ste
 def _step_keys(rng, step, microbatch, rng_impl: str = "threefry") -> Keys:
     base = jax.random.fold_in(jax.random.fold_in(rng, step), microbatch)
     keys = Keys(
-        dropout=jax.random.fold_in(base, DROPOUT_STREAM),
-        jitter=jax.random.fold_in(base, JITTER_STREAM),
+        dropout=jax.random.fold_in(base, KeyStream.DROPOUT),
+        jitter=jax.random.fold_in(base, KeyStream.JITTER),
     )
     if rng_impl == "threefry":
         return keys
@@ -209,30 +251,27 @@ def make_train_step(
     *,
     abstract: AbstractState | None = None,
     skip_nonfinite: bool = False,
-    objective: Callable | None = None,
-    extra_shardings: tuple = (),
+    objective: losses.Objective = losses.LABELS,
 ) -> Callable[..., tuple[TrainState, dict]]:
-    """jit(train_step(state, batch, *extra)) with explicit shardings; the input state is donated.
+    """jit(train_step(state, batch, *inputs)) with explicit shardings; the state is donated.
 
     With `skip_nonfinite`, a step whose loss or gradient norm is not finite keeps the old params
     and optimizer state (decided in-graph, no host sync) and reports `skipped_updates` = 1.
-    `objective(logits_BLV, microbatch, *extra, z_loss) -> sums` replaces the label cross-entropy
-    (it must return `losses.token_sums`' keys plus `objective`, the sum to minimise); `extra` are
-    further jit inputs with `extra_shardings`, not donated (e.g. a distillation teacher's params).
+    `objective` replaces the label cross-entropy; `inputs` are its further jit arguments
+    (shardings from its abstract_inputs), not donated (e.g. a distillation teacher's params).
     """
     abstract = abstract or abstract_train_state(model_cfg, opt_cfg, partitioner)
-    graphdef = abstract.graphdef
-    tx = _make_tx(model_cfg, opt_cfg, abstract.state.params)
+    graphdef, tx = abstract.graphdef, abstract.tx
     schedule = optimizer.learning_rate_schedule(opt_cfg)
     k = opt_cfg.microbatches
     mesh = partitioner.mesh
     grads_sharding = optimizer.values(abstract.shardings.params)
+    input_shardings = jax.tree.map(lambda x: x.sharding, objective.abstract_inputs)
 
-    def step_fn(state: TrainState, batch: dict, *extra):
+    def step_fn(state: TrainState, batch: dict, *inputs):
         _check_batch(model_cfg, batch, partitioner, k)
-        weights = batch.get("decoder_loss_weights", batch["decoder_target_tokens"] > 0)
         # Normalise by the whole batch's real tokens so k microbatches sum to the full-batch loss.
-        norm = jnp.maximum(jnp.sum(weights.astype(jnp.float32)), 1.0)
+        tokens = jnp.maximum(jnp.sum(losses.target_weights(batch)), 1.0)
 
         def loss_fn(params, microbatch, index):
             keys = _step_keys(state.rng, state.step, index, model_cfg.rng_impl)
@@ -244,12 +283,10 @@ def make_train_step(
                 train=True,
                 z_loss=model_cfg.z_loss,
                 objective=objective,
-                extra=extra,
+                inputs=inputs,
             )
-            m = losses.finish_metrics(sums, router, model_cfg)
-            loss = (sums.get("objective", sums["cross_entropy"]) + sums["z_loss"]) / norm
-            loss = loss + (m["aux_loss"] + m["router_z_loss"]) / k
-            return loss, (sums, router)
+            terms = losses.router_loss_terms(router, model_cfg)
+            return losses.total_loss(sums, terms, tokens, k), (sums, router)
 
         def grad_fn(params, microbatch, index):
             grads, aux = jax.grad(loss_fn, has_aux=True)(params, microbatch, index)
@@ -286,14 +323,14 @@ def make_train_step(
 
     jitted = jax.jit(
         step_fn,
-        in_shardings=(abstract.shardings, partitioner.batch_sharding, *extra_shardings),
+        in_shardings=(abstract.shardings, partitioner.batch_sharding, *input_shardings),
         out_shardings=(abstract.shardings, partitioner.replicated),
         donate_argnums=0,
     )
 
-    def train_step(state: TrainState, batch: dict, *extra):
+    def train_step(state: TrainState, batch: dict, *inputs):
         with partitioner.activate():  # the model's constraints need mesh + rules at trace time
-            return jitted(state, batch, *extra)
+            return jitted(state, batch, *inputs)
 
     train_step.jitted = jitted  # for .lower(...) / HLO inspection
     return train_step
@@ -302,18 +339,20 @@ def make_train_step(
 def make_eval_step(
     model_cfg: ModelConfig,
     partitioner: Partitioner,
+    *,
+    model: AbstractParams | None = None,
 ) -> Callable[[Any, dict], dict]:
-    """jit(eval_step(params, batch) -> metrics): eval capacity factor, no dropout or jitter."""
-    model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
-    graphdef, abstract_params = nnx.split(model, nnx.Param)
+    """jit(eval_step(params, batch) -> metrics): eval capacity factor, no dropout or jitter,
+    label cross-entropy. `model`: abstract_params' (built here if not given)."""
+    model = model or abstract_params(model_cfg, partitioner)
 
     def eval_fn(params, batch):
         _check_batch(model_cfg, batch, partitioner, 1)
-        return losses.compute_loss(model_cfg, graphdef, params, batch, train=False)[1]
+        return losses.compute_loss(model_cfg, model.graphdef, params, batch, train=False)[1]
 
     jitted = jax.jit(
         eval_fn,
-        in_shardings=(partitioner.param_shardings(abstract_params), partitioner.batch_sharding),
+        in_shardings=(model.shardings, partitioner.batch_sharding),
         out_shardings=partitioner.replicated,
     )
 
@@ -332,22 +371,58 @@ def setup_training(
     *,
     seed: int = 0,
     skip_nonfinite: bool = False,
+    objective: losses.Objective = losses.LABELS,
 ) -> TrainingSetup:
-    """Everything the trainer needs, sharing one abstract state."""
-    abstract = abstract_train_state(model_cfg, opt_cfg, partitioner)
+    """Abstract model, optimizer, abstract state, init and steps, each built once; with an
+    `objective`, its train step and starting params (its inputs are read at first use).
+
+    Raises ConfigError when the objective's starting params do not fit the model (shapes only,
+    before anything is allocated).
+    """
+    model = abstract_params(model_cfg, partitioner)
+    abstract = abstract_train_state(model_cfg, opt_cfg, partitioner, model=model)
+    step = make_train_step(
+        model_cfg,
+        opt_cfg,
+        partitioner,
+        abstract=abstract,
+        skip_nonfinite=skip_nonfinite,
+        objective=objective,
+    )
+    inputs = functools.cache(objective.load_inputs)
+    train_step = step
+    if objective.abstract_inputs:
+
+        def train_step(state: TrainState, batch: dict):
+            return step(state, batch, *inputs())
+
+        train_step.jitted = step.jitted
     return TrainingSetup(
         model_cfg=model_cfg,
-        abstract_state=abstract.state,
-        state_shardings=abstract.shardings,
-        init_state=lambda: init_train_state(
-            model_cfg, opt_cfg, partitioner, seed, abstract=abstract
-        ),
-        train_step=make_train_step(
-            model_cfg,
-            opt_cfg,
-            partitioner,
-            abstract=abstract,
-            skip_nonfinite=skip_nonfinite,
-        ),
-        eval_step=make_eval_step(model_cfg, partitioner),
+        model=model,
+        abstract=abstract,
+        init_state=_state_initialiser(model_cfg, partitioner, abstract, seed, objective, inputs),
+        train_step=train_step,
+        eval_step=make_eval_step(model_cfg, partitioner, model=model),
+        objective=objective,
+        inputs=inputs,
     )
+
+
+def _state_initialiser(model_cfg, partitioner, abstract, default_seed, objective, inputs):
+    """init_state(seed=None): fresh params and optimizer state, then the objective's start."""
+    init = jax.jit(_init_fn(model_cfg, abstract.tx), out_shardings=abstract.shardings)
+    start = objective.init_params
+    if start is not None:
+        # Shapes only: starting params that do not fit the model fail here, before any init.
+        jax.eval_shape(start, abstract.state.params, *objective.abstract_inputs)
+        start = jax.jit(start, out_shardings=abstract.shardings.params)
+
+    def init_state(seed: int | None = None) -> TrainState:
+        with partitioner.activate():
+            state = init(jax.random.PRNGKey(default_seed if seed is None else seed))
+            if start is not None:
+                state = state._replace(params=start(state.params, *inputs()))
+        return state
+
+    return init_state

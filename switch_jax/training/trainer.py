@@ -10,7 +10,6 @@ import time
 import jax
 import numpy as np
 from absl import logging
-from etils import epath
 
 from switch_jax.config.settings import Configs, TrainConfig
 from switch_jax.decode import evaluation
@@ -18,7 +17,8 @@ from switch_jax.models.config import ConfigError
 from switch_jax.report import console
 from switch_jax.store import checkpoints
 from switch_jax.store import lease as lease_lib
-from switch_jax.training import build
+from switch_jax.store import model_dir as model_dir_lib
+from switch_jax.training import build, losses
 
 
 class NonFiniteLossError(RuntimeError):
@@ -65,15 +65,12 @@ def train(configs: Configs, *, operative_config: str = "") -> dict:
     Every check that can fail on user input (mesh, MODEL_DIR, a conflicting earlier run, disk
     space) runs before the first step; a failure never deletes or rewrites a checkpoint.
     """
-    model_dir = _prepare_model_dir(configs.checkpoint.model_dir)
+    model_dir = model_dir_lib.ensure_writable(configs.checkpoint.model_dir)
     # Before Orbax is opened: it deletes unfinished saves, which may be a live trainer's.
     lease = lease_lib.acquire_for_job(os.fspath(model_dir))
     try:
+        # With runs/distill.gin the Run's train step runs the teacher (build_run reads it).
         run = build.build_run(configs)
-        if configs.distill is not None:  # runs/distill.gin: a teacher runs inside the train step
-            from switch_jax.training import distill  # noqa: PLC0415
-
-            run = distill.attach_teacher(run)
         ckpts = run.checkpoints()
         progress = {"step": None}
         try:
@@ -83,9 +80,12 @@ def train(configs: Configs, *, operative_config: str = "") -> dict:
                     ckpts.saved_settings(latest), run.settings, configs.checkpoint.model_dir
                 )
             if jax.process_index() == 0:
-                _write_run_files(model_dir, operative_config, run.info, run.model_cfg)
+                moe = run.model_cfg.moe  # its dispatch is 'auto' resolved for the mesh
+                model_dir_lib.write_run_files(
+                    model_dir, operative_config, run.info, dispatch=moe.dispatch if moe else None
+                )
             ckpts.check_free_space(run.setup.abstract_state, configs.checkpoint.keep)
-            return _run(run, ckpts, lease, progress)
+            return _train_loop(run, ckpts, lease, progress)
         except NonFiniteLossError as e:
             ckpts.wait()
             last = ckpts.latest_step()
@@ -118,7 +118,7 @@ def _out_of_space(ckpts, configs: Configs, step: int | None) -> checkpoints.Chec
     )
 
 
-def _run(run: build.Run, ckpts, lease, progress: dict) -> dict:
+def _train_loop(run: build.Run, ckpts, lease, progress: dict) -> dict:
     from switch_jax.data import pipeline  # noqa: PLC0415 (TensorFlow only where data is read)
     from switch_jax.report import metrics as metrics_lib  # noqa: PLC0415 (optional deps: clu)
 
@@ -225,8 +225,8 @@ class _Profiler:
 class _Loop:
     """Host side of the loop: finiteness check every step, logging every LOG_PERIOD steps."""
 
-    def __init__(self, run: TrainConfig, logger, tokens: int):
-        self.run, self.logger, self.tokens = run, logger, tokens
+    def __init__(self, train_cfg: TrainConfig, logger, tokens: int):
+        self.train_cfg, self.logger, self.tokens = train_cfg, logger, tokens
         self.pending = None
         self.last: dict = {}
         self.skipped = 0
@@ -245,7 +245,9 @@ class _Loop:
         self.pending = None
         loss, grad_norm = (float(jax.device_get(step_metrics[k])) for k in ("loss", "grad_norm"))
         if not (np.isfinite(loss) and np.isfinite(grad_norm)):
-            if self.run.skip_nonfinite_updates:  # the step already kept the old state in-graph
+            if (
+                self.train_cfg.skip_nonfinite_updates
+            ):  # the step already kept the old state in-graph
                 self.skipped += 1
                 logging.warning("step %d: non-finite loss/grad, update skipped", step)
             else:
@@ -256,8 +258,8 @@ class _Loop:
                     f"TrainConfig.skip_nonfinite_updates=True)"
                 )
         self.logger.step_done(step)
-        period = self.run.log_period
-        if step % period == 0 or step == 1 or step == self.run.train_steps:
+        period = self.train_cfg.log_period
+        if step % period == 0 or step == 1 or step == self.train_cfg.train_steps:
             self.last = jax.device_get(step_metrics)
             self.logger.log_train(step, self.last, step_time=step_time, tokens=self.tokens)
 
@@ -273,7 +275,8 @@ def evaluate_checkpoints(configs: Configs, which: str | int = "latest") -> list[
     written to MODEL_DIR/eval. Returns [(step, scalar metrics), ...] in step order."""
     from switch_jax.report import metrics as metrics_lib  # noqa: PLC0415
 
-    run = build.build_run(configs)
+    # The label objective: evaluating a distilled student needs no teacher.
+    run = build.build_run(configs, objective=losses.LABELS)
     model_dir = configs.checkpoint.model_dir
     ckpts = run.checkpoints()
     logger = metrics_lib.MetricsLogger(
@@ -291,7 +294,7 @@ def evaluate_checkpoints(configs: Configs, which: str | int = "latest") -> list[
                 # Parameters only: the optimizer state is not needed, and a converted MODEL_DIR
                 # (switch_jax.convert) holds none.
                 params = checkpoints.restore_params(
-                    os.fspath(ckpts.directory / str(step)), run.setup.abstract_state.params
+                    os.fspath(ckpts.directory / str(step)), run.abstract_params
                 )
                 results = {**_evaluate(run, params, dataset), **task_eval(params, step)}
             logger.log_eval(step, results)
@@ -315,7 +318,7 @@ def _initial_state(run: build.Run, ckpts, batches):
     if init_checkpoint and run.configs.checkpoint.init_restore == "all":
         return _restore_all(run, init_checkpoint)
     if init_checkpoint:
-        params = checkpoints.restore_params(init_checkpoint, setup.abstract_state.params)
+        params = checkpoints.restore_params(init_checkpoint, run.abstract_params)
     state = setup.init_state()
     return (state if params is None else state._replace(params=params)), 0
 
@@ -356,38 +359,3 @@ def _eval_dataset(run: build.Run):
 def _meta(batches, settings: dict) -> dict:
     # The settings let a later start refuse a MODEL_DIR that holds a different run.
     return {"batches_consumed": int(getattr(batches, "batches_consumed", -1)), "settings": settings}
-
-
-def _prepare_model_dir(model_dir: str) -> epath.Path:
-    """Fail before any step if MODEL_DIR cannot hold checkpoints."""
-    if not model_dir:
-        raise ConfigError("MODEL_DIR is not set: pass --gin.MODEL_DIR=\"'/path/to/run'\"")
-    path = epath.Path(model_dir)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"MODEL_DIR={model_dir} is a file, not a directory; choose another path")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_probe"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"MODEL_DIR={model_dir} is not writable: {e.strerror or e}") from None
-    return path
-
-
-def _write_run_files(model_dir: epath.Path, operative_config: str, info, model_cfg=None) -> None:
-    if operative_config:
-        _write_atomic(model_dir / "config.gin", operative_config)
-    lines = [
-        f"{k}: {v:,}" if isinstance(v, int) else f"{k}: {v:.4g}" for k, v in info.as_dict().items()
-    ]
-    if model_cfg is not None and model_cfg.moe is not None:  # 'auto' resolved for the mesh
-        lines.append(f"moe_dispatch: {model_cfg.moe.dispatch}")
-    _write_atomic(model_dir / "model-info.txt", "\n".join(lines) + "\n")
-
-
-def _write_atomic(path: epath.Path, text: str) -> None:
-    """A kill mid-write leaves the old file, never a truncated one (rename is atomic locally)."""
-    tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -21,6 +21,8 @@ from switch_jax.training import optimizer, steps
 
 
 def _noise_keys(cfg: ModelConfig) -> Keys:
+    # The step's own noise with the run's PRNG: on CPU the threefry draws for jitter and dropout
+    # are a visible share of the Switch layer's cost, so leaving them out would hide it.
     key = jax.random.key(0, impl="threefry2x32" if cfg.rng_impl == "threefry" else cfg.rng_impl)
     return Keys(dropout=jax.random.fold_in(key, 1), jitter=jax.random.fold_in(key, 2))
 
@@ -45,11 +47,15 @@ def _ffn_step(cfg: ModelConfig, tokens: int, sparse: bool):
     return lambda: compiled(*args)
 
 
-def _optimizer_step(model_cfg: ModelConfig, opt_cfg, partitioner):
-    """jitted Adafactor update + apply over the model's parameters (gradients = params)."""
-    abstract = steps.abstract_train_state(model_cfg, opt_cfg, partitioner)
-    tx = steps._make_tx(model_cfg, opt_cfg, abstract.state.params)
-    state = steps.init_train_state(model_cfg, opt_cfg, partitioner, abstract=abstract)
+def _optimizer_step(setup: steps.TrainingSetup, partitioner):
+    """jitted Adafactor update + apply over the model's parameters (gradients = params), with
+    the optimizer and state of `setup` (a run's, or its dense twin's).
+
+    The update's cost depends only on the shapes of the gradients, so the parameters stand in
+    for them and no backward pass is needed.
+    """
+    tx = setup.abstract.tx
+    state = setup.init_state(0)
     values = optimizer.values(state.params)
 
     @jax.jit
@@ -73,15 +79,18 @@ def bench_breakdown(configs, repeats: int) -> dict:
     dense_cfg = model_cfg.replace(moe=None)
     stacks = [("encoder", lens[0]), ("decoder", lens[1])] if lens[0] else [("decoder", lens[1])]
     for stack, length in stacks:
+        # Each FFN sees every token of its stack at once, as in the step: batch x length tokens.
         n = batch * length
         pieces[f"{stack}_ffn_{n}_tokens"] = (
             _ffn_step(model_cfg, n, True),
             _ffn_step(dense_cfg, n, False),
             sum(model_cfg.is_sparse(i) for i in range(_depth(model_cfg, stack))),
         )
+    with partitioner.activate():
+        dense = steps.setup_training(dense_cfg, opt_cfg, partitioner)
     pieces["optimizer"] = (
-        _optimizer_step(model_cfg, opt_cfg, partitioner),
-        _optimizer_step(dense_cfg, opt_cfg, partitioner),
+        _optimizer_step(built.setup, partitioner),
+        _optimizer_step(dense, partitioner),
         1,
     )
     fns = [f for switch, dense, _ in pieces.values() for f in (switch, dense)]

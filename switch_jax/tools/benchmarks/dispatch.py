@@ -22,7 +22,7 @@ from switch_jax.tools.benchmarks import timing
 
 DISPATCHES = ("einsum", "scatter", "sorted", "dropless")
 
-NO_NOISE = Keys()
+NO_NOISE = Keys()  # dispatch cost alone: the noise is the same for every dispatch
 
 
 def layer_step(cfg: ModelConfig, group_size: int, total_tokens: int):
@@ -34,6 +34,8 @@ def layer_step(cfg: ModelConfig, group_size: int, total_tokens: int):
     x_BLD = jax.random.normal(key_x, (total_tokens // group_size, group_size, cfg.d_model))
     x_BLD = x_BLD.astype(cfg.dtype)
     mask_BL = jnp.ones(x_BLD.shape[:2], jnp.int32)
+    # A random cotangent instead of sum(y): with all-ones XLA could simplify the backward pass
+    # of the combine, which the real loss never allows.
     cotangent_BLD = jax.random.normal(key_g, x_BLD.shape, x_BLD.dtype)
 
     def loss(params, x_BLD):
@@ -58,6 +60,7 @@ def dense_step(cfg: ModelConfig, total_tokens: int):
 
 
 def _compiled(fn, args):
+    # Compile apart from the timed calls: the compile time is a result of its own.
     t0 = time.perf_counter()
     compiled = fn.lower(*args).compile()
     return compiled, time.perf_counter() - t0

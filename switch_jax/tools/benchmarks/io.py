@@ -55,6 +55,7 @@ def bench_checkpoint(runner: StepRunner, steps: int = 5, repeats: int = 3) -> di
         ckpts = Checkpoints(tmp, period=1, keep=1, async_save=True)
         for r in range(repeats):
             base += _step_times(runner, steps)
+            # The last step must be done, else save() would be charged for finishing it.
             jax.block_until_ready(runner.state)
             t0 = time.perf_counter()
             ckpts.save(r + 1, runner.state, force=True)

@@ -14,7 +14,7 @@
   pipeline    the seqio task's packed rows/s vs the rows/s the step consumes
   checkpoint  the stall an async Orbax save adds to the step loop
 No TensorFlow unless the `pipeline` variant runs and TF is installed. MFU uses
-report/metrics.py's peak table; on CPU the peak is a float32 matmul timed in this process.
+report/hardware.py's chip table; on CPU the peak is a float32 matmul timed in this process.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def run_benchmarks(configs, variants, *, steps, warmup, dispatch, dispatches=Non
     """All requested variants; returns the JSON-ready results dict."""
     import jax
 
-    from switch_jax.report import metrics
+    from switch_jax.report import hardware
     from switch_jax.tools.benchmarks import step as step_bench
 
     model_cfg = configs.model
@@ -43,7 +43,7 @@ def run_benchmarks(configs, variants, *, steps, warmup, dispatch, dispatches=Non
         raise gin_config.ConfigError(
             f"--variants: unknown {sorted(unknown)}; choose from {VARIANTS}"
         )
-    peak = metrics.peak_flops()
+    peak = hardware.peak_flops()
     device = jax.devices()[0]
     out = {
         "device": {
@@ -52,11 +52,13 @@ def run_benchmarks(configs, variants, *, steps, warmup, dispatch, dispatches=Non
             "count": jax.device_count(),
         },
         "peak_flops": peak,
-        "peak_source": "measured f32 matmul" if device.platform == "cpu" else "metrics.PEAK_FLOPS",
+        "peak_source": "measured f32 matmul" if device.platform == "cpu" else "hardware.CHIPS",
     }
     runner = None
     if {"step", "dense", "pipeline", "checkpoint"} & set(variants):
         runner = step_bench.StepRunner(configs)
+        # Switch and its dense twin alternate step by step: a shared machine's load then slows
+        # both alike and their ratio stays meaningful.
         runners = [runner]
         if "dense" in variants and model_cfg.moe is not None:
             runners.append(step_bench.StepRunner(step_bench.dense_twin(configs)))
@@ -197,6 +199,7 @@ def _round(x):
 
 
 def check_finite(tree, where="") -> None:
+    """Raise naming the first NaN / inf in a results tree: a broken figure must not be published."""
     if isinstance(tree, dict):
         for k, v in tree.items():
             check_finite(v, f"{where}/{k}")

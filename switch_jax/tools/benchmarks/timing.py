@@ -62,7 +62,7 @@ def time_calls(fn: Callable[[], Any], steps: int, warmup: int = 1) -> dict:
 
 def device_peak_bytes() -> int | None:
     """Peak bytes in use on device 0 where the backend reports it (GPU/TPU); None on CPU."""
-    stats = jax.devices()[0].memory_stats()
+    stats = jax.devices()[0].memory_stats()  # the CPU client returns None
     if not stats:
         return None
     return int(stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0))) or None
@@ -82,6 +82,7 @@ def compiled_bytes(compiled) -> int | None:
         return None
     if m is None:
         return None
+    # A donated argument is also an output (same buffer): count it once.
     alias = getattr(m, "alias_size_in_bytes", 0)
     total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - alias
     return int(total)

@@ -1,4 +1,5 @@
-"""Write and read the MODEL_DIR of a converted model: Orbax params, config.gin, model-info.txt.
+"""Write and read the MODEL_DIR of a converted model: Orbax params, config.gin, model-info.txt
+(store/model_dir.py names the files).
 
 The parameters go into MODEL_DIR/checkpoints/0/state as `{'params': {...: {'value': array}}}`,
 the tree `checkpoints.restore_params` (INIT_CHECKPOINT) reads. They are written in partial
@@ -25,6 +26,8 @@ from etils import epath
 from orbax.checkpoint.experimental import v1 as ocp_v1
 
 from switch_jax.models.config import ConfigError, ModelConfig, MoeConfig
+from switch_jax.store import checkpoints
+from switch_jax.store import model_dir as model_dir_lib
 
 STEP = 0
 _MACROS = {("ModelConfig", "dropout_rate"): "%DROPOUT_RATE"}
@@ -42,12 +45,13 @@ class Tensor:
 
 
 def step_dir(model_dir: str) -> epath.Path:
-    return epath.Path(os.path.abspath(model_dir)) / "checkpoints" / str(STEP)
+    """The one step directory a conversion writes (absolute)."""
+    return model_dir_lib.step_dir(model_dir, STEP)
 
 
 def prepare(model_dir: str) -> None:
     """Refuse a MODEL_DIR that already holds checkpoints: conversion never overwrites one."""
-    ckpts = epath.Path(os.path.abspath(model_dir)) / "checkpoints"
+    ckpts = model_dir_lib.checkpoints_dir(model_dir)
     if ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir()):
         raise ConfigError(
             f"--model_dir={model_dir} already holds checkpoints; choose a new or empty directory"
@@ -129,16 +133,14 @@ def _insert(tree: dict, path: tuple[str, ...], value) -> dict:
 
 def write_meta(model_dir: str, meta: dict) -> None:
     """MODEL_DIR/checkpoints/0/meta/metadata, the JSON `checkpoints.read_meta` reads."""
-    meta_dir = step_dir(model_dir) / "meta"
-    meta_dir.mkdir(parents=True, exist_ok=True)
-    (meta_dir / "metadata").write_text(json.dumps({"step": STEP, **meta}, sort_keys=True))
+    path = model_dir_lib.meta_file(step_dir(model_dir))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"step": STEP, **meta}, sort_keys=True))
 
 
 def read_params(model_dir: str, names: list[tuple[str, ...]]) -> dict[tuple[str, ...], np.ndarray]:
     """The arrays at `names` of the latest checkpoint in MODEL_DIR (or a step directory)."""
-    from switch_jax.store import checkpoints
-
-    state = checkpoints._resolve_step_dir(epath.Path(os.path.abspath(model_dir))) / "state"
+    state = model_dir_lib.state_dir(model_dir_lib.resolve_step_dir(model_dir))
     target: dict = {}
     for name in names:
         _insert(target, ("params", *name), ocp.RestoreArgs(restore_type=np.ndarray))
@@ -160,9 +162,7 @@ def read_params(model_dir: str, names: list[tuple[str, ...]]) -> dict[tuple[str,
 
 def saved_paths(model_dir: str) -> dict[tuple[str, ...], tuple[int, ...]]:
     """{our path: shape} of every parameter stored in MODEL_DIR's latest checkpoint."""
-    from switch_jax.store import checkpoints
-
-    state = checkpoints._resolve_step_dir(epath.Path(os.path.abspath(model_dir))) / "state"
+    state = model_dir_lib.state_dir(model_dir_lib.resolve_step_dir(model_dir))
     tree = ocp.PyTreeCheckpointer().metadata(state).item_metadata.tree["params"]
     out = {}
 
@@ -213,21 +213,10 @@ def _gin_literal(value) -> str:
 
 
 def write_run_files(model_dir: str, gin_text: str, cfg: ModelConfig) -> None:
+    """config.gin (`gin_text`) and model-info.txt of the converted model `cfg`."""
     from switch_jax.models.size import model_info
 
-    root = epath.Path(os.path.abspath(model_dir))
-    info = model_info(cfg)
-    lines = [
-        f"{k}: {v:,}" if isinstance(v, int) else f"{k}: {v:.4g}" for k, v in info.as_dict().items()
-    ]
-    _write_atomic(root / "config.gin", gin_text)
-    _write_atomic(root / "model-info.txt", "\n".join(lines) + "\n")
-
-
-def _write_atomic(path: epath.Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_text(text)
-    tmp.replace(path)
+    model_dir_lib.write_run_files(model_dir, gin_text, model_info(cfg))
 
 
 def now() -> str:
@@ -236,10 +225,8 @@ def now() -> str:
 
 def read_meta_vocabulary(model_dir: str) -> str | None:
     """The vocabulary path a conversion recorded in its checkpoint's meta (None otherwise)."""
-    from switch_jax.store import checkpoints
-
     try:
-        step = checkpoints._resolve_step_dir(epath.Path(os.path.abspath(model_dir)))
-        return checkpoints.read_meta(os.fspath(step)).get("vocabulary")
+        step = model_dir_lib.resolve_step_dir(model_dir)
+        return checkpoints.read_meta(step).get("vocabulary")
     except (OSError, ValueError, ConfigError):
         return None
