@@ -7,13 +7,18 @@ import subprocess
 
 
 def free_port() -> int:
+    """A TCP port on localhost that was free a moment ago (for a coordinator address)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def run_all(commands: list[list[str]], *, env: dict, timeout: float, cwd=None) -> list[str]:
-    """Start every command at once, wait for all, assert each exited 0; returns their outputs."""
+    """Start every command at once, wait for all, assert each exited 0; returns their outputs.
+
+    A process still running after `timeout` seconds fails the test with every process's last
+    output lines, so that a hang shows where each host was.
+    """
     procs = [
         subprocess.Popen(
             cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -24,6 +29,13 @@ def run_all(commands: list[list[str]], *, env: dict, timeout: float, cwd=None) -
     try:
         for proc in procs:
             outputs.append(proc.communicate(timeout=timeout)[0])
+    except subprocess.TimeoutExpired:
+        for proc in procs[len(outputs) :]:
+            proc.kill()
+        # communicate() again returns what was read before the timeout plus the rest.
+        outputs += [proc.communicate()[0] for proc in procs[len(outputs) :]]
+        tails = "\n".join(f"--- process {i}:\n{out[-2000:]}" for i, out in enumerate(outputs))
+        raise AssertionError(f"still running after {timeout} s\n{tails}") from None
     finally:
         for proc in procs:  # never leave a worker behind (one may wait forever for its peer)
             if proc.poll() is None:

@@ -49,9 +49,8 @@ def installed(tmp_path_factory):
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
-    shutil.copytree(
-        REPO / "switch_jax", src / "switch_jax", ignore=shutil.ignore_patterns("__pycache__")
-    )
+    for folder in ("switch_jax", "configs"):  # configs/ becomes switch_jax/configs in the wheel
+        shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     _pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(root / "dist"), ".", cwd=src)
     (wheel,) = glob.glob(str(root / "dist" / "*.whl"))
     target = root / "site"

@@ -81,7 +81,15 @@ class DataIteratorRestore(ocp.args.CheckpointArgs):
 class Checkpoints:
     """Keep-K, every-N, async checkpoints of one run under MODEL_DIR/checkpoints."""
 
-    def __init__(self, model_dir: str, *, period: int, keep: int, async_save: bool = True):
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        period: int,
+        keep: int,
+        async_save: bool = True,
+        cleanup_tmp: bool = True,
+    ):
         self.root = model_dir_lib.absolute(model_dir)
         self.directory = model_dir_lib.checkpoints_dir(model_dir)
         options = ocp.CheckpointManagerOptions(
@@ -89,7 +97,7 @@ class Checkpoints:
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
             create=True,
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=cleanup_tmp,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.attempted: list[int] = []  # steps passed to save(), committed or not

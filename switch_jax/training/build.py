@@ -59,10 +59,16 @@ class Run:
         """The flat settings stored with every checkpoint (a resume must match them)."""
         return checkpoints.run_settings(self.configs)
 
-    def checkpoints(self, *, async_save: bool = True) -> checkpoints.Checkpoints:
+    def checkpoints(
+        self, *, async_save: bool = True, cleanup_tmp: bool = True
+    ) -> checkpoints.Checkpoints:
         ckpt = self.configs.checkpoint
         return checkpoints.Checkpoints(
-            os.fspath(ckpt.model_dir), period=ckpt.period, keep=ckpt.keep, async_save=async_save
+            os.fspath(ckpt.model_dir),
+            period=ckpt.period,
+            keep=ckpt.keep,
+            async_save=async_save,
+            cleanup_tmp=cleanup_tmp,
         )
 
     def pipeline_args(self, split: str) -> dict:

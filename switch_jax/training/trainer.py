@@ -71,7 +71,9 @@ def train(configs: Configs, *, operative_config: str = "") -> dict:
     try:
         # With runs/distill.gin the Run's train step runs the teacher (build_run reads it).
         run = build.build_run(configs)
-        ckpts = run.checkpoints()
+        # After a takeover by watching, the old holder may be a stalled process with an async
+        # save still in flight: leave its temporary directories alone (latest_step ignores them).
+        ckpts = run.checkpoints(cleanup_tmp=lease is None or not lease.predecessor_may_live)
         progress = {"step": None}
         try:
             latest = ckpts.latest_step()
@@ -111,7 +113,7 @@ def _out_of_space(ckpts, configs: Configs, step: int | None) -> checkpoints.Chec
     committed = ckpts.committed_steps()
     last = committed[-1] if committed else None
     failed = next((s for s in ckpts.attempted if last is None or s > last), step)
-    intact = f"step {last} ({ckpts.directory / str(last)})" if last is not None else "none"
+    intact = f"step {last} ({ckpts.step_dir(last)})" if last is not None else "none"
     return checkpoints.CheckpointError(
         f"out of space in MODEL_DIR={configs.checkpoint.model_dir} at step {failed} (not saved); "
         f"last intact checkpoint: {intact}; free space and run the same command to resume"
@@ -202,7 +204,7 @@ class _Profiler:
 
     def __init__(self, steps: tuple[int, int] | None, model_dir: str):
         self.steps = steps if jax.process_index() == 0 else None
-        self.logdir = os.path.join(model_dir, "train", "profile")
+        self.logdir = os.fspath(model_dir_lib.profile_dir(model_dir))
         self.active = False
 
     def before(self, step: int) -> None:
@@ -294,7 +296,7 @@ def evaluate_checkpoints(configs: Configs, which: str | int = "latest") -> list[
                 # Parameters only: the optimizer state is not needed, and a converted MODEL_DIR
                 # (switch_jax.convert) holds none.
                 params = checkpoints.restore_params(
-                    os.fspath(ckpts.directory / str(step)), run.abstract_params
+                    os.fspath(ckpts.step_dir(step)), run.abstract_params
                 )
                 results = {**_evaluate(run, params, dataset), **task_eval(params, step)}
             logger.log_eval(step, results)
