@@ -1,7 +1,7 @@
-"""Decoding speed: greedy vs beam search (tokens/s), interleaved in one process.
+"""Decoding speed: greedy vs beam search, dropless vs capacity routing (tokens/s), interleaved.
 
     python scripts/bench_decode.py --gin_file=models/tiny.gin --batch=32 --input_length=128 \
-      --decode_length=32 --beams=1,4 --repeats=3
+      --decode_length=32 --beams=1,4 --routings=dropless,capacity --repeats=3
     -> one JSON line per setting: seconds per call (median of repeats, compile excluded) and
        output tokens/s = batch x decode_length / seconds (EOS is disabled, so every row decodes
        exactly decode_length tokens; beam search computes beams x as many).
@@ -30,6 +30,7 @@ _BATCH = flags.DEFINE_integer("batch", 32, "sequences per call")
 _INPUT = flags.DEFINE_integer("input_length", 128, "encoder tokens per sequence")
 _DECODE = flags.DEFINE_integer("decode_length", 32, "tokens decoded per sequence")
 _BEAMS = flags.DEFINE_list("beams", ["1", "4"], "beam sizes (1 = greedy)")
+_ROUTINGS = flags.DEFINE_list("routings", ["dropless", "capacity"], "DecodeConfig.routing values")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed calls per setting (after one warm-up)")
 
 
@@ -44,25 +45,27 @@ def main(argv):
     key = "encoder_input_tokens" if model_cfg.is_encoder_decoder else "decoder_prompt_tokens"
     batch = {key: rng.integers(2, model_cfg.vocab_size, (_BATCH.value, _INPUT.value), np.int32)}
     decoders = {
-        int(n): decoding.make_decoder(
+        (routing, int(n)): decoding.make_decoder(
             model_cfg,
             partitioner,
-            DecodeConfig(max_decode_length=_DECODE.value, beam_size=int(n), eos_id=-1),
+            DecodeConfig(_DECODE.value, beam_size=int(n), routing=routing, eos_id=-1),
         )
+        for routing in _ROUTINGS.value
         for n in _BEAMS.value
     }
     for dec in decoders.values():  # compile
         jax.block_until_ready(dec.generate(params, batch))
-    times: dict[int, list[float]] = {n: [] for n in decoders}
+    times: dict[tuple[str, int], list[float]] = {setting: [] for setting in decoders}
     for _ in range(_REPEATS.value):  # interleaved: a shared machine slows all settings alike
-        for n, dec in decoders.items():
+        for setting, dec in decoders.items():
             started = time.perf_counter()
             jax.block_until_ready(dec.generate(params, batch))
-            times[n].append(time.perf_counter() - started)
+            times[setting].append(time.perf_counter() - started)
     tokens = _BATCH.value * _DECODE.value
-    for n, ts in times.items():
+    for (routing, n), ts in times.items():
         seconds = statistics.median(ts)
         row = {
+            "routing": routing,
             "beam_size": n,
             "batch": _BATCH.value,
             "input_length": _INPUT.value,

@@ -8,7 +8,9 @@
 the train state per device. `run` calls `python -m switch_jax.compile ... --json` for each row
 (under `nice -n 5`, one compile at a time: a full-size compile takes minutes and ~8 GB of host RAM)
 and appends what it printed to docs/tpu_fit.jsonl: the JSON report, or the one-line "does not fit"
-message. `table` renders every row, saying which have no measurement yet. Every row uses
+message. `table` renders every row, saying which have no measurement yet, with the step-time
+estimate of switch_jax/tools/roofline.py: the record's own when it has one, else computed from
+its stored cost analysis and collectives (records from before the estimator). Every row uses
 runs/pretrain.gin: batch 2048 x 512 inputs / 114 targets (2^20 input tokens), Adafactor, float32
 parameters.
 Needs libtpu (pip install 'switch_jax[tpu]').
@@ -135,10 +137,66 @@ def latest() -> dict[str, dict]:
     return {r["row"]: r for r in records}
 
 
+def estimate(row: str, record: dict) -> dict:
+    """The roofline of a fitting record: its own, or computed from what it stored."""
+    from switch_jax.report import hardware
+    from switch_jax.tools import aot, roofline
+
+    rep = record["report"]
+    if "roofline" in rep:
+        return rep["roofline"]
+    collectives = dict(rep["collectives_per_chip"])
+    if "all_to_all_per_step" in record:  # the hand-corrected count of an early record
+        collectives["all-to-all"] = record["all_to_all_per_step"]
+    # Records from before compile kept loop trips: a scanned stack is a loop that runs more
+    # than once, which is all the estimate needs to know.
+    scanned = SCAN in ROWS[row][4]
+    collectives["loop_trips"] = rep.get("loop_trips") or ([2] if scanned else [])
+    topo = aot.parse_topology(rep["topology"], rep["num_slices"])
+    cost = {"flops": rep["flops_per_chip"], "bytes": rep["bytes_accessed_per_chip"]}
+    chip = hardware.by_name(topo.generation)
+    return roofline.estimate(
+        cost,
+        collectives,
+        chip,
+        chips=rep["chips"],
+        num_slices=rep["num_slices"],
+        model_flops=rep["model_train_flops_per_step"],
+    )
+
+
+def compute_floor_cell(row: str) -> str:
+    """For a row not compiled yet: the compute term alone, from the planner's model FLOPs (the
+    HBM and ICI terms need the compiled program)."""
+    from switch_jax.report import hardware
+    from switch_jax.tools import aot
+
+    _, gin, topology, mesh, extra = ROWS[row]
+    cmd = [sys.executable, "-m", "switch_jax.info", f"--gin_file=models/{gin}.gin"]
+    cmd += ["--gin_file=runs/pretrain.gin", f"--gin.MESH_SHAPE={mesh}"]
+    cmd += [*(f"--gin.{b}" for b in extra), "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=True)
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    topo = aot.parse_topology(topology)
+    flops = info["train_flops_per_sequence"] * info["batch_size"] / topo.chips
+    seconds = flops / hardware.by_name(topo.generation).peak_bf16_flops
+    return f"compute alone >= {seconds * 1e3:.0f} ms (not compiled: HBM, ICI unknown)"
+
+
+def estimate_cell(e: dict) -> str:
+    t = e["terms_s"]
+    terms = ", ".join(
+        f"{name} {t[key] * 1e3:.3g}" if t[key] is not None else f"{name} unknown"
+        for name, key in (("compute", "compute"), ("HBM", "hbm"), ("ICI", "ici"))
+    )
+    return f">= {e['step_s'] * 1e3:.0f} ms, {e['bound']}-bound, MFU <= {e['mfu']:.0%} ({terms} ms)"
+
+
 def table() -> str:
     head = (
         "| model | slice (chips) | MESH_SHAPE | fits | HBM per chip, GiB (args + temps) "
-        "| all-to-all per chip and step | compile |\n|---|---|---|---|---|---|---|"
+        "| all-to-all per chip and step | compile | step estimate |\n"
+        "|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     results = latest()
@@ -148,7 +206,7 @@ def table() -> str:
         mesh_text = f"`{mesh}`" + "".join(f" {n}" for n in notes)
         r = results.get(row)
         if r is None:
-            cells = ["not measured yet", "", "", ""]
+            cells = ["not measured yet", "", "", "", compute_floor_cell(row)]
         elif r["outcome"] == "fits":
             rep = r["report"]
             m, a2a = rep["memory_per_chip"], rep["collectives_per_chip"]["all-to-all"]
@@ -161,12 +219,13 @@ def table() -> str:
                 (f"{a2a['bytes'] / GiB:.2f} GiB in {a2a['count']}" if a2a["count"] else "none")
                 + (" (derived)" if "derived" in a2a else ""),
                 f"{rep['compile_s'] / 60:.1f} min",
+                estimate_cell(estimate(row, r)),
             ]
         elif r["outcome"] == "does not fit":
             why = r["message"].split(";")[0].split(": ", 1)[-1]  # what, not where (columns)
-            cells = ["**no**: " + why, "", "", ""]
+            cells = ["**no**: " + why, "", "", "", ""]
         else:
-            cells = [f"{r['outcome']}: {r.get('message', '')}", "", "", ""]
+            cells = [f"{r['outcome']}: {r.get('message', '')}", "", "", "", ""]
         chips = topology_chips(topology)
         cells = [model, f"{topology} ({chips})", mesh_text, *cells]
         lines.append("| " + " | ".join(cells) + " |")

@@ -23,6 +23,7 @@ import sys
 from absl import flags
 
 from switch_jax import cli
+from switch_jax.models.config import DISPATCHES, ConfigError
 from switch_jax.tools.benchmarks import suite
 
 _VARIANTS = cli.define_flag(
@@ -38,23 +39,56 @@ _JSON = cli.define_flag(
     flags.DEFINE_bool, "json", False, "print JSON on stdout (the table goes to stderr)"
 )
 _OUTPUT = cli.define_flag(flags.DEFINE_string, "output", None, "also write the JSON to this file")
-_STEPS = cli.define_flag(flags.DEFINE_integer, "steps", 10, "timed train steps (median reported)")
-_WARMUP = cli.define_flag(flags.DEFINE_integer, "warmup", 2, "untimed steps after compilation")
-_REPEATS = cli.define_flag(flags.DEFINE_integer, "repeats", 5, "timed calls per dispatch point")
+_STEPS = cli.define_flag(
+    flags.DEFINE_integer, "steps", 10, "timed train steps (median reported)", lower_bound=1
+)
+_WARMUP = cli.define_flag(
+    flags.DEFINE_integer, "warmup", 2, "untimed steps after compilation", lower_bound=0
+)
+_REPEATS = cli.define_flag(
+    flags.DEFINE_integer, "repeats", 5, "timed calls per dispatch point", lower_bound=1
+)
 _GROUPS = cli.define_flag(
     flags.DEFINE_list, "dispatch_groups", ["256", "512", "1024", "2048", "4096"], "T"
 )
 _EXPERTS = cli.define_flag(flags.DEFINE_list, "dispatch_experts", ["8", "16", "32", "64"], "E")
 _TOKENS = cli.define_flag(
-    flags.DEFINE_integer, "dispatch_tokens", 8192, "tokens per MoE layer call (G x T)"
+    flags.DEFINE_integer,
+    "dispatch_tokens",
+    8192,
+    "tokens per MoE layer call (G x T)",
+    lower_bound=1,
 )
 
 
+def _counts(flag: flags.FlagHolder) -> list[int]:
+    """The positive integers of a list flag, or one ConfigError naming the flag and value."""
+    out = []
+    for text in flag.value:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ConfigError(
+                f"--{flag.name}={','.join(flag.value)}: {text!r} is not a positive integer"
+            )
+        out.append(value)
+    return out
+
+
 def main(argv) -> None:
-    del argv
+    if len(argv) > 1:
+        raise ConfigError(f"unexpected arguments {list(argv[1:])}; use --gin_file / --gin.NAME=")
+    unknown = sorted(set(_DISPATCHES.value) - set(DISPATCHES) - {"auto"})
+    if unknown:
+        raise ConfigError(f"--dispatches: unknown {unknown}; choose from {', '.join(DISPATCHES)}")
+    unknown = sorted(set(_VARIANTS.value) - set(suite.VARIANTS))
+    if unknown:
+        raise ConfigError(f"--variants: unknown {unknown}; choose from {', '.join(suite.VARIANTS)}")
     dispatch = dict(
-        group_sizes=[int(x) for x in _GROUPS.value],
-        experts=[int(x) for x in _EXPERTS.value],
+        group_sizes=_counts(_GROUPS),
+        experts=_counts(_EXPERTS),
         total_tokens=_TOKENS.value,
         repeats=_REPEATS.value,
         dispatches=_DISPATCHES.value,

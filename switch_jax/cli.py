@@ -33,6 +33,7 @@ than one process the gloo collectives are enabled.
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -48,11 +49,21 @@ gin_config.define_flags()
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "HOST:PORT of process 0 (multi-host runs; T5X's flag)"
 )
-_PROCESS_COUNT = flags.DEFINE_integer("process_count", None, "number of processes (hosts)")
-_PROCESS_INDEX = flags.DEFINE_integer("process_index", None, "this process's index")
-_INIT_TIMEOUT = flags.DEFINE_integer(
-    "distributed_timeout_s", 300, "seconds to wait for the other processes to join"
+_PROCESS_COUNT = flags.DEFINE_integer(
+    "process_count", None, "number of processes (hosts)", lower_bound=1
 )
+_PROCESS_INDEX = flags.DEFINE_integer("process_index", None, "this process's index", lower_bound=0)
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout_s",
+    300,
+    "seconds to wait for the other processes to join",
+    lower_bound=1,
+)
+
+
+# The commands whose flags `define_flag` records, to say where an unknown flag belongs.
+COMMANDS = ("train", "eval", "infer", "info", "compile", "convert", "bench")
+_FLAG_OWNERS: dict[str, set[str]] = {}
 
 
 def define_flag(define: Callable[..., Any], name: str, *args: Any, **kwargs: Any):
@@ -61,6 +72,7 @@ def define_flag(define: Callable[..., Any], name: str, *args: Any, **kwargs: Any
     One process runs one entry point, but tests import several entry modules into one process:
     a second `--json` or `--output` must not be a DuplicateFlagError (the first help text wins).
     """
+    _FLAG_OWNERS.setdefault(name, set()).add(_command_of(sys._getframe(1).f_globals))  # noqa: SLF001
     if name in flags.FLAGS:
         return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
     return define(name, *args, **kwargs)
@@ -130,9 +142,45 @@ def parse_gin(extra_files: Sequence[str] = (), *, finalize: bool = True) -> None
     )
 
 
+def check_task(configs: Configs) -> None:
+    """Look the task up (registering a built-in one) before a MODEL_DIR is created or a model
+    built: a misspelt name is refused before the run's header is printed."""
+    from switch_jax.data import tasks
+    from switch_jax.decode import evaluation
+
+    data = configs.data
+    tasks.get_provider(data.mixture_or_task_name, **evaluation.data_options(data))
+
+
 def operative_config() -> str:
     """The gin bindings in effect (what the trainer stores as MODEL_DIR/config.gin)."""
     return gin_config.operative_config()
+
+
+def _command_of(module_globals: dict) -> str:
+    """'info' for switch_jax.info, also when it runs as `python -m` (then named __main__)."""
+    spec = module_globals.get("__spec__")
+    name = spec.name if spec is not None else module_globals.get("__name__", "")
+    return name.rsplit(".", 1)[-1]
+
+
+def flag_owners(command: str) -> Callable[[str], str]:
+    """For `command`'s flags parser: '; it is a flag of switch-X' for a flag another command
+    defines, or ''. The other entry modules are imported only then, to learn their flags."""
+
+    def owners(name: str) -> str:
+        import importlib
+
+        for other in COMMANDS:
+            if other != command:
+                importlib.import_module(f"switch_jax.{other}")
+        found = sorted(_FLAG_OWNERS.get(name.removeprefix("no"), set()) - {command})
+        if not found:
+            return ""
+        where = " and ".join(f"switch-{c}" for c in found)
+        return f": it is a flag of {where}, not of switch-{command}"
+
+    return owners
 
 
 def fail(error: BaseException, status: int) -> None:
@@ -140,6 +188,10 @@ def fail(error: BaseException, status: int) -> None:
     text = " ".join(str(error).split()) or type(error).__name__
     name = type(error).__name__
     print(text if text.startswith(name) else f"{name}: {text}", file=sys.stderr, flush=True)
+    # The error is told: reads Orbax left in flight (coroutines, clean-up threads) must not
+    # print their tracebacks after it while the interpreter shuts down.
+    sys.unraisablehook = lambda _: None
+    threading.excepthook = lambda _: None
     sys.exit(status)
 
 
@@ -174,10 +226,21 @@ def entry(
         except (*user_errors(), *extra_errors) as e:
             fail(e, 1)
 
+    command = _command_of(main.__globals__)
+
+    def parse_flags(argv: list[str]) -> list[str]:
+        rest = gin_config.flags_parser(argv, flag_owners(command))
+        # Where several entry modules share a process (tests, tools) another command's flag
+        # parses: refuse it as a process running only this command would.
+        for name, owners in _FLAG_OWNERS.items():
+            if command not in owners and name in flags.FLAGS and flags.FLAGS[name].present:
+                raise ConfigError(f"unknown flag --{name}{flag_owners(command)(name)}")
+        return rest
+
     def console_main() -> None:
         try:
-            app.run(guarded, flags_parser=gin_config.flags_parser)
-        except ConfigError as e:  # raised while rewriting --gin.* flags
+            app.run(guarded, flags_parser=parse_flags)
+        except ConfigError as e:  # a bad flag, or --gin.* without a value
             fail(e, 2)
 
     return console_main

@@ -37,12 +37,17 @@ _CAPACITY = cli.define_flag(
     "expert_capacity",
     64,
     "export: HF's fixed per-sequence expert capacity (config.json)",
+    lower_bound=1,
 )
 _SCAN = cli.define_flag(
     flags.DEFINE_bool, "scan_layers", False, "--from=hf: write the tree of scan_layers=True"
 )
 _MAX_SHARD_GB = cli.define_flag(
-    flags.DEFINE_float, "max_shard_gb", 5.0, "export: safetensors shard size limit"
+    flags.DEFINE_float,
+    "max_shard_gb",
+    5.0,
+    "export: safetensors shard size limit",
+    lower_bound=0.001,
 )
 
 
@@ -53,7 +58,8 @@ def _require(value, flag: str, why: str):
 
 
 def main(argv: list[str]) -> None:
-    del argv
+    if len(argv) > 1:
+        raise ConfigError(f"unexpected arguments {list(argv[1:])}; use --source= / --model_dir=")
     from switch_jax.formats import convert
 
     if bool(_FROM.value) == bool(_TO.value):
@@ -77,7 +83,8 @@ def main(argv: list[str]) -> None:
     output = _require(_OUTPUT.value, "output", "with --to=hf")
     gin_file = os.fspath(model_dir_lib.config_file(model_dir))
     if not os.path.exists(gin_file):
-        raise ConfigError(f"--model_dir={model_dir} has no {model_dir_lib.CONFIG_GIN}")
+        near = model_dir_lib.near_run(model_dir)
+        raise ConfigError(f"--model_dir={model_dir} has no {model_dir_lib.CONFIG_GIN}{near}")
     cli.parse_gin([gin_file])
     cfg = cli.configs().model
     convert.export_hf(

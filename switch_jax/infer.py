@@ -23,6 +23,7 @@ from absl import flags
 from switch_jax import cli
 from switch_jax.decode import inference
 from switch_jax.models.config import ConfigError
+from switch_jax.store import model_dir as model_dir_lib
 from switch_jax.store import stored_config
 
 _INPUT = cli.define_flag(flags.DEFINE_string, "input_file", None, "JSONL / text; '-' = stdin")
@@ -30,29 +31,40 @@ _OUTPUT = cli.define_flag(flags.DEFINE_string, "output_file", None, "JSONL out (
 _MODE = cli.define_flag(flags.DEFINE_enum, "mode", "predict", ["predict", "score"], "or score")
 _STEP = cli.define_flag(flags.DEFINE_string, "step", "latest", "checkpoint: 'latest', 'all', N")
 _SPLIT = cli.define_flag(flags.DEFINE_string, "split", "validation", "task split (no input_file)")
-_MAX_EXAMPLES = cli.define_flag(flags.DEFINE_integer, "max_examples", None, "at most this many")
+_MAX_EXAMPLES = cli.define_flag(
+    flags.DEFINE_integer, "max_examples", None, "at most this many", lower_bound=1
+)
 
 
 def main(argv: list[str]) -> None:
-    del argv
-    cli.parse_gin(stored_config.stored_config_files(flags.FLAGS.gin_bindings))
+    if len(argv) > 1:
+        raise ConfigError(f"unexpected arguments {list(argv[1:])}; use --input_file=F")
+    if _STEP.value == "all":
+        raise ConfigError("--step=all is for switch-eval; infer uses one: 'latest' or a step")
+    bindings = flags.FLAGS.gin_bindings
+    given = stored_config.model_dir_of(bindings)
+    if given:  # before gin: a mistyped MODEL_DIR is the error, not the gin it lacks
+        model_dir_lib.require_run(given, _STEP.value)
+    cli.parse_gin(stored_config.stored_config_files(bindings))
     configs = cli.configs()
-    if not configs.checkpoint.model_dir:
-        raise ConfigError("MODEL_DIR is not set: pass --gin.MODEL_DIR=\"'/path/to/run'\"")
+    model_dir_lib.require_run(configs.checkpoint.model_dir, _STEP.value)
+    _check_output(_OUTPUT.value)
     stdin = _INPUT.value == "-"
+    options = dict(vocab_size=configs.model.vocab_size, need_targets=_MODE.value == "score")
     if _INPUT.value is None:
+        cli.check_task(configs)
         lengths = configs.data.feature_lengths
         records = inference.task_records(configs, _SPLIT.value, lengths, _MAX_EXAMPLES.value)
     elif stdin:
-        records = inference.read_records(sys.stdin, "stdin")
+        records = inference.read_records(
+            getattr(sys.stdin, "buffer", sys.stdin), "stdin", **options
+        )
     else:
-        if not os.path.exists(_INPUT.value):
-            raise ConfigError(f"--input_file={_INPUT.value} does not exist")
-        with open(_INPUT.value) as f:  # read (and checked) before the model is loaded
-            records = list(inference.read_records(f, _INPUT.value))
+        records = _read_file(_INPUT.value, options)
+        cli.check_task(configs)
     if _MAX_EXAMPLES.value is not None and _INPUT.value is not None:
         records = (r for _, r in zip(range(_MAX_EXAMPLES.value), records, strict=False))
-    out = open(_OUTPUT.value, "w") if _OUTPUT.value else sys.stdout  # noqa: SIM115
+    out = _OpenOnWrite(_OUTPUT.value) if _OUTPUT.value else sys.stdout
     try:
         totals = inference.infer(
             configs,
@@ -74,6 +86,46 @@ def main(argv: list[str]) -> None:
         file=sys.stderr,
         flush=True,
     )
+
+
+def _read_file(path: str, options: dict) -> list[dict]:
+    """Every record of --input_file, read (and checked) before the model is loaded."""
+    if not os.path.exists(path):
+        raise ConfigError(f"--input_file={path} does not exist")
+    if os.path.isdir(path):
+        raise ConfigError(f"--input_file={path} is a directory; give a JSONL or text file")
+    with open(path, "rb") as f:
+        records = list(inference.read_records(f, path, **options))
+    if not records:
+        raise inference.InputError(f"--input_file={path} holds no input (empty or blank lines)")
+    return records
+
+
+class _OpenOnWrite:
+    """--output_file, created at the first row: a run refused while loading leaves no file."""
+
+    def __init__(self, path: str):
+        self.path, self._file = path, None
+
+    def write(self, text: str) -> None:
+        if self._file is None:
+            self._file = open(self.path, "w")  # noqa: SIM115  (closed by close())
+        self._file.write(text)
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def _check_output(path: str | None) -> None:
+    if path and os.path.isdir(path):
+        raise ConfigError(f"--output_file={path} is a directory; give a file name")
+    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise ConfigError(f"--output_file={path}: its folder does not exist; create it first")
 
 
 console_main = cli.entry(

@@ -25,6 +25,7 @@ _NUM_DEVICES = cli.define_flag(
     "num_devices",
     None,
     "total devices, to resolve a -1 in MESH_SHAPE (default: it counts 1)",
+    lower_bound=1,
 )
 
 

@@ -13,18 +13,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_all(commands: list[list[str]], *, env: dict, timeout: float, cwd=None) -> list[str]:
-    """Start every command at once, wait for all, assert each exited 0; returns their outputs.
-
-    A process still running after `timeout` seconds fails the test with every process's last
-    output lines, so that a hang shows where each host was.
-    """
-    procs = [
+def start_all(commands: list[list[str]], *, env: dict, cwd=None) -> list[subprocess.Popen]:
+    """Start every command at once, stdout and stderr merged into one text pipe each."""
+    return [
         subprocess.Popen(
             cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         for cmd in commands
     ]
+
+
+def finish_all(procs: list[subprocess.Popen], *, timeout: float, head=()) -> list[str]:
+    """Wait for every process, assert each exited 0; returns their outputs (after `head[i]`,
+    text already read from process i).
+
+    A process still running after `timeout` seconds fails the test with every process's last
+    output lines, so that a hang shows where each host was.
+    """
+    head = [*head, *[""] * (len(procs) - len(head))]
     outputs = []
     try:
         for proc in procs:
@@ -34,6 +40,7 @@ def run_all(commands: list[list[str]], *, env: dict, timeout: float, cwd=None) -
             proc.kill()
         # communicate() again returns what was read before the timeout plus the rest.
         outputs += [proc.communicate()[0] for proc in procs[len(outputs) :]]
+        outputs = [h + o for h, o in zip(head, outputs, strict=True)]
         tails = "\n".join(f"--- process {i}:\n{out[-2000:]}" for i, out in enumerate(outputs))
         raise AssertionError(f"still running after {timeout} s\n{tails}") from None
     finally:
@@ -41,6 +48,12 @@ def run_all(commands: list[list[str]], *, env: dict, timeout: float, cwd=None) -
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
+    outputs = [h + o for h, o in zip(head, outputs, strict=True)]
     for proc, out in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, out[-3000:]
     return outputs
+
+
+def run_all(commands: list[list[str]], *, env: dict, timeout: float, cwd=None) -> list[str]:
+    """Start every command at once, wait for all, assert each exited 0; returns their outputs."""
+    return finish_all(start_all(commands, env=env, cwd=cwd), timeout=timeout)

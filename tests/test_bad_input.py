@@ -177,7 +177,7 @@ def test_model_dir_not_set():
 def test_unknown_task_name(tmp_path):
     _refused(
         DataError,
-        "unknown task or mixture 'c4_span'; known: .*c4_v301_span_corruption",
+        "unknown task or mixture 'c4_span'; did you mean c4_v301_span_corruption",
         tmp_path,
         "MIXTURE_OR_TASK_NAME = 'c4_span'",
     )
@@ -291,8 +291,28 @@ def test_corrupt_checkpoint_is_named_and_kept(trained, tmp_path):
     with open(victim, "r+b") as f:
         f.truncate(os.path.getsize(victim) // 2)
     before = _snapshot(model_dir)
-    _refused(checkpoints.CheckpointError, "cannot restore checkpoint .*checkpoints/1", model_dir)
+    message = _refused(
+        checkpoints.CheckpointError, "cannot restore checkpoint .*checkpoints/1", model_dir
+    )
     assert _snapshot(model_dir) == before  # not deleted, not rewritten
+    # TensorStore's spec repr (hundreds of characters) is cut: the path and the advice remain.
+    assert "<bound method" not in message and "TensorStore" not in message, message
+    assert len(message) - len(model_dir) < 200, message
+    # eval refuses it too, and leaves no event files behind in the run.
+    tree = _tree(model_dir)
+    gin_config.parse_gin(["runs/demo.gin"], [f"MODEL_DIR = '{model_dir}'", *SMALL])
+    with pytest.raises(checkpoints.CheckpointError, match="a saved array is unreadable"):
+        trainer.evaluate_checkpoints(gin_config.load_configs())
+    assert _tree(model_dir) == tree
+
+
+def _tree(root) -> list[str]:
+    """Every path under `root` with its size: what a refused command must leave as it was."""
+    return sorted(
+        f"{os.path.relpath(os.path.join(d, f), root)}:{os.path.getsize(os.path.join(d, f))}"
+        for d, _, files in os.walk(root)
+        for f in files
+    )
 
 
 def test_out_of_space(resumable, monkeypatch):

@@ -39,6 +39,13 @@ def test_define_flag_returns_the_existing_flag():
         (["--gin.TRAIN_STEPZ=3"], 2, "ConfigError: unknown gin macro 'TRAIN_STEPZ'"),
         (["--gin.MODEL_DIR"], 2, "ConfigError: --gin.MODEL_DIR needs a value"),
         (["--gin_file=models/nope.gin"], 2, "ConfigError: gin file 'models/nope.gin' not found"),
+        # absl's "Pass --helpshort or --helpfull" must not be the last line: the flag is.
+        (
+            ["--topology=v5p-8"],
+            2,
+            "ConfigError: unknown flag --topology: it is a flag of switch-com",
+        ),
+        (["--num_devices=0"], 2, "ConfigError: flag --num_devices=0: 0 is not a positive integer"),
     ],
 )
 def test_user_errors_are_one_line_with_status(args, status, first_words):

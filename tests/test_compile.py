@@ -26,9 +26,12 @@ def tiny(*bindings):
     return gin_config.load_configs()
 
 
+PROGRESS: list[str] = []  # what report logs while the fixture compiles
+
+
 @pytest.fixture(scope="module")
 def compiled() -> dict:
-    return aot.report(tiny(), TOPOLOGY)
+    return aot.report(tiny(), TOPOLOGY, log=PROGRESS.append)
 
 
 def test_info_and_compile_agree_on_state_bytes_per_chip(compiled):
@@ -82,6 +85,32 @@ def test_text_report(compiled):
     assert compiled["loop_trips"] == [] or max(compiled["loop_trips"]) == 1  # unrolled layers
 
 
+def test_progress_lines_come_before_and_after_the_compile(compiled):
+    assert PROGRESS[0].startswith("loading libtpu for v5e-4 (4 chips)")
+    assert PROGRESS[1] == "compiling the train step for v5e-4 (4 chips)... minutes on a CPU host"
+    assert PROGRESS[2] == f"compiled in {compiled['compile_s']:.0f} s" and len(PROGRESS) == 3
+
+
+def test_roofline_of_the_compiled_step(compiled):
+    # Every term again from the report's own figures and v5e's published ones: 197 TFLOP/s,
+    # 819 GB/s HBM, 400 GB/s ICI both ways (200 out). Expert all-to-alls over the 4 chips of the
+    # expert axis move 3/4 of their bytes; gradient all-reduces over the same 4 chips 2 x 3/4.
+    e, c = compiled["roofline"], compiled["collectives_per_chip"]
+    assert c["all-to-all"]["by_group"] == {"4": c["all-to-all"]["bytes"]}
+    assert set(c["all-reduce"]["by_group"]) <= {"4", "all"}
+    sent = 0.75 * c["all-to-all"]["bytes"] + 1.5 * c["all-reduce"]["bytes"]
+    assert e["ici_bytes"] == pytest.approx(sent)
+    assert e["terms_s"]["ici"] == pytest.approx(sent / 200e9)
+    assert e["terms_s"]["hbm"] == pytest.approx(compiled["bytes_accessed_per_chip"] / 819e9)
+    assert e["terms_s"]["compute"] == pytest.approx(compiled["step_s_at_peak"])
+    assert e["terms_s"]["dcn"] == 0 and e["loop_scale"] == 1  # one slice, unrolled layers
+    assert e["step_s"] == max(e["terms_s"].values()) and e["bound"] == "hbm"  # tiny: no reuse
+    assert e["mfu"] == pytest.approx(
+        compiled["model_train_flops_per_step"] / (e["step_s"] * 4 * 197e12)
+    )
+    assert "per step on v5e, hbm-bound" in aot.format_report(compiled)
+
+
 def test_state_larger_than_hbm_is_refused_before_compiling():
     # 8 experts with d_ff 2^20: 19.3 GB of float32 parameters on one 15.75 GiB v5e chip.
     configs = tiny("ModelConfig.d_ff=1048576", "MESH_SHAPE=(1, 1, 1)")
@@ -100,3 +129,5 @@ def test_cli_says_what_does_not_fit_in_one_line():
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("DoesNotFitError: does not fit v5e-1 with MESH_SHAPE=(1, 1, 1)")
     assert "GiB more than its 15.75 GiB of HBM" in last
+    # The progress line came first (flushed), and libtpu's own warnings were not swallowed.
+    assert "loading libtpu for v5e-1 (1 chip): without a TPU" in out.stderr

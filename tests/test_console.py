@@ -42,6 +42,7 @@ def test_eta_of_a_resumed_run_starts_at_its_first_step():
 def test_summary_names_checkpoint_and_commands(monkeypatch):
     argv = ["switch-train", "--gin_file=runs/demo.gin", "--gin.MODEL_DIR=/r", "--gin.TRAIN_STEPS=9"]
     monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(console, "python_command", lambda: "python")
     lines = console.summary_lines(
         first_step=0,
         step=9,
@@ -55,7 +56,8 @@ def test_summary_names_checkpoint_and_commands(monkeypatch):
         "finished: trained steps 1-9 of 9 in 2m05s; last checkpoint: step 9 (/r/checkpoints/9)",
         "continue: python -m switch_jax.train --gin_file=runs/demo.gin --gin.MODEL_DIR=/r "
         "--gin.TRAIN_STEPS=N",
-        "look: tensorboard --logdir /r | python -m switch_jax.plot /r",
+        "plots: python -m switch_jax.plot /r",
+        "tensorboard: python -m tensorboard.main --logdir /r",
     ]
     stopped = console.summary_lines(
         first_step=4,
@@ -74,7 +76,21 @@ def test_summary_names_checkpoint_and_commands(monkeypatch):
     )
 
 
-def test_resume_command_keeps_gin_quotes_readable():
+def test_printed_python_is_the_one_the_shell_finds_or_this_interpreter(monkeypatch, tmp_path):
+    venv_python = tmp_path / "bin" / "python"
+    venv_python.parent.mkdir()
+    venv_python.write_text("")
+    venv_python.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(venv_python))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", "/nonexistent")  # not activated: the path works when pasted
+    assert console.python_command() == "bin/python"
+    monkeypatch.setenv("PATH", str(venv_python.parent))  # activated: plain `python`
+    assert console.python_command() == "python"
+
+
+def test_resume_command_keeps_gin_quotes_readable(monkeypatch):
+    monkeypatch.setattr(console, "python_command", lambda: "python")
     argv = ["x", "--gin.TASK_FEATURE_LENGTHS={'inputs': 64}", "--gin.MODEL_DIR=/a b"]
     assert console.resume_command(argv) == (
         "python -m switch_jax.train \"--gin.TASK_FEATURE_LENGTHS={'inputs': 64}\" "
@@ -93,6 +109,13 @@ def test_native_noise_is_dropped_and_everything_else_kept():
         "os.write(2, b'E1201 slow_operation_alarm.cc:140] The operation took 2m13s\\n\\n')\n"
         "os.write(2, b'*' * 32 + b'\\n[Compiling module jit_init for CPU] Very slow compile? "
         "If you want to file a bug, run with x\\n' + b'*' * 32 + b'\\n')\n"
+        "os.write(2, b'Failed to find host bounds for accelerator type: WARNING: could not "
+        "determine TPU accelerator type, please set env var\\n')\n"
+        "os.write(2, b'WARNING: Logging before InitGoogle() is written to STDERR\\n')\n"
+        "os.write(2, b\"E0000 00:00:1.0 2 common_lib.cc:554] INVALID_ARGUMENT: Error: unexpected "
+        "worker hostname 'WARNING: x' from env var TPU_WORKER_HOSTNAMES. Expecting y\\n\")\n"
+        "os.write(2, b'=== Source Location Trace: ===\\n')\n"
+        "os.write(2, b'learning/45eac/tfrc/runtime/libtpu_init_utils.cc:327\\n')\n"
         "os.write(2, b'a real C++ error\\n\\n')\n"
         "print('ConfigError: one line', file=sys.stderr)\n"
         "os.write(2, b'no newline at exit')\n"

@@ -164,7 +164,9 @@ def test_embedded_tasks_on_a_pinned_corpus(tiny):
 
 
 def test_unknown_task_is_a_clear_error():
-    with pytest.raises(DataError, match="unknown task or mixture 'c5_span'.*embedded_lm"):
+    # The closest names, then the two ways to bring one's own data.
+    hint = "unknown task or mixture 'c5_span'; did you mean .*embedded_span_corruption.*'jsonl:"
+    with pytest.raises(DataError, match=hint + ".*MIXTURE_OR_TASK_MODULE"):
         tasks.get_provider("c5_span")
 
 

@@ -229,14 +229,14 @@ def test_temperature_sampling_follows_the_tempered_distribution():
 
 def test_dropless_decoding_equals_decoding_without_drops(greedy_single):
     # A capacity that drops tokens in every decoding step (0.25 x 4 tokens / 4 experts, no
-    # minimum), made harmless by the dropless dispatch: same tokens as the no-drop capacity.
+    # minimum), made harmless by the default dropless routing: the same tokens as capacity
+    # routing at a capacity that holds every token (this file's model, routing='capacity').
     cfg, _, params = model_and_params("encoder_decoder")
-    tight = cfg.replace(moe=dataclasses.replace(cfg.moe, min_capacity=0))
-    decode = decoding.DecodeConfig(MAX_LEN, capacity_factor=0.25, dispatch="dropless")
-    out = jax.device_get(decoder(tight, single_device(), decode).generate(
-        params, inputs(cfg)
-    ))  # fmt: skip
-    np.testing.assert_array_equal(out["tokens"], greedy_single["encoder_decoder"]["tokens"])
-    np.testing.assert_allclose(
-        out["log_prob"], greedy_single["encoder_decoder"]["log_prob"], rtol=1e-4
-    )
+    roomy = decoding.DecodeConfig(MAX_LEN, routing="capacity")
+    want = jax.device_get(decoder(cfg, single_device(), roomy).generate(params, inputs(cfg)))
+    np.testing.assert_array_equal(want["tokens"], greedy_single["encoder_decoder"]["tokens"])
+    moe = dataclasses.replace(cfg.moe, min_capacity=0, capacity_factor_eval=0.25)
+    tight = decoder(cfg.replace(moe=moe), single_device(), decoding.DecodeConfig(MAX_LEN))
+    out = jax.device_get(tight.generate(params, inputs(cfg)))
+    np.testing.assert_array_equal(out["tokens"], want["tokens"])
+    np.testing.assert_allclose(out["log_prob"], want["log_prob"], rtol=1e-5)

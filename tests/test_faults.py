@@ -22,6 +22,8 @@ import pytest
 
 pytest.importorskip("seqio")
 
+from switch_jax.report import console  # noqa: E402
+
 STEPS = 6
 CACHE = os.environ.get(
     "SWITCH_JAX_FAULTS_CACHE", os.path.expanduser("~/.cache/switch_jax/jax_faults")
@@ -249,23 +251,36 @@ def _last_line(out: str) -> str:
 
 
 def test_ctrl_c_saves_at_the_next_step_and_resumes_exactly(reference, tmp_path):
+    """Regular checkpoints every 3 steps, KEEP 1: the Ctrl-C checkpoint (step 4 or 5) is kept
+    beside step 3, not instead of it; the lease is free before the resume command is printed,
+    and the process exits right after it."""
     model_dir = str(tmp_path / "interrupted")
-    proc, log = _start(model_dir), []
-    _wait_for_line(proc, r"step 2/", log)
+    keep = ("--gin.CHECKPOINT_PERIOD=3", "--gin.KEEP_CHECKPOINTS=1")
+    proc, log = _start(model_dir, *keep), []
+    _wait_for_line(proc, r"step 3/", log)  # printed once step 4 is dispatched
     proc.send_signal(signal.SIGINT)
+    _wait_for_line(proc, r"^resume: ", log)
+    printed = time.perf_counter()
+    lease_left = os.path.exists(os.path.join(model_dir, "trainer.lease"))
     out = "".join(log) + _finish(proc)
+    exit_s = time.perf_counter() - printed
     assert proc.returncode == 0, out[-3000:]
+    assert not lease_left, "the resume command was printed while the lease was still held"
+    assert exit_s < 2.5, f"the process lived {exit_s:.1f}s after printing the resume command"
     assert "Ctrl-C: saving at the next step" in out
     saved = int(re.search(r"interrupted: saved step (\d+), exiting", out).group(1))
-    assert 2 <= saved < STEPS and _committed(model_dir)[-1] == saved
+    assert saved in (4, 5), out[-2000:]
+    assert _committed(model_dir) == [3, saved]  # the regular one survives KEEP_CHECKPOINTS=1
     assert re.search(rf"interrupted: trained steps 1-{saved} of {STEPS}", out), out[-2000:]
-    assert "resume: python -m switch_jax.train --gin_file=runs/demo.gin" in out
+    resume = re.search(r"^resume: (.*)$", out, re.M).group(1)
+    assert " -m switch_jax.train --gin_file=runs/demo.gin" in resume
     assert "Traceback" not in out
 
-    proc = _start(model_dir)
+    proc = _start(model_dir, *keep)
     out = _finish(proc)
     assert proc.returncode == 0, out[-3000:]
     assert _resumed_from(out) == saved
+    assert _committed(model_dir) == [STEPS]  # a later regular checkpoint supersedes it
     losses, ref = _losses(model_dir), reference()
     steps = list(range(1, STEPS + 1))
     np.testing.assert_array_equal([losses[s] for s in steps], [ref[s] for s in steps])
@@ -378,17 +393,18 @@ def test_console_eta_and_a_second_trainer_on_a_live_model_dir(tmp_path):
     assert head[1].startswith("model: 3.8M parameters, ") and "8 experts top-1" in head[1]
     assert head[2] == f"MODEL_DIR: {model_dir} (new run)"
     assert re.fullmatch(r"compiling the train step… done in \d+m\d\ds", head[3]), head[3]
-    tail = out.strip().splitlines()[-3:]
+    tail = out.strip().splitlines()[-4:]
     assert re.fullmatch(
         rf"finished: trained steps 1-{total} of {total} in \d+m\d\ds; last checkpoint: step "
         rf"{total} \({re.escape(model_dir)}/checkpoints/{total}\)",
         tail[0],
     ), tail[0]
-    assert tail[1].startswith("continue: python -m switch_jax.train --gin_file=runs/demo.gin")
+    # The interpreter as a pasted command finds it: this venv's python (not activated here).
+    python = console.python_command()
+    assert tail[1].startswith(f"continue: {python} -m switch_jax.train --gin_file=runs/demo.gin")
     assert tail[1].endswith("--gin.TRAIN_STEPS=N") and f"--gin.TRAIN_STEPS={total}" not in tail[1]
-    assert (
-        tail[2] == f"look: tensorboard --logdir {model_dir} | python -m switch_jax.plot {model_dir}"
-    )
+    assert tail[2] == f"plots: {python} -m switch_jax.plot {model_dir}"
+    assert tail[3] == f"tensorboard: {python} -m tensorboard.main --logdir {model_dir}"
     assert sorted(_losses(model_dir)) == list(range(1, total + 1))  # the first run, intact
     assert _committed(model_dir) == [total]
     assert not os.path.exists(os.path.join(model_dir, "trainer.lease"))  # released

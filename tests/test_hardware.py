@@ -36,3 +36,24 @@ def test_aot_generations_read_the_same_chips():
         assert gen.chip is hardware.by_name(name)
         assert gen.hbm_bytes == int(hbm_gib[name] * 2**30), name
         assert gen.peak_bf16_flops == hardware.peak_flops_per_device(f"TPU {name}"), name
+
+
+def test_bandwidth_table():
+    # The published figures (sources in report/hardware.py), in bytes/s; None = not published.
+    gb = 1e9
+    want = {
+        "v6e": (1638 * gb, 800 * gb, None),
+        "v5e": (819 * gb, 400 * gb, 200e9 / 8 / 8),  # 2 x 100 Gbps NICs per 8-chip host
+        "v5p": (2765 * gb, 1200 * gb, 50e9 / 8),
+        "v4": (1200 * gb, None, None),
+        "h100": (3.35e12, None, None),
+        "h200": (4.8e12, None, None),
+    }
+    for name, figures in want.items():
+        chip = hardware.by_name(name)
+        assert (chip.hbm_bandwidth, chip.ici_bandwidth, chip.dcn_bandwidth) == figures, name
+    assert hardware.by_device_kind("NVIDIA H100 PCIe").hbm_bandwidth == 2.0e12
+
+
+def test_cpu_memory_bandwidth_is_measured():
+    assert 1e8 < hardware.measure_cpu_memory_bandwidth(mib=16, repeats=2) < 1e13

@@ -217,6 +217,73 @@ def test_a_stalled_holder_never_saves_once_another_holds_the_lease(tmp_path):
     new.release()
 
 
+# A holder with real Orbax async saves whose commit is gated by the lease (as in the trainer). The
+# test holds each commit at the gate (before Orbax renames the save and applies keep-K) until it
+# sends a line, so that the stall lands inside the save every time.
+_ORBAX_HOLDER = """
+import os, sys, threading
+os.environ["JAX_PLATFORMS"] = "cpu"
+import numpy as np
+from switch_jax.store import checkpoints
+from switch_jax.store.lease import Lease
+model_dir, ttl, refresh = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+lease = Lease(model_dir, ttl_s=ttl, refresh_s=refresh)
+lease.acquire()
+go = threading.Semaphore(0)
+def guard():
+    print("commit pending", flush=True)
+    go.acquire()
+    lease.check()
+ckpts = checkpoints.Checkpoints(model_dir, period=1, keep=1, commit_guard=guard)
+threading.Thread(target=lambda: [go.release() for _ in sys.stdin], daemon=True).start()
+for step in (1, 2):
+    ckpts.save(step, {"w": np.full(4, step, np.float32)}, force=True)
+    try:
+        ckpts.wait()
+        print("committed", step, flush=True)
+    except checkpoints.CommitRefused as e:
+        print("refused", e, flush=True)
+lease.release()
+"""
+
+
+def test_a_holder_stalled_inside_an_async_save_commits_and_deletes_nothing(tmp_path):
+    ttl = 1.0
+    args = [sys.executable, "-c", _ORBAX_HOLDER, str(tmp_path), str(ttl), "0.2"]
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    steps = lambda: sorted(p.name for p in (tmp_path / "checkpoints").iterdir())  # noqa: E731
+
+    def reply(go: bool) -> str:
+        if go:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        return proc.stdout.readline().strip()
+
+    try:
+        assert reply(go=False) == "commit pending"
+        assert reply(go=True) == "committed 1"
+        assert reply(go=False) == "commit pending"  # step 2 is written, its commit not yet run
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            _wait_for(lambda: time.time() - _holder(tmp_path)["refreshed"] > ttl)
+            new = Lease(tmp_path, ttl_s=ttl, refresh_s=0.2)
+            assert "from an expired run" in new.acquire()
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        refused = reply(go=True)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert refused.startswith("refused checkpoint 2 not committed: MODEL_DIR="), refused
+    assert refused.endswith("stopping without saving")
+    # Without the gate, step 2 would have been renamed into place and keep=1 would have deleted
+    # step 1, the checkpoint the new holder resumes from.
+    assert [s for s in steps() if "tmp" not in s] == ["1"]
+    assert _holder(tmp_path)["token"] == new.holder.token
+    new.release()
+
+
 def test_a_starter_whose_clock_runs_ahead_cannot_take_a_live_lease(tmp_path, monkeypatch):
     holder = _Trainer(tmp_path, 5.0, 0.1)  # a generous TTL: the holder is never late here
     try:

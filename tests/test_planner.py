@@ -131,3 +131,20 @@ def test_abstract_multi_slice_mesh_multiplies_per_slice_by_dcn():
     # One host has one DCN granule, so this one is checked by hand: 2 slices of (1, 4, 2).
     p = partitioning.Partitioner((1, -1, 2), (2, 1, 1), num_devices=16)
     assert dict(p.mesh.shape) == {"data": 2, "expert": 4, "model": 2}
+
+
+def test_fits_line_names_the_chips_by_hbm():
+    gib = 2**30
+    line = planner.fits_line(20 * gib)
+    assert line.startswith("HBM per chip   state + gradients 20.00 GiB: fits v5p (95.74 GiB),")
+    assert "v6e (31.25 GiB), v4 (30.75 GiB); not v5e (15.75 GiB)" in line
+    assert "fits no TPU chip; not v5p (95.74 GiB)" in planner.fits_line(96 * gib)
+    assert "; not" not in planner.fits_line(gib)  # every chip
+
+
+def test_report_says_which_chips_the_state_and_gradients_fit():
+    r = planner.report(configs((2, 2, 2), "default"), num_devices=8)
+    need = r["state_bytes_per_device"] + r["param_bytes_per_device"]
+    assert r["state_and_gradient_bytes_per_device"] == need
+    assert r["fits_chips"] == {"v5p": True, "v6e": True, "v4": True, "v5e": True}
+    assert planner.format_report(r).endswith(planner.fits_line(need))

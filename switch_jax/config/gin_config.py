@@ -195,10 +195,25 @@ def _find_file(name: str, paths: Sequence[str]) -> str:
     for candidate in candidates:
         if os.path.isfile(candidate):
             return candidate
+    near = gin_checks.closest(name, _gin_files(paths))
+    if near:
+        raise ConfigError(
+            f"gin file {name!r} not found in the search paths; did you mean {near!r}?"
+        )
     raise ConfigError(
         f"gin file {name!r} not found in the search paths {list(paths)}; pass a path relative "
         "to one of them or add its folder with --gin_search_paths"
     )
+
+
+def _gin_files(paths: Sequence[str]) -> list[str]:
+    """The .gin files under `paths`, relative to their search path (two folders deep: the
+    search paths may include the current directory, which need not be small)."""
+    found = []
+    for root in paths:
+        for pattern in ("*.gin", "*/*.gin", "*/*/*.gin"):
+            found += [os.path.relpath(p, root) for p in Path(root).glob(pattern)]
+    return sorted(set(found))
 
 
 # --------------------------------------------------------------------------- parsing
@@ -311,15 +326,28 @@ def load_configs() -> Configs:
     model = configured(ModelConfig)
     if distill.enabled and distill.student == "dense_twin":
         model = model.replace(moe=None)  # the student of runs/distill.gin (and of its eval)
+    data = configured(DataConfig)
+    _check_lengths(model, data)
     return Configs(
         model=model,
         train=configured(TrainConfig),
-        data=configured(DataConfig),
+        data=data,
         checkpoint=configured(CheckpointConfig),
         optimizer=configured(OptimizerConfig),
         distill=distill if distill.enabled else None,
         decode=configured(DecodeConfig),
     )
+
+
+def _check_lengths(model: ModelConfig, data: DataConfig) -> None:
+    # The pipeline would find this only once data is read, after MODEL_DIR is written.
+    needed = ("inputs", "targets") if model.is_encoder_decoder else ("targets",)
+    missing = [key for key in needed if key not in data.feature_lengths]
+    if missing:
+        raise ConfigError(
+            f"TASK_FEATURE_LENGTHS={data.feature_lengths} has no {missing[0]!r}, which the "
+            f"{model.architecture} model needs, e.g. {{'inputs': 512, 'targets': 114}}"
+        )
 
 
 def operative_config() -> str:
@@ -357,8 +385,22 @@ def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def flags_parser(argv: list[str]) -> list[str]:
-    """absl `flags_parser` for app.run: rewrites --gin.* then parses flags as usual."""
-    from absl import app
+def flags_parser(argv: list[str], owners: Callable[[str], str] | None = None) -> list[str]:
+    """absl `flags_parser` for app.run: rewrites --gin.* then parses the flags.
 
-    return app.parse_flags_with_usage(rewrite_gin_args(argv))
+    A bad flag is a ConfigError naming it, never absl's "Pass --helpshort or --helpfull" as the
+    last line. `owners(name)` may say which other commands define an unknown flag.
+    """
+    from absl import flags
+
+    try:
+        return flags.FLAGS(rewrite_gin_args(argv))
+    except flags.UnrecognizedFlagError as e:
+        name = e.flagname or str(e).split("'")[1]
+        hint = owners(name) if owners else ""
+        if not hint:
+            hint = gin_checks.did_you_mean(name, list(flags.FLAGS), "--") or " (see --helpshort)"
+        raise ConfigError(f"unknown flag --{name}{hint}") from None
+    except flags.Error as e:
+        text = " ".join(str(e).split())
+        raise ConfigError(text if text.startswith("flag --") else f"flags: {text}") from None

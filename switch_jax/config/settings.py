@@ -60,6 +60,8 @@ class DataConfig:
     """What the run reads; T5X macro names in comments."""
 
     mixture_or_task_name: str = "embedded_span_corruption"  # MIXTURE_OR_TASK_NAME
+    # T5X's MIXTURE_OR_TASK_MODULE: imported before the task is looked up, so it can register it.
+    mixture_or_task_module: str | None = resumable(None)
     task_feature_lengths: tuple[tuple[str, int], ...] = (("inputs", 512), ("targets", 114))
     batch_size: int = 32  # BATCH_SIZE (global, sequences)
     tfds_data_dir: str | None = resumable(None)  # TFDS_DATA_DIR
@@ -96,14 +98,19 @@ class CheckpointConfig:
     init_checkpoint: str | None = resumable(None)  # INIT_CHECKPOINT: start from this run
     # INIT_RESTORE: 'params' = its parameters, fresh optimizer, step 0; 'all' = parameters,
     # optimizer state and step continue (T5X's default; TRAIN_STEPS then counts from there).
-    init_restore: Literal["params", "all"] = resumable("params")
+    # 'upcycle' = a Switch model from a dense run: experts copy its FFNs (training/upcycle.py).
+    init_restore: Literal["params", "all", "upcycle"] = resumable("params")
 
     def __post_init__(self):
         for name in ("period", "keep"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"CheckpointConfig.{name} must be >= 1")
-        if self.init_restore not in ("params", "all"):
-            raise ConfigError(f"INIT_RESTORE={self.init_restore!r} must be 'params' or 'all'")
+        if self.init_restore not in ("params", "all", "upcycle"):
+            raise ConfigError(
+                f"INIT_RESTORE={self.init_restore!r} must be 'params', 'all' or 'upcycle'"
+            )
+        if self.init_restore == "upcycle" and not self.init_checkpoint:
+            raise ConfigError("INIT_RESTORE='upcycle' needs INIT_CHECKPOINT: the dense MODEL_DIR")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,9 +190,12 @@ class DecodeConfig:
     top_k: int = resumable(0)  # TOP_K: 0 = off
     top_p: float = resumable(1.0)  # TOP_P: 1 = off
     alpha: float = resumable(0.6)  # beam search brevity penalty ((5 + len) / 6) ** alpha (T5X)
-    capacity_factor: float | None = resumable(None)  # MoE capacity while decoding; None = eval's
-    # MoE dispatch while decoding; None = the model's. 'dropless' drops no token at any capacity.
-    dispatch: str | None = resumable(None)
+    # MoE routing while decoding and scoring. 'dropless' (default): no capacity, so a row's
+    # prediction and score never depend on the other rows or on padding. 'capacity': T5X's way,
+    # each call's tokens routed over the batch with capacity (capacity_factor, dispatch below).
+    routing: Literal["dropless", "capacity"] = resumable("dropless")
+    capacity_factor: float | None = resumable(None)  # routing='capacity' only; None = eval's
+    dispatch: str | None = resumable(None)  # routing='capacity' only; None = the model's
     # Validation examples per task that the metric evaluation decodes: None = all, 0 = none.
     eval_examples: int | None = resumable(None)  # EVAL_DECODE_EXAMPLES
     eos_id: int = resumable(1)
@@ -208,6 +218,23 @@ class DecodeConfig:
                 raise ConfigError(f"{message}, got {self}")
         if self.beam_size > 1 and self.temperature > 0:
             raise ConfigError("beam search is deterministic: set TEMPERATURE=0 with BEAM_SIZE > 1")
+        if self.routing not in ("dropless", "capacity"):
+            raise ConfigError(
+                f"DecodeConfig.routing={self.routing!r} must be 'dropless' or 'capacity'"
+            )
+        if self.dispatch == "dropless":
+            raise ConfigError(
+                "DecodeConfig.dispatch='dropless' is DecodeConfig.routing='dropless' (the "
+                "default): unset DecodeConfig.dispatch"
+            )
+        set_for_capacity = self.capacity_factor is not None or self.dispatch is not None
+        if self.routing == "dropless" and set_for_capacity:
+            raise ConfigError(
+                "DecodeConfig.capacity_factor / DecodeConfig.dispatch apply only with "
+                "DecodeConfig.routing='capacity' (dropless decoding has no capacity); "
+                f"set routing='capacity' or unset them (got {self.capacity_factor}, "
+                f"{self.dispatch!r})"
+            )
 
     def for_length(self, targets_length: int) -> DecodeConfig:
         """With max_decode_length set (to `targets_length` when it was None)."""

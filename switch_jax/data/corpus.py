@@ -342,23 +342,27 @@ def build_vocab(
     if os.path.exists(model):
         return model
     tmp = tempfile.mkdtemp(prefix=".vocab-", dir=corpus.directory)
-    spm.SentencePieceTrainer.train(
-        input=",".join(corpus.train_files),
-        model_prefix=os.path.join(tmp, "sentencepiece"),
-        model_type="unigram",
-        vocab_size=vocab_size - num_sentinels,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        character_coverage=0.9995,
-        # Use every line, unshuffled, so the model depends only on the corpus bytes.
-        input_sentence_size=0,
-        shuffle_input_sentence=False,
-        max_sentence_length=1 << 14,
-        num_threads=os.cpu_count() or 1,
-        minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            input=",".join(corpus.train_files),
+            model_prefix=os.path.join(tmp, "sentencepiece"),
+            model_type="unigram",
+            vocab_size=vocab_size - num_sentinels,
+            pad_id=0,
+            eos_id=1,
+            unk_id=2,
+            bos_id=-1,
+            character_coverage=0.9995,
+            # Use every line, unshuffled, so the model depends only on the corpus bytes.
+            input_sentence_size=0,
+            shuffle_input_sentence=False,
+            max_sentence_length=1 << 14,
+            num_threads=os.cpu_count() or 1,
+            minloglevel=2,
+        )
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # e.g. a text too small for vocab_size
+        raise
     _add_sentinels(os.path.join(tmp, "sentencepiece.model"), num_sentinels)
     os.remove(os.path.join(tmp, "sentencepiece.vocab"))
     _publish(tmp, final)

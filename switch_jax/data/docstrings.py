@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import json
 import os
 import sysconfig
 import zlib
@@ -110,3 +111,25 @@ def register(vocabulary=None) -> str:
 
 
 BUILTIN = {TASK: register}
+
+
+def write_jsonl(directory: str) -> dict[str, str]:
+    """Write the task's splits as {directory}/{split}.jsonl ('inputs', 'targets' a line), the
+    files `runs/finetune_jsonl_demo.gin` reads; returns split -> path."""
+    os.makedirs(directory, exist_ok=True)
+    paths = {}
+    for split in ("train", "validation"):
+        paths[split] = os.path.join(directory, f"{split}.jsonl")
+        with open(paths[split], "w", encoding="utf-8") as f:
+            for inputs, targets in examples(split):
+                f.write(json.dumps({"inputs": inputs, "targets": targets}) + "\n")
+    return paths
+
+
+if __name__ == "__main__":  # python -m switch_jax.data.docstrings data/docstring_package
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m switch_jax.data.docstrings OUTPUT_DIR")
+    for split, path in write_jsonl(sys.argv[1]).items():
+        print(f"{split}: {len(examples(split))} examples in {path}")

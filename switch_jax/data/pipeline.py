@@ -19,7 +19,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from switch_jax.data import tasks
+from switch_jax.data import files, tasks
 from switch_jax.data.errors import DataError
 
 ARCHITECTURES = ("encoder_decoder", "decoder_only")
@@ -107,7 +107,17 @@ def make_dataset(
     _keep_tf_off_accelerators()
     provider = tasks.get_provider(task_or_mixture, **task_options)
     if split not in provider.splits:
-        raise DataError(f"{task_or_mixture} has no split {split!r}; it has {list(provider.splits)}")
+        hint = " (add validation=FILES to it)" if files.is_spec(task_or_mixture) else ""
+        raise DataError(
+            f"{task_or_mixture} has no split {split!r}{hint}; it has {list(provider.splits)} "
+            "(EVAL_STEPS=0 trains without the validation split)"
+        )
+    if architecture == "decoder_only" and "inputs" in provider.output_features:
+        # DecoderFeatureConverter would silently drop the inputs: train on targets alone.
+        raise DataError(
+            f"{task_or_mixture} has an 'inputs' feature, which a decoder-only model does not "
+            "read; use its LM task (e.g. embedded_lm, or objective=lm on your files)"
+        )
     if architecture == "encoder_decoder":
         converter = seqio.EncDecFeatureConverter(pack=pack)
     else:

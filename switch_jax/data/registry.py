@@ -8,8 +8,9 @@ data_dir, another vocabulary) replaces the old task. Nothing registers on import
 
 from __future__ import annotations
 
+import difflib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import seqio
 
@@ -66,3 +67,23 @@ def tfds_dir(tfds_data_dir: str | None) -> str:
         or os.environ.get("TFDS_DATA_DIR")
         or os.path.expanduser("~/tensorflow_datasets")
     )
+
+
+def near_names(name: str, known: Iterable[str]) -> str:
+    """'did you mean A, B or C?' with the known names closest to a mistyped task name (the
+    whole list is long and the intended name is usually a typo away)."""
+    words = set(name.lower().split("_"))
+
+    def score(candidate: str) -> tuple[int, float]:
+        shared = len(words & set(candidate.lower().split("_")))
+        return shared, difflib.SequenceMatcher(None, name.lower(), candidate.lower()).ratio()
+
+    known = set(known)
+    if "." not in name:  # a mixture's per-language tasks (mc4_span_corruption.de) crowd it out
+        known = {k for k in known if "." not in k} or known
+    ranked = sorted(known, key=score, reverse=True)
+    near = [k for k in ranked if score(k)[0] or score(k)[1] >= 0.6][:3]
+    if not near:
+        return f"{len(ranked)} are registered, e.g. {', '.join(sorted(ranked)[:3])}."
+    choices = f"{', '.join(near[:-1])} or {near[-1]}" if len(near) > 1 else near[0]
+    return f"did you mean {choices}?"

@@ -12,7 +12,7 @@ from switch_jax.data import tasks
 
 def target_vocabulary(task_name: str):
     """The seqio vocabulary of the task's (or mixture's) 'targets' feature."""
-    return seqio.get_mixture_or_task(task_name).output_features["targets"].vocabulary
+    return tasks.get_provider(task_name).output_features["targets"].vocabulary
 
 
 def metric_tasks(mixture_or_task: str, split: str = "validation", **task_options) -> list[str]:

@@ -4,8 +4,11 @@ the registry of built-in names (GLUE / SuperGLUE: glue.py, the docstring task: d
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import inspect
 import os
+import sys
 from collections.abc import Callable, Sequence
 
 import seqio
@@ -13,6 +16,7 @@ import tensorflow as tf
 
 from switch_jax.data import corpus as corpus_lib
 from switch_jax.data import docstrings, glue, registry
+from switch_jax.data import files as files_lib
 from switch_jax.data import span_corruption as sc
 from switch_jax.data.errors import DataError, path_exists
 from switch_jax.data.vocab import MT5_VOCAB, T5_VOCAB, load_vocabulary
@@ -202,10 +206,20 @@ def get_provider(name: str, **options) -> seqio.DatasetProviderBase:
 
     Args:
       name: a built-in name (see `builtin_names()`) or any task/mixture already registered.
+      name: also files, 'jsonl:data/train-*.jsonl,validation=...' (data/files.py).
       **options: passed to the built-in's register function (e.g. tfds_data_dir, vocabulary,
         vocab_size); without them an existing registration is reused, else the defaults are
-        registered. They must be empty for names registered elsewhere.
+        registered. They must be empty for names registered elsewhere. `module` (T5X's
+        MIXTURE_OR_TASK_MODULE) is imported first, so that it can register `name`.
     """
+    module = options.pop("module", None)
+    if module:
+        import_task_module(module)
+    if files_lib.is_spec(name):
+        registered = files_lib.registered_name(name)
+        if options or registered is None:
+            registered = files_lib.register(name, **options)
+        return seqio.get_mixture_or_task(registered)
     registered = name in seqio.TaskRegistry.names() or name in seqio.MixtureRegistry.names()
     if name in _BUILTIN and (options or not registered):
         accepted = inspect.signature(_BUILTIN[name]).parameters
@@ -219,7 +233,34 @@ def get_provider(name: str, **options) -> seqio.DatasetProviderBase:
         return seqio.get_mixture_or_task(name)
     except ValueError:
         known = sorted(set(builtin_names()) | set(seqio.TaskRegistry.names()))
-        raise DataError(f"unknown task or mixture {name!r}; known: {', '.join(known)}") from None
+        raise DataError(
+            f"unknown task or mixture {name!r}; {registry.near_names(name, known)} "
+            "Or name your files, e.g. 'jsonl:data/train.jsonl' (docs/data.md), or import your "
+            "seqio tasks with MIXTURE_OR_TASK_MODULE"
+        ) from None
+
+
+def import_task_module(module: str) -> None:
+    """Import T5X's MIXTURE_OR_TASK_MODULE: a dotted module name, or a path to a .py file."""
+    if module.endswith(".py"):
+        if not os.path.isfile(module):
+            raise DataError(f"MIXTURE_OR_TASK_MODULE={module!r}: no such file")
+        name, path = os.path.splitext(os.path.basename(module))[0], os.path.abspath(module)
+        if getattr(sys.modules.get(name), "__file__", None) == path:
+            return  # importing twice would register its tasks twice, which seqio refuses
+        spec = importlib.util.spec_from_file_location(name, path)
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+        return
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is None or not f"{module}.".startswith(f"{e.name}."):
+            raise  # the module exists but itself imports something missing: keep the traceback
+        raise DataError(
+            f"MIXTURE_OR_TASK_MODULE={module!r}: no module named {e.name!r} on the Python path; "
+            "add its folder to PYTHONPATH, or give the path of its .py file"
+        ) from None
 
 
 def builtin_names() -> tuple[str, ...]:

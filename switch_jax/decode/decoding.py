@@ -14,10 +14,13 @@ self-attention keys/values live in the model's cache (Transformer.init_cache / d
 Decoder-only prompts arrive right-padded without BOS; they are left-aligned (BOS then the
 prompt, padding in front, masked) and prefilled in one call, so that every row continues at the
 same cache position. T5's attention only sees relative positions, so the padding in front
-changes nothing. MoE layers route with the eval capacity factor (or `capacity_factor`) over the
-tokens of one call: the B (x N beams) tokens of a decoding step, or the B x P prompt tokens of the
-prefill; finished rows take no capacity. Everything runs under one jit on the training mesh:
-batch over ('data', 'expert'), experts over 'expert'.
+changes nothing. MoE layers route dropless by default (DecodeConfig.routing): every token goes
+to its experts whatever the others do, so a row's prediction and score are those it gets alone,
+and the empty rows that pad a last batch change nothing. routing='capacity' is T5X's way: each
+call's tokens (the B x N of a step, the B x P of a prefill, the B x S of the encoder) route in
+groups with the eval capacity factor (or `capacity_factor`), so a row depends on its neighbours.
+Everything runs under one jit on the training mesh: batch over ('data', 'expert'), experts over
+'expert'.
 """
 
 from __future__ import annotations
@@ -53,11 +56,14 @@ class Decoder:
 
 
 def decoding_model_config(model_cfg: ModelConfig, cfg: DecodeConfig) -> ModelConfig:
-    """No dropout; the decoding capacity factor and dispatch in the MoE config."""
+    """No dropout; the decoding routing (dropless, or capacity factor and dispatch) in the MoE
+    config. It applies to every MoE layer of decoding and scoring: encoder, prefill, steps."""
     model_cfg = model_cfg.replace(dropout_rate=0.0)
     if model_cfg.moe is None:
         return model_cfg
     moe = dataclasses.replace(model_cfg.moe, expert_dropout_rate=0.0)
+    if cfg.routing == "dropless":
+        return model_cfg.replace(moe=dataclasses.replace(moe, dispatch="dropless"))
     if cfg.capacity_factor is not None:
         moe = dataclasses.replace(moe, capacity_factor_eval=cfg.capacity_factor)
     if cfg.dispatch is not None:

@@ -32,28 +32,82 @@ class InputError(ValueError):
     """A bad line in --input_file (the message names the line)."""
 
 
-def read_records(lines: Iterable[str], source: str) -> Iterator[dict]:
-    """{'inputs': text | ids, 'targets': ...} per non-empty line (JSON object or plain text)."""
-    for number, line in enumerate(lines, 1):
-        line = line.rstrip("\n")
+def read_records(
+    lines: Iterable[str | bytes],
+    source: str,
+    *,
+    vocab_size: int | None = None,
+    need_targets: bool = False,
+) -> Iterator[dict]:
+    """{'inputs': text | ids, 'targets': ...} per non-empty line (JSON object or plain text).
+
+    A line that starts with '{' is a JSON object, and one that does not parse is an error, never
+    a prompt: a truncated record would otherwise be decoded (or scored) as prose.
+
+    Args:
+      lines: the file's lines, text or bytes (bytes must be UTF-8).
+      source: the file's name, for the messages.
+      vocab_size: token ids given as lists must lie in [0, vocab_size).
+      need_targets: every record must have 'targets' (--mode=score).
+
+    Raises:
+      InputError: one line naming `source`, the line number and what to fix.
+    """
+    for number, raw in enumerate(lines, 1):
+        where = f"{source} line {number}"
+        line = _text(raw, where).rstrip("\r\n")
         if not line.strip():
+            continue
+        if not line.lstrip().startswith("{"):
+            if need_targets:
+                raise InputError(f"{where}: --mode=score needs JSON objects with 'targets'")
+            yield {"inputs": line}
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
-            record = line
-        if not isinstance(record, dict):
-            yield {"inputs": line}
-            continue
-        if "inputs" not in record:
-            raise InputError(f"{source} line {number}: a JSON object needs an 'inputs' key")
-        for key in ("inputs", "targets"):
-            value = record.get(key)
-            ok = value is None or isinstance(value, str)
-            ok = ok or (isinstance(value, list) and all(isinstance(v, int) for v in value))
-            if not ok:
-                raise InputError(f"{source} line {number}: '{key}' must be text or token ids")
+        except json.JSONDecodeError as e:
+            raise InputError(
+                f"{where}: invalid JSON object ({e.msg} at column {e.colno}); complete it, or "
+                "write the prompt as plain text without a leading '{'"
+            ) from None
+        _check_record(record, where, vocab_size, need_targets)
         yield record
+
+
+def _text(raw: str | bytes, where: str) -> str:
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(
+                f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                "the input file must be JSONL or plain text"
+            ) from None
+    if "\x00" in raw:
+        raise InputError(f"{where}: holds NUL bytes (a binary file?); give JSONL or plain text")
+    return raw
+
+
+def _check_record(record, where: str, vocab_size: int | None, need_targets: bool) -> None:
+    if not isinstance(record, dict) or "inputs" not in record:
+        raise InputError(f"{where}: a JSON object needs an 'inputs' key")
+    if need_targets and record.get("targets") is None:
+        raise InputError(f"{where}: --mode=score needs 'targets' in every input")
+    for key in ("inputs", "targets"):
+        value = record.get(key)
+        if value is None or isinstance(value, str):
+            continue
+        ids = isinstance(value, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        )
+        if not ids:
+            raise InputError(f"{where}: '{key}' must be text or a list of token ids")
+        bad = [v for v in value if v < 0 or (vocab_size is not None and v >= vocab_size)]
+        if bad:
+            raise InputError(
+                f"{where}: '{key}' has token id {bad[0]} outside the vocabulary "
+                f"[0, {vocab_size}) of the model"
+            )
 
 
 class _Codec:

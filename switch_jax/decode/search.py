@@ -4,10 +4,10 @@ Legend: B batch, N beams, L decoded length, V vocab.
 
 Both searches drive `step_fn(tokens_B, cache, index, alive_B) -> (logits_BV, cache)`, which feeds
 one token per row at position `index` and returns the next-token logits; `alive_B` is False for
-rows that need no more tokens (they then take no MoE capacity). They start from the logits of the
-last prompt position (`logits_BV`, what a prefill returned) and write tokens at positions
-`start_index`, `start_index + 1`, ... of the cache. Outputs hold EOS where a sequence ended and
-0 after it. Everything here is jit-able and free of model code.
+rows that need no more tokens (under capacity routing they then take no MoE capacity). They start
+from the logits of the last prompt position (`logits_BV`, what a prefill returned) and write
+tokens at positions `start_index`, `start_index + 1`, ... of the cache. Outputs hold EOS where a
+sequence ended and 0 after it. Everything here is jit-able and free of model code.
 """
 
 from __future__ import annotations

@@ -52,11 +52,7 @@ def import_hf(
 ) -> ModelConfig:
     """Convert an HF `save_pretrained` directory; returns the model config written.
     `scan_layers` writes the stacked tree of ModelConfig.scan_layers=True."""
-    config_path = os.path.join(source_dir, "config.json")
-    if not os.path.exists(config_path):
-        raise ConfigError(f"--source={source_dir} has no config.json")
-    with open(config_path) as f:
-        config = json.load(f)
+    config = hf_config.read_config(source_dir)
     src = sources.open_hf(source_dir)
     hf = hf_config.from_hf(config, lm_head_separate=_lm_head_separate(src))
     cfg = hf.model_cfg.replace(scan_layers=scan_layers)

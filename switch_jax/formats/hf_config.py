@@ -7,6 +7,8 @@ known not to change the forward pass; any other field is refused with a ConfigEr
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Any
 
 from switch_jax.models.config import ConfigError, ModelConfig, MoeConfig
@@ -61,6 +63,25 @@ class HfModel:
     model_cfg: ModelConfig
     expert_capacity: int | None  # HF's fixed per-sequence capacity (Switch only)
     dropout_rate: float  # HF's dropout (our DROPOUT_RATE macro, set by run files)
+
+
+def read_config(directory: str) -> dict:
+    """The JSON object of DIRECTORY/config.json, or a ConfigError naming the file and line."""
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--source={directory} has no config.json")
+    try:
+        with open(path, "rb") as f:
+            config = json.loads(f.read().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text; download config.json again") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"{path} line {e.lineno}: invalid JSON ({e.msg}); is it truncated? download it again"
+        ) from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} holds a JSON {type(config).__name__}, not an object")
+    return config
 
 
 def flavor_of(config: dict) -> str:

@@ -32,16 +32,21 @@ class Safetensors:
         from safetensors import safe_open
 
         index = os.path.join(directory, "model.safetensors.index.json")
-        if os.path.exists(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        else:
-            files = ["model.safetensors"]
+        files = _shards(index) if os.path.exists(index) else ["model.safetensors"]
         self.where = directory
         self._files = {}
         self._of: dict[str, str] = {}
         for name in files:
-            handle = safe_open(os.path.join(directory, name), framework="numpy")
+            path = os.path.join(directory, name)
+            if not os.path.isfile(path):
+                raise ConfigError(f"{index} lists {name}, which is missing; download it again")
+            try:
+                handle = safe_open(path, framework="numpy")
+            except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
+                why = " ".join(str(e).split())[:100] or type(e).__name__
+                raise ConfigError(
+                    f"{path} is not a readable safetensors file ({why}); download it again"
+                ) from None
             self._files[name] = handle
             for key in handle.keys():
                 self._of[key] = name
@@ -61,6 +66,19 @@ class Safetensors:
         return self._files[self._of[name]]
 
 
+def _shards(index: str) -> list[str]:
+    """The files a *.index.json maps tensors to; ConfigError naming the index if it is bad."""
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        raise ConfigError(
+            f"{index} is not an index of shards (a JSON object with a 'weight_map'); "
+            "download it again"
+        ) from None
+
+
 class TorchBin:
     """`pytorch_model.bin` (or its shards), memory-mapped by torch; only when torch is installed."""
 
@@ -73,11 +91,7 @@ class TorchBin:
                 f"or save the model as safetensors"
             ) from None
         index = os.path.join(directory, "pytorch_model.bin.index.json")
-        if os.path.exists(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        else:
-            files = ["pytorch_model.bin"]
+        files = _shards(index) if os.path.exists(index) else ["pytorch_model.bin"]
         self.where = directory
         self._tensors = {}
         for name in files:

@@ -14,6 +14,16 @@ GroupedMatmul = Literal["auto", "ragged_dot", "blocked"]
 LayerReduction = Literal["mean", "sum"]
 RngImpl = Literal["threefry", "rbg", "unsafe_rbg"]
 Architecture = Literal["encoder_decoder", "decoder_only"]
+# How tokens meet experts (docs/architecture.md, "Routing methods"): 'token_choice' is each
+# token's top_k experts (top_k=2 is flaxformer's top-2); 'mesh_tf_top2' is Mesh TF's top-2 of
+# the paper's Table 1 MoE baseline; 'expert_choice' has each expert take its top-C tokens.
+RoutingMethod = Literal["token_choice", "mesh_tf_top2", "expert_choice"]
+ROUTINGS = ("token_choice", "mesh_tf_top2", "expert_choice")
+CAUSAL_ROUTINGS = ("token_choice", "mesh_tf_top2")
+LoadBalancing = Literal["aux_loss", "loss_free", "both"]
+# Mesh TF's moe_second_policy_{train,eval}: when the second expert of 'mesh_tf_top2' is used.
+SecondPolicy = Literal["all", "none", "threshold", "random"]
+SECOND_POLICIES = ("all", "none", "threshold", "random")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +62,22 @@ class MoeConfig:
     aux_loss_reduction: LayerReduction = "mean"
     batch_prioritized_routing: bool = False
     router_dtype: str = "float32"
+    routing: RoutingMethod = "token_choice"
+    # The decoder stacks' routing (None: `routing`); 'expert_choice' is not causal, so an
+    # encoder-decoder with expert-choice encoders routes its decoder with 'token_choice'.
+    decoder_routing: RoutingMethod | None = None
+    # 'aux_loss': the Switch auxiliary loss (aux_loss_coef); 'loss_free': a per-expert bias on
+    # the logits of the top-k choice, moved by bias_update_rate * sign(mean load - load) after
+    # every train step (DeepSeek-V3), and no aux loss in the loss; 'both': bias and aux loss.
+    load_balancing: LoadBalancing = "aux_loss"
+    bias_update_rate: float = 1e-3
+    # mesh_tf_top2 only: Mesh TF's defaults ('random': keep the second expert with probability
+    # min(1, gate_2 / threshold), gates renormalised over the two).
+    second_expert_policy_train: SecondPolicy = "random"
+    second_expert_policy_eval: SecondPolicy = "random"
+    second_expert_threshold: float = 0.2
+    # Sow each token's routing into nnx.Intermediate (MoeLayer docstring); off for training.
+    sow_routing: bool = False
 
     def __post_init__(self):
         _require(self.num_experts >= 1, "MoeConfig.num_experts must be >= 1")
@@ -85,6 +111,61 @@ class MoeConfig:
             self.router_dtype in ("float32", "bfloat16"),
             f"MoeConfig.router_dtype={self.router_dtype!r} must be 'float32' or 'bfloat16'",
         )
+        self._check_routing()
+
+    def _check_routing(self) -> None:
+        for name in ("routing", "decoder_routing"):
+            value = getattr(self, name)
+            _require(
+                value in ROUTINGS or (name == "decoder_routing" and value is None),
+                f"MoeConfig.{name}={value!r} must be one of {'|'.join(ROUTINGS)}",
+            )
+        _require(
+            self.load_balancing in ("aux_loss", "loss_free", "both"),
+            f"MoeConfig.load_balancing={self.load_balancing!r} must be aux_loss|loss_free|both",
+        )
+        _require(self.bias_update_rate >= 0, "MoeConfig.bias_update_rate must be >= 0")
+        for name in ("second_expert_policy_train", "second_expert_policy_eval"):
+            value = getattr(self, name)
+            _require(
+                value in SECOND_POLICIES,
+                f"MoeConfig.{name}={value!r} must be one of {'|'.join(SECOND_POLICIES)}",
+            )
+        _require(self.second_expert_threshold > 0, "MoeConfig.second_expert_threshold must be > 0")
+        methods = {self.routing, self.decoder_routing or self.routing}
+        if "mesh_tf_top2" in methods:
+            _require(
+                self.top_k == 2,
+                f"MoeConfig.routing='mesh_tf_top2' is a top-2 router: set MoeConfig.top_k=2 "
+                f"(got {self.top_k})",
+            )
+        elif (
+            self.second_expert_policy_train != "random"
+            or self.second_expert_policy_eval != "random"
+            or self.second_expert_threshold != 0.2
+        ):
+            raise ConfigError(
+                "MoeConfig.second_expert_policy_*/second_expert_threshold apply only to "
+                "routing='mesh_tf_top2': remove them or set MoeConfig.routing='mesh_tf_top2'"
+            )
+        if "expert_choice" in methods:
+            _check_expert_choice(self)
+        if self.load_balancing == "aux_loss":
+            return
+        _require(
+            self.routing != "expert_choice",
+            "MoeConfig.load_balancing='loss_free'/'both' biases the tokens' choice; "
+            "routing='expert_choice' is balanced by construction: set load_balancing='aux_loss'",
+        )
+
+    def stack_routing(self, causal: bool) -> str:
+        """The routing method of an encoder (`causal=False`) or decoder stack."""
+        return (self.decoder_routing or self.routing) if causal else self.routing
+
+    @property
+    def loss_free(self) -> bool:
+        """Whether the router keeps a per-expert choice bias (load_balancing loss_free/both)."""
+        return self.load_balancing in ("loss_free", "both")
 
     def is_sparse(self, layer: int) -> bool:
         """Whether layer `layer` (0-based, within its stack) has a Switch FFN."""
@@ -159,6 +240,8 @@ class ModelConfig:
             "MoeConfig.batch_prioritized_routing would let later tokens decide whether earlier "
             "ones are dropped; a decoder ignores it, so a decoder_only model cannot use it",
         )
+        if self.moe is not None:
+            self._check_stack_routing(self.moe)
         if self.scan_layers and self.moe is not None and self.moe.sparse_every > 0:
             for n in self.stack_depths():
                 _require(
@@ -166,6 +249,29 @@ class ModelConfig:
                     f"scan_layers needs layer counts divisible by sparse_every="
                     f"{self.moe.sparse_every}, got {n}",
                 )
+
+    def _check_stack_routing(self, moe: MoeConfig) -> None:
+        if not self.is_encoder_decoder and moe.routing == "expert_choice":
+            raise ConfigError(
+                "MoeConfig.routing='expert_choice' is not causal and a decoder_only model has "
+                "no encoder to use it in: set MoeConfig.routing='token_choice'"
+            )
+        if moe.stack_routing(causal=True) == "expert_choice":
+            # A decoder token's expert would depend on later tokens of its group.
+            if not self.is_encoder_decoder:
+                fix = "set MoeConfig.routing='token_choice' (a decoder_only model)"
+            else:
+                fix = "set MoeConfig.decoder_routing='token_choice'"
+            name = "decoder_routing" if moe.decoder_routing else "routing"
+            raise ConfigError(
+                f"MoeConfig.{name}='expert_choice' is not causal and cannot route a decoder "
+                f"stack: {fix}"
+            )
+        _require(
+            not (moe.sow_routing and self.scan_layers),
+            "MoeConfig.sow_routing cannot see inside scanned layers: set "
+            "ModelConfig.scan_layers=False to read per-token routing",
+        )
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -185,6 +291,25 @@ class ModelConfig:
     def replace(self, **changes) -> ModelConfig:
         """A copy with `changes` applied (and validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+def _check_expert_choice(moe: MoeConfig) -> None:
+    """What expert choice cannot be combined with, each refused in one line."""
+    _require(
+        moe.dispatch != "dropless",
+        "MoeConfig.routing='expert_choice' fills each expert's capacity C; dispatch='dropless' "
+        "has none: use dispatch='einsum'|'scatter'|'sorted'|'auto'",
+    )
+    _require(
+        moe.top_k == 1,
+        f"MoeConfig.top_k={moe.top_k} does not apply to routing='expert_choice' (each expert "
+        f"picks its tokens): leave top_k=1",
+    )
+    _require(
+        not moe.batch_prioritized_routing,
+        "MoeConfig.batch_prioritized_routing does not apply to routing='expert_choice' "
+        "(experts pick tokens by probability already): set it False",
+    )
 
 
 class ConfigError(ValueError):

@@ -8,6 +8,7 @@ R sorted rows.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ from flax import nnx
 
 from switch_jax.models import grouped, routing
 from switch_jax.models.config import ModelConfig, MoeConfig
+from switch_jax.models.expert_choice import route_expert_choice
 from switch_jax.models.layers import Keys, activate, constrain, dropout, kernel_param, param
 from switch_jax.models.streams import MoeStream
 
@@ -38,9 +40,35 @@ def resolve_grouped_matmul(moe: MoeConfig, platform: str) -> str:
     return "blocked" if platform == "cpu" else "ragged_dot"
 
 
+class RouterBias(nnx.Param):
+    """Loss-free balancing's per-expert choice bias [E]. A Param subclass so that it travels
+    with the parameters (checkpoints, shardings over 'expert', restores, decoding), but no
+    gradient reaches it (stop_gradient) and the optimizer leaves it alone (optimizer.py): only
+    the train step's sign update moves it (training/steps.py)."""
+
+
+class TokenRouting(NamedTuple):
+    """What `sow_routing` records per MoE layer call: P picks per token (top_k, or E for
+    expert choice, pick e = expert e)."""
+
+    expert_BLP: jax.Array  # int32 expert of each pick
+    kept_BLP: jax.Array  # bool: the pick was processed (not dropped, not padding)
+    gate_BLP: jax.Array  # float32 combine weight (0 where not kept)
+
+
 class MoeLayer(nnx.Module):
     """Top-k (k=1: Switch) FFN. A token over capacity gets an output of exactly 0 here, so the
-    residual connection alone carries it to the next layer (paper §2.2)."""
+    residual connection alone carries it to the next layer (paper §2.2).
+
+    With `MoeConfig.sow_routing`, every call sows a `TokenRouting` into the layer's
+    `nnx.Intermediate` 'routing' (a tuple, one entry per call); the outputs do not change. Read
+    it after an eager (or nnx.jit) forward pass of an unscanned model, then clear it:
+
+        model = Transformer(cfg.replace(moe=replace(cfg.moe, sow_routing=True)), rngs=...)
+        logits, stats = model(batch)
+        sown = nnx.pop(model, nnx.Intermediate)  # State: .../mlp/routing -> (TokenRouting,)
+        route = sown["encoder"]["blocks"][1]["layers"][0]["mlp"]["routing"][0]
+    """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         assert cfg.moe is not None
@@ -48,6 +76,11 @@ class MoeLayer(nnx.Module):
         E, D, F = self.moe.num_experts, cfg.d_model, cfg.d_ff
         router_init = nnx.initializers.normal(self.moe.router_init_stddev)
         self.router = param(router_init(rngs.params(), (D, E), jnp.float32), ("embed", "unmodeled"))
+        self.router_bias = (
+            RouterBias(jnp.zeros((E,), jnp.float32), out_sharding=("expert",), eager_sharding=False)
+            if self.moe.loss_free
+            else None
+        )
         in_axes, out_axes = ("expert", "embed", "mlp"), ("expert", "mlp", "embed")
         self.wi = kernel_param(rngs, cfg, (E, D, F), in_axes, batch_axis=(0,))
         self.wi_gate = (
@@ -94,13 +127,11 @@ class MoeLayer(nnx.Module):
         capacity = None
         if dispatch != "dropless":
             capacity = routing.expert_capacity(T, moe.num_experts, cf, moe.min_capacity)
-        route, stats = routing.route(
-            logits_GTE,
-            mask_GT,
-            top_k=moe.top_k,
-            capacity=capacity,
-            batch_prioritized=moe.batch_prioritized_routing,
-        )
+        route, stats = self._route(logits_GTE, mask_GT, capacity, keys, train=train)
+        if moe.sow_routing:
+            picks = lambda a: a.reshape(B, L, -1)  # noqa: E731
+            sown = TokenRouting(*(picks(a) for a in route[:1] + route[2:4]))
+            self.sow(nnx.Intermediate, "routing", sown)
         experts = lambda x: self._experts(x, keys)  # noqa: E731
         if dispatch in ("einsum", "scatter"):
             dispatch_fn = _einsum_dispatch if dispatch == "einsum" else _scatter_dispatch
@@ -126,6 +157,31 @@ class MoeLayer(nnx.Module):
                 functools.partial(self._rows_ffn, impl=impl),
             )
         return y_GTD.reshape(B, L, D), stats
+
+    def _route(self, logits_GTE, mask_GT, capacity, keys: Keys, *, train: bool):
+        moe = self.moe
+        if moe.routing == "expert_choice":
+            return route_expert_choice(logits_GTE, mask_GT, capacity=capacity)
+        second = None
+        if moe.routing == "mesh_tf_top2":
+            policy = moe.second_expert_policy_train if train else moe.second_expert_policy_eval
+            uniform_GT = None
+            if policy == "random":
+                # Mesh TF samples in eval too; without a noise key (eval, decoding) the draws
+                # come from a fixed key, so evaluation is repeatable.
+                key = keys.jitter if train and keys.jitter is not None else jax.random.PRNGKey(0)
+                key = jax.random.fold_in(key, MoeStream.SECOND_EXPERT)
+                uniform_GT = jax.random.uniform(key, mask_GT.shape, jnp.float32)
+            second = routing.SecondExpert(policy, moe.second_expert_threshold, uniform_GT)
+        return routing.route(
+            logits_GTE,
+            mask_GT,
+            top_k=moe.top_k,
+            capacity=capacity,
+            batch_prioritized=moe.batch_prioritized_routing,
+            bias_E=None if self.router_bias is None else self.router_bias[...],
+            second=second,
+        )
 
     def _dropout_key(self, keys: Keys):
         if keys.dropout is None or self.moe.expert_dropout_rate <= 0:

@@ -25,6 +25,14 @@ class Routing(NamedTuple):
     capacity: int | None  # None: dropless (no capacity, slots unused)
 
 
+class SecondExpert(NamedTuple):
+    """Mesh TF's policy for the second expert of 'mesh_tf_top2' (moe.py `_top_2_gating`)."""
+
+    policy: str  # all | none | threshold (gate_2 > threshold) | random (see route)
+    threshold: float
+    uniform_GT: jax.Array | None = None  # Uniform[0, 1) draws, used by 'random'
+
+
 class RouterStats(NamedTuple):
     """Per-layer router health, returned as values so they survive jit and scan."""
 
@@ -96,6 +104,8 @@ def route(
     top_k: int,
     capacity: int | None,
     batch_prioritized: bool = False,
+    bias_E: jax.Array | None = None,
+    second: SecondExpert | None = None,
 ) -> tuple[Routing, RouterStats]:
     """Choose experts, assign capacity slots in token order and compute losses and statistics.
 
@@ -103,12 +113,29 @@ def route(
     Softmax runs over all experts before the top-k choice, so with k=1 the gate is a real
     probability that carries gradient to the router (unlike softmax over the selected logits).
     First choices of all tokens take slots before any second choice (GShard priority).
+
+    `bias_E` (loss-free balancing) is added to the logits for the choice only: the gate stays
+    the unbiased probability. `second` makes top-2 Mesh TF's (the paper's Table 1 MoE): gates
+    renormalised over the two picks, the second pick used per `second.policy` ('random': with
+    probability min(1, gate_2 / threshold), i.e. iff uniform < gate_2 / threshold), and the aux
+    loss counting first picks only.
     """
     G, T, E = logits_GTE.shape
     real_GT = token_mask_GT.astype(bool)
     probs_GTE = jax.nn.softmax(logits_GTE, axis=-1)
-    gate_GTP, expert_GTP = _top_k(probs_GTE, top_k)
+    if bias_E is None:
+        raw_gate_GTP, expert_GTP = _top_k(probs_GTE, top_k)
+    else:
+        _, expert_GTP = _top_k(logits_GTE + jax.lax.stop_gradient(bias_E), top_k)
+        onehot_GTPE = jax.nn.one_hot(expert_GTP, E, dtype=probs_GTE.dtype)
+        raw_gate_GTP = jnp.einsum("gtpe,gte->gtp", onehot_GTPE, probs_GTE)
     wants_GTP = jnp.broadcast_to(real_GT[..., None], expert_GTP.shape)
+    gate_GTP, aux_picks = raw_gate_GTP, top_k
+    if second is not None:
+        gate_GTP = raw_gate_GTP / (jnp.sum(raw_gate_GTP, -1, keepdims=True) + 1e-9)
+        use_second_GT = _second_expert_used(gate_GTP[..., 1], second)
+        wants_GTP = wants_GTP & jnp.stack([jnp.ones_like(use_second_GT), use_second_GT], -1)
+        aux_picks = 1  # Mesh TF's density_1: the first choice only
 
     if capacity is None:
         slot_GTP, kept_GTP = jnp.zeros_like(expert_GTP), wants_GTP
@@ -123,7 +150,30 @@ def route(
         gate_GTP=jnp.where(kept_GTP, gate_GTP, 0.0),
         capacity=capacity,
     )
-    return routing, _stats(logits_GTE, probs_GTE, expert_GTP, gate_GTP, real_GT, kept_GTP, capacity)
+    stats = _stats(
+        logits_GTE,
+        probs_GTE,
+        expert_GTP,
+        raw_gate_GTP,
+        real_GT,
+        wants_GTP,
+        kept_GTP,
+        capacity,
+        aux_picks,
+    )
+    return routing, stats
+
+
+def _second_expert_used(gate2_GT: jax.Array, second: SecondExpert) -> jax.Array:
+    if second.policy == "all":
+        return jnp.ones(gate2_GT.shape, bool)
+    if second.policy == "none":
+        return jnp.zeros(gate2_GT.shape, bool)
+    if second.policy == "threshold":
+        return gate2_GT > second.threshold
+    if second.uniform_GT is None:
+        raise ValueError("second_expert_policy 'random' needs uniform draws")
+    return second.uniform_GT < gate2_GT / max(second.threshold, 1e-9)
 
 
 def _top_k(probs_GTE: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -167,13 +217,15 @@ def _slots_in_priority_order(expert_GTP, wants_GTP, order_GT, num_experts):
     return take(slot_ordered_GTP, inverse_GT).astype(jnp.int32)
 
 
-def _stats(logits_GTE, probs_GTE, expert_GTP, gate_GTP, real_GT, kept_GTP, capacity):
+def _stats(
+    logits_GTE, probs_GTE, expert_GTP, gate_GTP, real_GT, wants_GTP, kept_GTP, capacity, aux_picks
+):
     G, T, E = probs_GTE.shape
     P = expert_GTP.shape[-1]
     real_f = real_GT.astype(jnp.float32)
     n_real_G = jnp.maximum(real_f.sum(-1), 1.0)
     # f counts the router's choice before capacity drops (paper Eq. 5, Mesh TF density_1).
-    chosen_GTE = jnp.max(jax.nn.one_hot(expert_GTP, E, dtype=jnp.float32), axis=-2)
+    chosen_GTE = jnp.max(jax.nn.one_hot(expert_GTP[..., :aux_picks], E, dtype=jnp.float32), -2)
     f_GE = jnp.einsum("gte,gt->ge", chosen_GTE, real_f) / n_real_G[:, None]
     p_GE = jnp.einsum("gte,gt->ge", probs_GTE, real_f) / n_real_G[:, None]
     aux = jnp.mean(jnp.sum(f_GE * p_GE, axis=-1)) * E
@@ -181,12 +233,13 @@ def _stats(logits_GTE, probs_GTE, expert_GTP, gate_GTP, real_GT, kept_GTP, capac
     n_real = jnp.maximum(real_f.sum(), 1.0)
     z_GT = jax.nn.logsumexp(logits_GTE, axis=-1) ** 2
     router_z = jnp.sum(z_GT * real_f) / n_real
-    assigned = n_real * P
-    expert_fraction = jnp.einsum("gtpe,gt->e", jax.nn.one_hot(expert_GTP, E), real_f) / assigned
-    dropped = jnp.sum(real_f[..., None] * (1.0 - kept_GTP.astype(jnp.float32))) / assigned
+    wants_f = wants_GTP.astype(jnp.float32)
+    assigned = jnp.maximum(wants_f.sum(), 1.0)
+    load_GE = jnp.einsum("gtpe,gtp->ge", jax.nn.one_hot(expert_GTP, E), wants_f)
+    expert_fraction = load_GE.sum(0) / assigned
+    dropped = jnp.sum(wants_f * (1.0 - kept_GTP.astype(jnp.float32))) / assigned
     confidence = jnp.sum(gate_GTP.sum(-1) * real_f) / n_real
     if capacity is None:
-        load_GE = jnp.einsum("gtpe,gt->ge", jax.nn.one_hot(expert_GTP, E), real_f)
         effective = jnp.max(load_GE) * E / (T * P)
     else:
         effective = jnp.asarray(capacity * E / (T * P), jnp.float32)

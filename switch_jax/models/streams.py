@@ -48,3 +48,4 @@ class MoeStream(enum.IntEnum):
 
     JITTER = 1
     EXPERT_DROPOUT = 2
+    SECOND_EXPERT = 3  # Mesh TF top-2's sampled second expert (folded into the jitter key)

@@ -151,6 +151,10 @@ class Stack(nnx.Module):
     def __init__(
         self, cfg: ModelConfig, *, num_layers: int, causal: bool, cross: bool, rngs: nnx.Rngs
     ):
+        if cfg.moe is not None:
+            # Each stack's MoE layers see one routing method: the decoder's may differ.
+            method = cfg.moe.stack_routing(causal)
+            cfg = cfg.replace(moe=dataclasses.replace(cfg.moe, routing=method))
         if causal and cfg.moe is not None and cfg.moe.batch_prioritized_routing:
             # Slots by confidence would let later tokens decide whether an earlier one is
             # dropped: a decoder routes in token order (flaxformer forbids it there too).
@@ -211,6 +215,22 @@ class Stack(nnx.Module):
             stats = _stack(stats)
         x_BLD = self.final_norm(x_BLD)
         return dropout(x_BLD, self.cfg.dropout_rate, keys.fold(STACK_OUTPUT).dropout), stats
+
+    def moe_layers(self) -> list[tuple[MoeLayer, jax.Array]]:
+        """Each MoE layer with the index (or, under scan, the [blocks] indices) of its rows in
+        this stack's RouterStats: what the train step's bias update pairs up."""
+        if self.cfg.scan_layers:
+            layers = list(self.blocks.layers)
+            sparse = [layer.mlp for layer in layers if isinstance(layer.mlp, MoeLayer)]
+            blocks = jnp.arange(self.num_blocks) * len(sparse)
+            return [(mlp, blocks + k) for k, mlp in enumerate(sparse)]
+        sparse = [
+            layer.mlp
+            for block in self.blocks
+            for layer in block.layers
+            if isinstance(layer.mlp, MoeLayer)
+        ]
+        return [(mlp, jnp.asarray(i)) for i, mlp in enumerate(sparse)]
 
     def _scan(self, x_BLD, ctx: StackContext, keys: Keys, train: bool):
         graphdef, state = nnx.split(self.blocks)

@@ -17,6 +17,7 @@ import atexit
 import os
 import re
 import shlex
+import shutil
 import sys
 import threading
 import time
@@ -34,6 +35,12 @@ NATIVE_NOISE = re.compile(
     rb"|This TensorFlow binary is optimized to use available CPU instructions"
     rb"|TF-TRT Warning: Could not find TensorRT"
     rb"|rebuild TensorFlow with the appropriate compiler flags"
+    # libtpu (the `tpu` extra) probing for TPU hosts on a machine that has none: it is only used
+    # there to compile for TPU topologies ahead of time (switch_jax.compile).
+    rb"|Failed to find host bounds for accelerator type"
+    rb"|Logging before InitGoogle\(\) is written to STDERR"
+    rb"|unexpected worker hostname .* from env var TPU_WORKER_HOSTNAMES"
+    rb"|=== Source Location Trace: ===|^learning/\S+\.cc:\d+$"
     # XLA's slow-compile alarm (a banner of several lines); we print the compile time ourselves.
     rb"|slow_operation_alarm\.cc|^\*{32}$|Very slow compile\? If you want to file a bug"
 )
@@ -121,11 +128,23 @@ def header_lines(run, model_dir: str, resumed_from: int | None) -> list[str]:
     ]
 
 
+def python_command() -> str:
+    """How to call this interpreter from the current directory: `python` when that is what the
+    shell finds (an activated venv), else its path (`.venv/bin/python` after scripts/demo.sh),
+    so that every printed command works when pasted."""
+    found = shutil.which("python")
+    if found and os.path.abspath(found) == os.path.abspath(sys.executable):
+        return "python"
+    path = os.path.abspath(sys.executable)
+    relative = os.path.relpath(path)
+    return shlex.quote(relative if not relative.startswith("..") else path)
+
+
 def resume_command(argv: Sequence[str] | None = None) -> str:
     """The command line of this process, as `python -m switch_jax.train ...`."""
     argv = list(sys.argv if argv is None else argv)
     args = [a for a in argv[1:] if not a.startswith("--gin.TRAIN_STEPS=")]
-    return " ".join(["python -m switch_jax.train", *map(_quote, args)])
+    return " ".join([f"{python_command()} -m switch_jax.train", *map(_quote, args)])
 
 
 def _quote(arg: str) -> str:
@@ -158,7 +177,8 @@ def summary_lines(
     return [
         f"{state}: {done} of {total_steps} in {duration(elapsed_s)}; {saved}",
         f"{again}: {resume_command()}{more}",
-        f"look: tensorboard --logdir {model_dir} | python -m switch_jax.plot {model_dir}",
+        f"plots: {python_command()} -m switch_jax.plot {shlex.quote(model_dir)}",
+        f"tensorboard: {python_command()} -m tensorboard.main --logdir {shlex.quote(model_dir)}",
     ]
 
 

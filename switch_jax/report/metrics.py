@@ -262,6 +262,10 @@ class MetricsLogger:
         self._peak = (
             peak if peak is not None else (hardware.peak_flops() if flops_per_step else None)
         )
+        # A CPU's peak is a matmul timed once at start-up: on a shared host the same run read
+        # 67 % in one process and 23 % in the next, so the console leaves it out (the JSON and
+        # TensorBoard rows keep it).
+        self._show_mfu = peak is not None or not hardware.host_is_cpu()
         self.eta = Eta(total_steps)
         self._files: dict[str, Any] = {}
         self._tb: dict[str, _TensorBoard] = {}
@@ -299,7 +303,8 @@ class MetricsLogger:
         if self.console:
             keys = [k for k in ("loss", "cross_entropy", "accuracy") if k in scalars]
             shown = " ".join(f"{k} {_fmt(scalars[k])}" for k in keys)
-            print(f"eval  step {step}: {shown}", flush=True)
+            if shown:  # EVAL_STEPS=0: task metrics only, which decode/evaluation prints
+                print(f"eval  step {step}: {shown}", flush=True)
         return row
 
     def _write(self, kind: str, step: int, scalars: dict, lists: dict) -> dict:
@@ -324,7 +329,7 @@ class MetricsLogger:
         if "learning_rate" in s:
             parts.append(f"lr {s['learning_rate']:.2e}")
         parts.append(f"{step_time:.2f}s/step {s['tokens_per_s']:,.0f} tok/s")
-        if "mfu" in s:
+        if "mfu" in s and self._show_mfu:
             parts.append(f"mfu {s['mfu']:.1%}")
         parts.append(f"ETA {duration(eta)}" if eta is not None else "ETA after step 2")
         return " | ".join(parts)

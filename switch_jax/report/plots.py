@@ -36,18 +36,33 @@ class PlotError(RuntimeError):
 
 
 def read_rows(path: str) -> list[dict]:
-    """Rows of a metrics.jsonl, one per step (the last row wins), sorted by step."""
+    """Rows of a metrics.jsonl, one per step (the last row wins), sorted by step.
+
+    Raises:
+      PlotError: a line that parses but is not an object with an integer 'step' (not a
+        metrics file); a line cut short by a crash or a run in progress is skipped.
+    """
     if not os.path.exists(path):
         return []
     rows: dict[int, dict] = {}
-    with open(path) as f:
-        for line in f:
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a crash or a run in progress
+                row = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 continue
-            rows[int(row.get("step", 0))] = row
+            step = row.get("step") if isinstance(row, dict) else None
+            if not isinstance(step, int) or isinstance(step, bool):
+                raise PlotError(
+                    f"{path} line {number}: not a metrics row (a JSON object with an integer "
+                    "'step'); is this the trainer's metrics.jsonl?"
+                )
+            rows[step] = row
     return [rows[s] for s in sorted(rows)]
+
+
+def _has_metrics(model_dir: str) -> bool:
+    return any(os.path.exists(model_dir_lib.metrics_file(model_dir, k)) for k in ("train", "eval"))
 
 
 def series(rows: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -86,10 +101,18 @@ def plot_run(model_dir: str, out_dir: str | None = None) -> list[str]:
         raise PlotError("matplotlib is not installed: pip install 'switch_jax[plot]'") from None
     train = read_rows(os.fspath(model_dir_lib.metrics_file(model_dir, "train")))
     evals = read_rows(os.fspath(model_dir_lib.metrics_file(model_dir, "eval")))
+    if not os.path.isdir(model_dir):
+        near = model_dir_lib.near_run(model_dir, holds=_has_metrics)
+        raise PlotError(f"MODEL_DIR={model_dir} is not a directory{near}")
     if not train and not evals:
         raise PlotError(f"MODEL_DIR={model_dir} has no train/ or eval/ metrics.jsonl to plot")
     out_dir = out_dir or os.path.join(model_dir, model_dir_lib.PLOTS_DIR)  # as typed
-    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise PlotError(f"--out={out_dir} is a file, not a folder; give a folder for the PNGs")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise PlotError(f"--out={out_dir} cannot be created: {e.strerror or e}") from None
     title = os.path.basename(os.path.normpath(model_dir))
     figures = {
         "loss.png": _loss(plt, train, evals),

@@ -4,6 +4,12 @@ A step directory (store/model_dir.py names it) holds `state` (sharded arrays), `
 iterator checkpoint per process) and `meta` (JSON: step, batches consumed, model config). Orbax
 writes into a temporary directory and renames it on commit, so a killed save never leaves a
 readable half checkpoint.
+
+Keep-K counts the regular checkpoints; one saved off the period on Ctrl-C or preemption is kept in
+addition until a later regular one commits. An async save commits (renames its temporary
+directory, then deletes the checkpoints keep-K drops) only if `commit_guard` passes at that
+moment: the trainer's lease check, so a holder that stalled mid-save and lost MODEL_DIR to
+another trainer commits nothing and deletes nothing.
 """
 
 from __future__ import annotations
@@ -11,10 +17,13 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import logging as std_logging
 import math
 import os
+import re
 import shutil
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -24,10 +33,31 @@ from etils import epath
 from switch_jax.config import settings
 from switch_jax.models.config import ConfigError, ModelConfig, MoeConfig
 from switch_jax.store import model_dir as model_dir_lib
+from switch_jax.store.input_position import (
+    DataIteratorRestore,
+    DataIteratorSave,
+    SavableIterator,
+)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message says which one and why."""
+
+
+class CommitRefused(CheckpointError):
+    """An async save was written but not committed: its commit guard failed (a lost lease)."""
+
+
+class _HideRefusedCommits(std_logging.Filter):
+    """Orbax logs a failed background commit with its traceback; a refused one is reported once,
+    as one line, by whoever waits for the save."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, CommitRefused)
+
+
+std_logging.getLogger("absl").addFilter(_HideRefusedCommits())
 
 
 # Orbax re-raises TensorStore read failures of a truncated or garbled file as a bare Exception,
@@ -42,40 +72,18 @@ def resumable_settings() -> frozenset[str]:
     return frozenset().union(*(settings.resumable_fields(cls) for cls in classes))
 
 
-class SavableIterator(Protocol):
-    def save(self, path: str) -> None: ...
-    def restore(self, path: str) -> None: ...
-
-
-class DataIteratorHandler(ocp.CheckpointHandler):
-    """Saves each process's input-pipeline position in the same atomic step directory."""
-
-    def save(self, directory: epath.Path, args: DataIteratorSave):
-        path = directory / f"process_{jax.process_index()}"
-        path.mkdir(parents=True, exist_ok=True)
-        args.iterator.save(os.fspath(path / "iterator"))
-
-    def restore(self, directory: epath.Path, args: DataIteratorRestore):
-        path = directory / f"process_{jax.process_index()}"
-        if not path.exists():
-            raise CheckpointError(
-                f"{directory} has no input position for process {jax.process_index()}: "
-                f"was it written with a different number of hosts?"
-            )
-        args.iterator.restore(os.fspath(path / "iterator"))
-        return args.iterator
-
-
-@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
 @dataclasses.dataclass
-class DataIteratorSave(ocp.args.CheckpointArgs):
-    iterator: Any
+class _KeepRegular:
+    """Orbax preservation policy: the newest `keep` regular checkpoints, and the extra ones
+    (saved off the period on Ctrl-C or preemption) newer than every regular one."""
 
+    keep: int
+    extras: set[int]
 
-@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
-@dataclasses.dataclass
-class DataIteratorRestore(ocp.args.CheckpointArgs):
-    iterator: Any
+    def should_preserve(self, checkpoints, *, context=None) -> list[bool]:
+        regular = sorted(c.step for c in checkpoints if c.step not in self.extras)
+        kept, newest = set(regular[-self.keep :]), max(regular, default=-1)
+        return [c.step in kept or (c.step in self.extras and c.step > newest) for c in checkpoints]
 
 
 class Checkpoints:
@@ -89,18 +97,37 @@ class Checkpoints:
         keep: int,
         async_save: bool = True,
         cleanup_tmp: bool = True,
+        commit_guard: Callable[[], None] | None = None,
     ):
         self.root = model_dir_lib.absolute(model_dir)
         self.directory = model_dir_lib.checkpoints_dir(model_dir)
+        self._policy = _KeepRegular(keep, set())
+        async_options = None
+        if commit_guard is not None and async_save:
+            # Orbax calls it in the commit thread of process 0, after every process wrote its
+            # part and before the rename and keep-K deletions; raising skips both.
+            async_options = ocp.AsyncOptions(post_finalization_callback=self._guard(commit_guard))
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=period,
-            max_to_keep=keep,
+            preservation_policy=self._policy,
             enable_async_checkpointing=async_save,
             create=True,
             cleanup_tmp_directories=cleanup_tmp,
+            async_options=async_options,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._policy.extras.update(s for s in self.manager.all_steps() if _is_extra(self, s))
         self.attempted: list[int] = []  # steps passed to save(), committed or not
+
+    def _guard(self, commit_guard: Callable[[], None]) -> Callable[[], None]:
+        def commit() -> None:
+            try:
+                commit_guard()
+            except Exception as e:  # noqa: BLE001 (whatever the guard says, nothing commits)
+                step = self.attempted[-1] if self.attempted else "?"
+                raise CommitRefused(f"checkpoint {step} not committed: {e}") from None
+
+        return commit
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -117,14 +144,20 @@ class Checkpoints:
         iterator: SavableIterator | None = None,
         meta: dict | None = None,
         force: bool = False,
+        extra: bool = False,
     ) -> bool:
+        """Save `step` (async); `extra`: an off-period save (Ctrl-C, preemption) that keep-K
+        keeps in addition to the regular ones until a later regular one commits."""
+        meta = {"step": step, **(meta or {}), **({_EXTRA: True} if extra else {})}
         items = {
             model_dir_lib.STATE: ocp.args.StandardSave(state),
-            model_dir_lib.META: ocp.args.JsonSave({"step": step, **(meta or {})}),
+            model_dir_lib.META: ocp.args.JsonSave(meta),
         }
         if iterator is not None:
             items[model_dir_lib.DATA] = DataIteratorSave(iterator)
         self.attempted.append(step)
+        if extra:
+            self._policy.extras.add(step)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, step: int, abstract_state, *, iterator: SavableIterator | None = None):
@@ -142,6 +175,8 @@ class Checkpoints:
         if iterator is not None:
             items[model_dir_lib.DATA] = DataIteratorRestore(iterator)
         try:
+            if iterator is not None:
+                _check_host_count(step_dir)
             state_dir = model_dir_lib.state_dir(step_dir)
             saved = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
             _check_param_shapes(saved.get("params"), abstract_state.params, step_dir)
@@ -176,7 +211,8 @@ class Checkpoints:
             return
         size = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
         committed = len(self.manager.all_steps())
-        needed = size * max(1, keep + 1 - committed)
+        # An extra (Ctrl-C) checkpoint stays beside the regular ones until the next one commits.
+        needed = size * max(1, keep + 1 + len(self._policy.extras) - committed)
         free = shutil.disk_usage(path).free
         if free < needed:
             raise ConfigError(
@@ -200,6 +236,16 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+_EXTRA = "kept_in_addition"
+
+
+def _is_extra(ckpts: Checkpoints, step: int) -> bool:
+    try:
+        return bool(read_meta(os.fspath(ckpts.step_dir(step))).get(_EXTRA))
+    except _READ_ERRORS:  # unreadable: counted as regular; a restore reports it
+        return False
 
 
 def is_out_of_space(error: BaseException | None) -> bool:
@@ -262,6 +308,19 @@ def restore_params(path: str, abstract_params):
     except _READ_ERRORS as e:
         raise CheckpointError(_explain(step_dir, e)) from None
     return restored["params"]
+
+
+def _check_host_count(step_dir: epath.Path) -> None:
+    """Input positions of per-host shards fit only the number of processes that saved them."""
+    saved = len(list((step_dir / model_dir_lib.DATA).glob("process_*")))
+    settings = read_meta(os.fspath(step_dir)).get("settings") or {}
+    if saved in (0, jax.process_count()) or settings.get("DataConfig.host_input") == "global":
+        return
+    raise CheckpointError(
+        f"checkpoint {step_dir} was saved by {saved} processes, each reading its own shard of "
+        f"the data (HOST_INPUT='shard'), and cannot resume on {jax.process_count()}: run "
+        f"{saved} processes (a run started with HOST_INPUT='global' can change them)"
+    )
 
 
 def _refuse_converted(step_dir: epath.Path) -> None:
@@ -336,7 +395,11 @@ def _flatten(tree):
 
 def _explain(step_dir, error: Exception) -> str:
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return f"cannot restore checkpoint {step_dir}: {first[:300]}"
+    # TensorStore appends the repr of a bound method and its whole spec: noise, not a cause.
+    first = re.split(r"\.? See full TensorStore details|<bound method", first)[0]
+    if first.startswith("Encountered error while reading array"):
+        first = "a saved array is unreadable (a truncated or corrupt file)"
+    return f"cannot restore checkpoint {step_dir}: {first[:160]}"
 
 
 def read_meta(step_dir: str | os.PathLike) -> dict:

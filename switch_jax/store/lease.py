@@ -14,7 +14,9 @@ every `refresh_s` with `beat` + 1. No decision compares two hosts' clocks:
   a starter may have taken over: check() then passes only if a refresh that is atomic with
   takeovers succeeds now, and fails outright where the store cannot make it atomic or refreshes
   have been failing (a lost mount). So a takeover comes at least `margin_s` after the last moment
-  the old holder passed check() without such a refresh.
+  the old holder passed check() without such a refresh. The trainer also passes check() to
+  its checkpoints as the commit guard of every async save (store/checkpoints.py), so a save
+  in flight when the holder stalled is never renamed into place, nor are old ones deleted.
 
 Create, refresh, takeover and release run under one flock on trainer.lease.lock, and the lease is
 linked or renamed into place (readers never see half of one). On gs:// each write carries a

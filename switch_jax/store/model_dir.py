@@ -127,6 +127,78 @@ def resolve_step_dir(path: str | os.PathLike) -> epath.Path:
     return root / str(steps[-1])
 
 
+def committed_steps(model_dir: str | os.PathLike) -> list[int]:
+    """Steps of MODEL_DIR/checkpoints that Orbax committed (renamed to the bare number)."""
+    root = checkpoints_dir(model_dir)
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def require_run(model_dir: str, step: str | None = None, *, setting: str = "MODEL_DIR") -> None:
+    """Refuse a MODEL_DIR that holds no checkpoint (or not checkpoint `step`) before anything is
+    loaded or written: a read-only command must not turn a mistyped path into a directory.
+
+    Args:
+      model_dir: the MODEL_DIR as the user typed it.
+      step: --step of eval / infer: 'latest', 'all', a step number or None (not checked).
+      setting: how the user named the MODEL_DIR, for the message.
+
+    Raises:
+      ConfigError: one line naming the path, and a sibling with a close name that holds one.
+    """
+    if not model_dir:
+        raise ConfigError(f"{setting} is not set: pass --gin.MODEL_DIR=\"'/path/to/run'\"")
+    path = epath.Path(model_dir)
+    if not path.exists():
+        raise ConfigError(f"{setting}={model_dir} does not exist{near_run(model_dir)}")
+    if not path.is_dir():
+        raise ConfigError(f"{setting}={model_dir} is a file, not a MODEL_DIR")
+    steps = committed_steps(model_dir)
+    if not steps:
+        raise ConfigError(
+            f"{setting}={model_dir} holds no checkpoint (no {CHECKPOINTS_DIR}/<step>)"
+            + (near_run(model_dir) or "; train there first or pass the MODEL_DIR of a run")
+        )
+    if step is None or step in ("latest", "all"):
+        return
+    if not step.isdigit():
+        raise ConfigError(f"--step={step} must be 'latest', 'all' or a step number")
+    if int(step) not in steps:
+        shown = ", ".join(map(str, steps[-8:]))
+        raise ConfigError(f"--step={step}: {model_dir} has checkpoints of steps {shown}")
+
+
+def remove_if_unused(model_dir: str) -> bool:
+    """Delete a MODEL_DIR that holds no committed checkpoint (a local one that this process
+    created for a start that then failed); True if removed."""
+    import shutil
+
+    if "://" in model_dir or committed_steps(model_dir) or not os.path.isdir(model_dir):
+        return False
+    shutil.rmtree(model_dir, ignore_errors=True)
+    return not os.path.exists(model_dir)
+
+
+def near_run(model_dir: str, holds=None) -> str:
+    """'; did you mean SIBLING?' for a sibling folder with a close name that holds checkpoints
+    (or, given `holds(path) -> bool`, what that accepts)."""
+    import difflib
+
+    if "://" in model_dir:  # listing a bucket to guess a name is slow and may be denied
+        return ""
+    parent, name = os.path.split(os.path.normpath(os.path.abspath(model_dir)))
+    try:
+        siblings = [n for n in os.listdir(parent) if n != name]
+    except OSError:
+        return ""
+    for near in difflib.get_close_matches(name, siblings, n=5, cutoff=0.6):
+        if (holds or committed_steps)(os.path.join(parent, near)):
+            shown = os.path.join(os.path.dirname(model_dir.rstrip("/")), near)
+            return f"; did you mean {shown}?"
+    return ""
+
+
 def ensure_writable(model_dir: str) -> epath.Path:
     """Create MODEL_DIR (or check the existing one) and prove it writable, before any step.
 

@@ -21,6 +21,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 
 import jax
 
@@ -28,7 +29,7 @@ from switch_jax.config.settings import Configs
 from switch_jax.models.config import ConfigError
 from switch_jax.parallel import hlo, partitioning
 from switch_jax.report import hardware
-from switch_jax.tools import planner
+from switch_jax.tools import planner, roofline
 from switch_jax.training import build, steps
 
 GiB = 2**30
@@ -196,8 +197,11 @@ def compile_train_step(
     *,
     hbm_bytes: int,
     where: str = "the topology",
+    log: Callable[[str], None] = lambda line: None,
+    target: str = "",
 ) -> CompileResult:
-    """build_run on `partitioner`'s (compile-only) devices, then compile its train step.
+    """build_run on `partitioner`'s (compile-only) devices, then compile its train step; `log`
+    gets a line naming `target` before the compile (minutes on a CPU host), its time after.
 
     Raises:
       DoesNotFitError: one line naming the shortfall and what to change.
@@ -216,11 +220,13 @@ def compile_train_step(
     jax.config.update("jax_enable_compilation_cache", False)
     try:
         with partitioner.activate():
+            log(f"compiling the train step for {target or where}... minutes on a CPU host")
             t0 = time.perf_counter()
             # A distillation run's step also takes its teacher's params (abstract here).
             inputs = run.setup.abstract_inputs
             compiled = run.setup.train_step.jitted.lower(abstract_state, batch, *inputs).compile()
             compile_s = time.perf_counter() - t0
+            log(f"compiled in {compile_s:.0f} s")
     except jax.errors.JaxRuntimeError as e:
         raise _not_fit(e, where) from None
     finally:
@@ -286,26 +292,44 @@ def cost_per_chip(compiled) -> dict:
     cost = compiled.cost_analysis() or {}
     if isinstance(cost, list):  # older jax: one dict per computation
         cost = cost[0] if cost else {}
-    return {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0))}
+    out = {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0))}
+    if cost.get("optimal_seconds", -1) > 0:  # the TPU compiler's own estimate; -1 when it has none
+        out["xla_optimal_s"] = float(cost["optimal_seconds"])
+    return out
 
 
 # --- the report of switch_jax.compile -------------------------------------------------------
 
 
-def report(configs: Configs, topology: str, num_slices: int = 1) -> dict:
-    """Compile the run of `configs` for `topology`; the figures as one JSON-able dict.
+def report(
+    configs: Configs,
+    topology: str,
+    num_slices: int = 1,
+    log: Callable[[str], None] = lambda line: None,
+) -> dict:
+    """Compile the run of `configs` for `topology`; the figures as one JSON-able dict. `log` gets
+    progress lines (libtpu loading, compile start and time) as they happen.
 
     Raises:
       DoesNotFitError: one line naming the shortfall and what to change.
     """
     topo = parse_topology(topology, num_slices)
+    target = f"{topo.name} ({topo.devices} chip{'s' if topo.devices > 1 else ''}" + (
+        f" in {num_slices} slices)" if num_slices > 1 else ")"
+    )
+    log(f"loading libtpu for {target}: without a TPU it warns about worker hostnames; expected")
     partitioner = build.make_partitioner(configs, devices=topology_devices(topo))
     mesh = tuple(partitioner.mesh.shape.values())
     batch_size, rules = configs.data.batch_size, configs.train.partition_rules
     where = f"{topo.name} with MESH_SHAPE={mesh}, BATCH_SIZE={batch_size}"
     where += f", MICROBATCHES={configs.optimizer.microbatches}, PARTITION_RULES={rules!r}"
-    r = compile_train_step(configs, partitioner, hbm_bytes=topo.spec.hbm_bytes, where=where)
+    r = compile_train_step(
+        configs, partitioner, hbm_bytes=topo.spec.hbm_bytes, where=where, log=log, target=target
+    )
     run = r.plan.run
+    model_flops = 3 * run.info.flops_per_sequence * batch_size
+    sizes = {"chips": topo.devices, "num_slices": topo.num_slices, "model_flops": model_flops}
+    estimate = roofline.estimate(r.cost, r.collectives, topo.spec.chip, **sizes)
     return {
         "topology": topo.name,
         "device_kind": partitioner.mesh.devices.flat[0].device_kind,
@@ -325,12 +349,14 @@ def report(configs: Configs, topology: str, num_slices: int = 1) -> dict:
         "compiled_state_per_chip": _state(r.input_state_bytes),
         "flops_per_chip": r.cost["flops"],
         "bytes_accessed_per_chip": r.cost["bytes"],
-        "model_train_flops_per_step": 3 * run.info.flops_per_sequence * batch_size,
+        "model_train_flops_per_step": model_flops,
         "step_s_at_peak": r.cost["flops"] / topo.spec.peak_bf16_flops,
+        "xla_optimal_s": r.cost.get("xla_optimal_s"),
         "collectives_per_chip": {k: v for k, v in r.collectives.items() if k != "loop_trips"},
         # XLA's cost analysis counts a while loop's body once: with scan_layers (or microbatches)
         # the FLOPs and bytes above are those of one pass through each loop.
         "loop_trips": r.collectives["loop_trips"],
+        "roofline": estimate,
     }
 
 
@@ -376,5 +402,6 @@ def format_report(r: dict) -> str:
                 else ""
             ),
             f"collectives    {collectives or 'none'} (per chip and step, result sizes)",
+            roofline.format_estimate(r["roofline"]),
         ]
     )

@@ -25,6 +25,7 @@ import jax
 from switch_jax.config import gin_config
 from switch_jax.config.settings import Configs, TrainConfig
 from switch_jax.parallel import partitioning
+from switch_jax.report import hardware
 from switch_jax.training import build, steps
 
 
@@ -110,6 +111,7 @@ def report(configs: Configs, num_devices: int | None = None) -> dict:
     """Model info (parameters, FLOPs) and per-device state bytes as one JSON-able dict."""
     p = plan(configs, abstract_partitioner(configs.train, num_devices))
     model_cfg, mem, info = p.run.model_cfg, p.memory, p.run.info
+    need = mem.state_bytes_per_device + mem.param_bytes_per_device
     moe = model_cfg.moe
     return {
         "architecture": model_cfg.architecture,
@@ -130,6 +132,9 @@ def report(configs: Configs, num_devices: int | None = None) -> dict:
         "num_devices": p.run.partitioner.mesh.size,
         **dataclasses.asdict(mem),
         "state_bytes_per_device": mem.state_bytes_per_device,
+        # Gradients are the parameters' size again while the update runs.
+        "state_and_gradient_bytes_per_device": need,
+        "fits_chips": {c.name: need <= c.hbm_bytes for c in _HBM_CHIPS},
     }
 
 
@@ -160,7 +165,28 @@ def format_report(r: dict) -> str:
             f"per device     parameters {gib(r['param_bytes_per_device'])} + Adafactor "
             f"{gib(r['optimizer_bytes_per_device'])} = {gib(r['state_bytes_per_device'])} "
             "(train state; gradients add the parameters again, activations not included)",
+            fits_line(r["state_and_gradient_bytes_per_device"]),
         ]
+    )
+
+
+# The chips whose usable HBM the table knows, largest first.
+_HBM_CHIPS = sorted((c for c in hardware.CHIPS if c.hbm_bytes), key=lambda c: -c.hbm_bytes)
+
+
+def fits_line(need: int) -> str:
+    """Which chips' HBM holds `need` bytes per device: "fits v5p (95.74 GiB), ...; not ..."."""
+
+    def named(chips) -> str:
+        return ", ".join(f"{c.name} ({c.hbm_bytes / 2**30:.2f} GiB)" for c in chips)
+
+    fits = [c for c in _HBM_CHIPS if need <= c.hbm_bytes]
+    too_small = [c for c in _HBM_CHIPS if need > c.hbm_bytes]
+    verdict = f"fits {named(fits)}" if fits else "fits no TPU chip"
+    verdict += f"; not {named(too_small)}" if too_small else ""
+    return (
+        f"HBM per chip   state + gradients {gib(need)}: {verdict} "
+        "(before activations: `switch_jax.compile` measures those)"
     )
 
 

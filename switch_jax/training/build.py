@@ -60,7 +60,7 @@ class Run:
         return checkpoints.run_settings(self.configs)
 
     def checkpoints(
-        self, *, async_save: bool = True, cleanup_tmp: bool = True
+        self, *, async_save: bool = True, cleanup_tmp: bool = True, commit_guard=None
     ) -> checkpoints.Checkpoints:
         ckpt = self.configs.checkpoint
         return checkpoints.Checkpoints(
@@ -69,6 +69,7 @@ class Run:
             keep=ckpt.keep,
             async_save=async_save,
             cleanup_tmp=cleanup_tmp,
+            commit_guard=commit_guard,
         )
 
     def pipeline_args(self, split: str) -> dict:
@@ -78,6 +79,8 @@ class Run:
         options = {"tfds_data_dir": data.tfds_data_dir} if data.tfds_data_dir else {}
         if data.vocabulary:
             options["vocabulary"] = data.vocabulary
+        if data.mixture_or_task_module:
+            options["module"] = data.mixture_or_task_module
         return dict(
             task_or_mixture=data.mixture_or_task_name,
             split=split,

@@ -113,7 +113,9 @@ def router_metrics(stats: dict, reduction: str = "mean") -> dict:
 def router_loss_terms(router: dict, model_cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
     """(aux_loss, router_z_loss) scaled by their coefficients (0 for a dense model)."""
     moe = model_cfg.moe
-    aux = (moe.aux_loss_coef if moe else 0.0) * router["mean_aux_loss"]
+    # load_balancing='loss_free' balances with the router bias alone (MoeConfig).
+    aux_coef = moe.aux_loss_coef if moe and moe.load_balancing != "loss_free" else 0.0
+    aux = aux_coef * router["mean_aux_loss"]
     router_z = (moe.router_z_loss_coef if moe else 0.0) * router["mean_router_z_loss"]
     return aux, router_z
 

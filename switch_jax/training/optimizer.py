@@ -31,6 +31,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from switch_jax.config.settings import OptimizerConfig
+from switch_jax.models.moe import RouterBias
 
 UNFACTORED_AXES = ("layers", "expert")
 MERGED_AXES = ("heads", "kv")  # T5X factor rules: an attention kernel's heads x kv is one column
@@ -101,6 +102,7 @@ class Layout:
 
     lead: int = 0
     groups: tuple[tuple[int, ...], ...] | None = None
+    frozen: bool = False  # no update (loss-free balancing's bias: the train step moves it)
 
     def view_shape(self, shape) -> tuple[int, ...]:
         if self.groups is None:
@@ -127,7 +129,7 @@ def factor_layouts(abstract_params) -> Any:
                 groups[-1].append(i)
             else:
                 groups.append([i])
-        return Layout(lead, tuple(tuple(g) for g in groups))
+        return Layout(lead, tuple(tuple(g) for g in groups), isinstance(v, RouterBias))
 
     return jax.tree.map(layout, abstract_params, is_leaf=_is_var)
 
@@ -191,6 +193,8 @@ def scale_by_sliced_adafactor(
 
         def leaf(layout, g, stats, p):
             layout = _as_layout(layout)
+            if layout.frozen:
+                return _LeafOut(jnp.zeros_like(g), stats)
             view = layout.view_shape(g.shape)
             out = _vmap_n(slice_update, layout.lead)(g.reshape(view), stats, p.reshape(view))
             return _LeafOut(out.update.reshape(g.shape), out.stats)

@@ -305,6 +305,8 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, optimizer.values(state.params))
         new_values = optax.apply_updates(optimizer.values(state.params), updates)
         params = jax.tree.map(lambda v, x: v.replace(x), state.params, new_values, is_leaf=_is_var)
+        if model_cfg.moe is not None and model_cfg.moe.loss_free:
+            params = update_router_bias(graphdef, params, router, model_cfg.moe.bias_update_rate)
         metrics = losses.finish_metrics(sums, router, model_cfg)
         metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
         metrics["grad_norm"] = optax.tree.norm(grads)
@@ -334,6 +336,23 @@ def make_train_step(
 
     train_step.jitted = jitted  # for .lower(...) / HLO inspection
     return train_step
+
+
+def update_router_bias(graphdef, params, router: dict, rate: float):
+    """Loss-free balancing (DeepSeek-V3): every MoE layer's bias += rate * sign(mean load -
+    load_e), load = this step's expert_fraction of that layer (chosen before capacity drops).
+    An expert above the mean load loses choice priority, one below gains it."""
+    model = nnx.merge(graphdef, params)
+    for name in ("encoder", "decoder"):
+        stack = getattr(model, name)
+        if stack is None:
+            continue
+        fraction_LE = router[f"{name}/expert_fraction"]
+        for mlp, rows in stack.moe_layers():
+            load_E = fraction_LE[rows]
+            error_E = jnp.mean(load_E, axis=-1, keepdims=True) - load_E
+            mlp.router_bias[...] = mlp.router_bias[...] + rate * jnp.sign(error_E)
+    return nnx.state(model, nnx.Param)
 
 
 def make_eval_step(

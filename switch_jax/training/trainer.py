@@ -18,7 +18,7 @@ from switch_jax.report import console
 from switch_jax.store import checkpoints
 from switch_jax.store import lease as lease_lib
 from switch_jax.store import model_dir as model_dir_lib
-from switch_jax.training import build, losses
+from switch_jax.training import build, losses, upcycle
 
 
 class NonFiniteLossError(RuntimeError):
@@ -68,12 +68,18 @@ def train(configs: Configs, *, operative_config: str = "") -> dict:
     model_dir = model_dir_lib.ensure_writable(configs.checkpoint.model_dir)
     # Before Orbax is opened: it deletes unfinished saves, which may be a live trainer's.
     lease = lease_lib.acquire_for_job(os.fspath(model_dir))
+    summary: list[str] = []
     try:
         # With runs/distill.gin the Run's train step runs the teacher (build_run reads it).
         run = build.build_run(configs)
         # After a takeover by watching, the old holder may be a stalled process with an async
         # save still in flight: leave its temporary directories alone (latest_step ignores them).
-        ckpts = run.checkpoints(cleanup_tmp=lease is None or not lease.predecessor_may_live)
+        # An async save commits only while the lease is ours: a holder that stalls mid-save and
+        # loses MODEL_DIR to another trainer must neither rename its save nor delete old ones.
+        ckpts = run.checkpoints(
+            cleanup_tmp=lease is None or not lease.predecessor_may_live,
+            commit_guard=lease.check if lease is not None else None,
+        )
         progress = {"step": None}
         try:
             latest = ckpts.latest_step()
@@ -87,7 +93,7 @@ def train(configs: Configs, *, operative_config: str = "") -> dict:
                     model_dir, operative_config, run.info, dispatch=moe.dispatch if moe else None
                 )
             ckpts.check_free_space(run.setup.abstract_state, configs.checkpoint.keep)
-            return _train_loop(run, ckpts, lease, progress)
+            last_metrics = _train_loop(run, ckpts, lease, progress, summary)
         except NonFiniteLossError as e:
             ckpts.wait()
             last = ckpts.latest_step()
@@ -106,6 +112,11 @@ def train(configs: Configs, *, operative_config: str = "") -> dict:
     finally:
         if lease is not None:
             lease.release()
+    # Last: the lease is free, so the printed command works at once, and the process exits
+    # right after it.
+    if summary:
+        print("\n".join(summary), flush=True)
+    return last_metrics
 
 
 def _out_of_space(ckpts, configs: Configs, step: int | None) -> checkpoints.CheckpointError:
@@ -120,7 +131,7 @@ def _out_of_space(ckpts, configs: Configs, step: int | None) -> checkpoints.Chec
     )
 
 
-def _train_loop(run: build.Run, ckpts, lease, progress: dict) -> dict:
+def _train_loop(run: build.Run, ckpts, lease, progress: dict, summary: list[str]) -> dict:
     from switch_jax.data import pipeline  # noqa: PLC0415 (TensorFlow only where data is read)
     from switch_jax.report import metrics as metrics_lib  # noqa: PLC0415 (optional deps: clu)
 
@@ -128,8 +139,6 @@ def _train_loop(run: build.Run, ckpts, lease, progress: dict) -> dict:
     chief = jax.process_index() == 0
     started = time.perf_counter()
     resumed_from = ckpts.latest_step()
-    if chief:
-        print("\n".join(console.header_lines(run, ckpt_cfg.model_dir, resumed_from)), flush=True)
     batches = pipeline.make_batches(**run.pipeline_args("train"))
     preemption = _Preemption()
     preemption.install()
@@ -146,6 +155,9 @@ def _train_loop(run: build.Run, ckpts, lease, progress: dict) -> dict:
     task_eval = evaluation.TaskEvaluator(run)  # decodes + task metrics, for tasks that have them
     with run.partitioner.activate():
         state, first_step = _initial_state(run, ckpts, batches)
+        if chief:  # only now: a start refused above must not have announced a run
+            header = console.header_lines(run, ckpt_cfg.model_dir, resumed_from)
+            print("\n".join(header), flush=True)
         loop = _Loop(train_cfg, logger, tokens=run.tokens_per_step)
         eval_dataset = None
         step = first_step
@@ -170,7 +182,9 @@ def _train_loop(run: build.Run, ckpts, lease, progress: dict) -> dict:
                 if lease is not None:
                     lease.check()  # never write beside a trainer that took MODEL_DIR over
                 meta = _meta(batches, run.settings)
-                ckpts.save(step, state, iterator=batches, meta=meta, force=True)
+                # Off the period, a Ctrl-C / preemption save is kept beside the KEEP regular ones.
+                extra = preempted and not last and step % ckpt_cfg.period != 0
+                ckpts.save(step, state, iterator=batches, meta=meta, force=True, extra=extra)
             if preempted:
                 # No eval: the grace period before SIGKILL is short, the save must finish first.
                 print(f"{preemption.reason or 'preempted'}: saved step {step}, exiting", flush=True)
@@ -184,7 +198,7 @@ def _train_loop(run: build.Run, ckpts, lease, progress: dict) -> dict:
     logger.close()
     ckpts.wait()  # the summary names a committed checkpoint; every process (Orbax may sync)
     if chief:
-        lines = console.summary_lines(
+        summary += console.summary_lines(
             first_step=first_step,
             step=step,
             total_steps=train_cfg.train_steps,
@@ -194,7 +208,6 @@ def _train_loop(run: build.Run, ckpts, lease, progress: dict) -> dict:
             model_dir=ckpt_cfg.model_dir,
             stopped=preemption.reason or None,
         )
-        print("\n".join(lines), flush=True)
     return loop.last
 
 
@@ -281,13 +294,7 @@ def evaluate_checkpoints(configs: Configs, which: str | int = "latest") -> list[
     run = build.build_run(configs, objective=losses.LABELS)
     model_dir = configs.checkpoint.model_dir
     ckpts = run.checkpoints()
-    logger = metrics_lib.MetricsLogger(
-        model_dir,
-        total_steps=configs.train.train_steps,
-        is_chief=jax.process_index() == 0,
-        flops_per_step=0,
-        moe_layers=metrics_lib.moe_layer_ids(run.model_cfg),
-    )
+    logger = None  # created at the first result: a refused eval leaves no event files behind
     task_eval, out = evaluation.TaskEvaluator(run), []
     try:
         dataset = _eval_dataset(run)
@@ -299,11 +306,19 @@ def evaluate_checkpoints(configs: Configs, which: str | int = "latest") -> list[
                     os.fspath(ckpts.step_dir(step)), run.abstract_params
                 )
                 results = {**_evaluate(run, params, dataset), **task_eval(params, step)}
+            logger = logger or metrics_lib.MetricsLogger(
+                model_dir,
+                total_steps=configs.train.train_steps,
+                is_chief=jax.process_index() == 0,
+                flops_per_step=0,
+                moe_layers=metrics_lib.moe_layer_ids(run.model_cfg),
+            )
             logger.log_eval(step, results)
             out.append((step, {k: float(v) for k, v in results.items() if np.ndim(v) == 0}))
     finally:
         ckpts.close()
-        logger.close()
+        if logger is not None:
+            logger.close()
     return out
 
 
@@ -319,6 +334,11 @@ def _initial_state(run: build.Run, ckpts, batches):
     init_checkpoint = run.configs.checkpoint.init_checkpoint
     if init_checkpoint and run.configs.checkpoint.init_restore == "all":
         return _restore_all(run, init_checkpoint)
+    if init_checkpoint and run.configs.checkpoint.init_restore == "upcycle":
+        state = setup.init_state()
+        state = state._replace(params=upcycle.upcycled_params(init_checkpoint, state.params))
+        print(f"upcycled from {init_checkpoint}: experts copy its FFNs, routers fresh", flush=True)
+        return state, 0
     if init_checkpoint:
         params = checkpoints.restore_params(init_checkpoint, run.abstract_params)
     state = setup.init_state()

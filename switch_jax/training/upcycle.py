@@ -1,0 +1,132 @@
+"""Sparse upcycling (Komatsuzaki et al. 2022): a Switch model's parameters from a dense checkpoint.
+
+Every expert of a sparse layer starts as a copy of that layer's dense FFN, the router keeps its
+fresh initialisation, and every other parameter (attention, norms, embeddings, the dense layers)
+is copied unchanged. The optimizer starts fresh at step 0 (INIT_RESTORE='upcycle').
+
+The gate still multiplies the copied expert, so with top-1 routing a sparse layer's first output
+is p(token) * FFN(token) rather than FFN(token); with every expert chosen (top_k = num_experts,
+nothing dropped) the gates sum to 1 and the upcycled model computes exactly the dense one.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from switch_jax.store import checkpoints
+from switch_jax.store import model_dir as model_dir_lib
+from switch_jax.store.checkpoints import CheckpointError
+
+EXPERT_KERNELS = ("wi", "wi_gate", "wo")
+FRESH = ("router",)  # parameters a dense model has no counterpart for
+
+
+def plan(dense_shapes: dict, switch_leaves: dict) -> dict:
+    """How each Switch parameter is made, as {name: ('copy' | 'fresh' | ('expand', axis))}.
+
+    Args:
+      dense_shapes: {name: shape} of the dense checkpoint's parameters.
+      switch_leaves: {name: (shape, logical axes)} of the Switch model's parameters.
+    Raises CheckpointError naming what does not correspond (e.g. another d_model, or a scanned
+    layout on one side only).
+    """
+    how, problems, used = {}, [], set()
+    for name, (shape, axes) in switch_leaves.items():
+        leaf = name.split("/")[-1]
+        shape = tuple(shape)
+        if leaf in FRESH:
+            how[name] = "fresh"
+        elif name in dense_shapes and tuple(dense_shapes[name]) == shape:
+            how[name], _ = "copy", used.add(name)
+        elif leaf in EXPERT_KERNELS and "expert" in (axes or ()) and name in dense_shapes:
+            axis = tuple(axes).index("expert")
+            if tuple(dense_shapes[name]) == shape[:axis] + shape[axis + 1 :]:
+                how[name], _ = ("expand", axis), used.add(name)
+            else:
+                problems.append(f"{name}: dense {tuple(dense_shapes[name])} vs switch {shape}")
+        elif name in dense_shapes:
+            problems.append(f"{name}: dense {tuple(dense_shapes[name])} vs switch {shape}")
+        else:
+            problems.append(f"missing {name}")
+    problems += [f"unused {name}" for name in dense_shapes if name not in used]
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; … {len(problems) - 6} more" * (len(problems) > 6))
+        raise CheckpointError(
+            f"cannot upcycle from this checkpoint: {shown} (the dense run must have the same "
+            f"shapes, layer counts and scan_layers as the Switch model, with ModelConfig.moe=None)"
+        )
+    return how
+
+
+def upcycled_params(path: str, fresh_params):
+    """The Switch parameters upcycled from the dense checkpoint at `path` (a MODEL_DIR or step
+    dir), on the shardings of `fresh_params` (an nnx.State of the freshly initialised Switch
+    parameters, whose routers are kept)."""
+    step_dir = model_dir_lib.resolve_step_dir(path)
+    state_dir = model_dir_lib.state_dir(step_dir)
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+        saved = checkpointer.metadata(state_dir).item_metadata.tree.get("params")
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint gets the same one line
+        raise CheckpointError(checkpoints._explain(step_dir, e)) from None
+    if saved is None:
+        raise CheckpointError(f"{step_dir} has no parameters")
+    switch = {_name(path): var for path, var in nnx.to_flat_state(fresh_params)}
+    dense_shapes = {_key(n): tuple(leaf.shape) for n, leaf in checkpoints._flatten(saved)}
+    leaves = {n: (var.shape, var.get_metadata().get("out_sharding")) for n, var in switch.items()}
+    how = plan(dense_shapes, leaves)
+    mesh = next(iter(switch.values())).get_value().sharding.mesh
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def target(name, leaf):
+        fresh = switch[_key(name)].get_value() if how.get(_key(name)) == "copy" else None
+        sharding = replicated if fresh is None else fresh.sharding
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+    saved_names = [n for n, _ in checkpoints._flatten(saved)]
+    targets = [target(n, x) for n, x in zip(saved_names, jax.tree.leaves(saved), strict=True)]
+    item = {"params": jax.tree.unflatten(jax.tree.structure(saved), targets)}
+    try:
+        restored = checkpointer.restore(
+            state_dir,
+            args=ocp.args.PyTreeRestore(
+                item=item,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                partial_restore=True,
+            ),
+        )["params"]
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(checkpoints._explain(step_dir, e)) from None
+    dense = {_key(n): x for n, x in checkpoints._flatten(restored)}
+    upcycled = [
+        (path, var.replace(value=_make(how[_name(path)], dense.get(_name(path)), var.get_value())))
+        for path, var in nnx.to_flat_state(fresh_params)
+    ]
+    return nnx.from_flat_state(upcycled)
+
+
+def _make(how, dense, fresh):
+    if how == "fresh":
+        return fresh
+    if how == "copy":
+        return dense
+    axis = how[1]
+    expand = jax.jit(
+        lambda w: jnp.broadcast_to(jnp.expand_dims(w, axis), fresh.shape).astype(fresh.dtype),
+        out_shardings=fresh.sharding,
+    )
+    return expand(dense)
+
+
+def _name(path: tuple) -> str:
+    """A live parameter's name: its nnx path."""
+    return "/".join(str(k) for k in path)
+
+
+def _key(saved_name: str) -> str:
+    """The live name of a saved leaf: Orbax saves each nnx Variable as {'value': array}."""
+    return saved_name.removesuffix("/value")
