@@ -341,6 +341,12 @@ def _initial_state(run: build.Run, ckpts, batches):
         return state, 0
     if init_checkpoint:
         params = checkpoints.restore_params(init_checkpoint, run.abstract_params)
+        source = model_dir_lib.resolve_step_dir(init_checkpoint)
+        print(
+            f"initialised from {init_checkpoint} step {source.name} (params; fresh optimizer, "
+            f"step 0)",
+            flush=True,
+        )
     state = setup.init_state()
     return (state if params is None else state._replace(params=params)), 0
 
