@@ -142,6 +142,22 @@ def parse_gin(extra_files: Sequence[str] = (), *, finalize: bool = True) -> None
     )
 
 
+def stored_run_configs(step: str) -> Configs:
+    """The configs of an existing run (eval, infer): MODEL_DIR and `step` checked first, then
+    its stored config.gin under the command line's --gin_file and bindings."""
+    from switch_jax.store import model_dir as model_dir_lib
+    from switch_jax.store import stored_config
+
+    bindings = flags.FLAGS.gin_bindings
+    given = stored_config.model_dir_of(bindings)
+    if given:  # before gin: a mistyped MODEL_DIR is the error, not the gin it lacks
+        model_dir_lib.require_run(given, step)
+    parse_gin(stored_config.stored_config_files(bindings))
+    run_configs = configs()
+    model_dir_lib.require_run(run_configs.checkpoint.model_dir, step)
+    return run_configs
+
+
 def check_task(configs: Configs) -> None:
     """Look the task up (registering a built-in one) before a MODEL_DIR is created or a model
     built: a misspelt name is refused before the run's header is printed."""

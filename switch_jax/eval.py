@@ -11,8 +11,6 @@ from absl import flags
 
 from switch_jax import cli
 from switch_jax.models.config import ConfigError
-from switch_jax.store import model_dir as model_dir_lib
-from switch_jax.store import stored_config
 
 _STEP = cli.define_flag(flags.DEFINE_string, "step", "latest", "checkpoint: 'latest', 'all', N")
 
@@ -22,13 +20,7 @@ def main(argv: list[str]) -> None:
         raise ConfigError(f"unexpected arguments {list(argv[1:])}; use --gin.MODEL_DIR= / --step=")
     from switch_jax.training import trainer
 
-    bindings = flags.FLAGS.gin_bindings
-    given = stored_config.model_dir_of(bindings)
-    if given:  # before gin: a mistyped MODEL_DIR is the error, not the gin it lacks
-        model_dir_lib.require_run(given, _STEP.value)
-    cli.parse_gin(stored_config.stored_config_files(bindings))
-    configs = cli.configs()
-    model_dir_lib.require_run(configs.checkpoint.model_dir, _STEP.value)
+    configs = cli.stored_run_configs(_STEP.value)
     cli.check_task(configs)
     for step, metrics in trainer.evaluate_checkpoints(configs, _STEP.value):
         print(json.dumps({"step": step, **metrics}, sort_keys=True), flush=True)

@@ -23,8 +23,6 @@ from absl import flags
 from switch_jax import cli
 from switch_jax.decode import inference
 from switch_jax.models.config import ConfigError
-from switch_jax.store import model_dir as model_dir_lib
-from switch_jax.store import stored_config
 
 _INPUT = cli.define_flag(flags.DEFINE_string, "input_file", None, "JSONL / text; '-' = stdin")
 _OUTPUT = cli.define_flag(flags.DEFINE_string, "output_file", None, "JSONL out (default stdout)")
@@ -41,13 +39,7 @@ def main(argv: list[str]) -> None:
         raise ConfigError(f"unexpected arguments {list(argv[1:])}; use --input_file=F")
     if _STEP.value == "all":
         raise ConfigError("--step=all is for switch-eval; infer uses one: 'latest' or a step")
-    bindings = flags.FLAGS.gin_bindings
-    given = stored_config.model_dir_of(bindings)
-    if given:  # before gin: a mistyped MODEL_DIR is the error, not the gin it lacks
-        model_dir_lib.require_run(given, _STEP.value)
-    cli.parse_gin(stored_config.stored_config_files(bindings))
-    configs = cli.configs()
-    model_dir_lib.require_run(configs.checkpoint.model_dir, _STEP.value)
+    configs = cli.stored_run_configs(_STEP.value)
     _check_output(_OUTPUT.value)
     stdin = _INPUT.value == "-"
     options = dict(vocab_size=configs.model.vocab_size, need_targets=_MODE.value == "score")
