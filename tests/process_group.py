@@ -13,6 +13,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def two_process_train(gin_args: list[str], *, repo) -> tuple[list[list[str]], dict]:
+    """Commands and environment of a 2-process `switch_jax.train` on runs/demo.gin, 4 simulated
+    CPU devices per process, joined through a local coordinator."""
+    import os
+    import sys
+
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([str(repo), env.get("PYTHONPATH", "")])
+    port = free_port()
+    commands = [
+        [
+            sys.executable,
+            "-m",
+            "switch_jax.train",
+            "--gin_file=runs/demo.gin",
+            *gin_args,
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--process_count=2",
+            f"--process_index={i}",
+            "--distributed_timeout_s=120",
+        ]  # fmt: skip
+        for i in range(2)
+    ]
+    return commands, env
+
+
 def start_all(commands: list[list[str]], *, env: dict, cwd=None) -> list[subprocess.Popen]:
     """Start every command at once, stdout and stderr merged into one text pipe each."""
     return [

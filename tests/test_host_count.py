@@ -14,13 +14,12 @@ import json
 import os
 import re
 import signal
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pytest
-from process_group import finish_all, free_port, start_all
+from process_group import finish_all, start_all, two_process_train
 
 from switch_jax.config import gin_config
 from switch_jax.store import checkpoints
@@ -46,25 +45,8 @@ def _bindings(model_dir: str, steps: int) -> list[str]:
 
 
 def _start_two(model_dir: str, steps: int):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    port = free_port()
-    commands = [
-        [
-            sys.executable,
-            "-m",
-            "switch_jax.train",
-            "--gin_file=runs/demo.gin",
-            *(f"--gin.{b.replace(' = ', '=')}" for b in _bindings(model_dir, steps)),
-            f"--coordinator_address=127.0.0.1:{port}",
-            "--process_count=2",
-            f"--process_index={i}",
-            "--distributed_timeout_s=120",
-        ]
-        for i in range(2)
-    ]
+    args = [f"--gin.{b.replace(' = ', '=')}" for b in _bindings(model_dir, steps)]
+    commands, env = two_process_train(args, repo=REPO)
     return start_all(commands, env=env, cwd=REPO)
 
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 import glob
 import json
 import os
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from process_group import free_port, run_all
+from process_group import run_all, two_process_train
 
 from switch_jax.config import gin_config
 from switch_jax.store import checkpoints
@@ -41,26 +40,8 @@ def _metrics(model_dir) -> list[dict]:
 
 
 def _two_process_run(model_dir: str) -> list[str]:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    port = free_port()
     args = [f"--gin.{b.replace(' = ', '=')}" for b in [f"MODEL_DIR = '{model_dir}'", *BINDINGS]]
-    commands = [
-        [
-            sys.executable,
-            "-m",
-            "switch_jax.train",
-            "--gin_file=runs/demo.gin",
-            *args,
-            f"--coordinator_address=127.0.0.1:{port}",
-            "--process_count=2",
-            f"--process_index={i}",
-            "--distributed_timeout_s=120",
-        ]
-        for i in range(2)
-    ]
+    commands, env = two_process_train(args, repo=REPO)
     outputs = run_all(commands, env=env, timeout=420, cwd=REPO)
     return outputs
 
