@@ -20,7 +20,7 @@ import pytest
 from switch_jax.config import gin_config
 from switch_jax.models import routing
 from switch_jax.models.config import ConfigError
-from switch_jax.store import checkpoints
+from switch_jax.store import checkpoints, run_settings
 from switch_jax.training import trainer
 
 pytest.importorskip("seqio")
@@ -251,7 +251,25 @@ def test_conflicting_resume(resumable):
 def test_resume_with_only_steps_and_periods_changed_is_allowed(resumable):
     saved = checkpoints.read_meta(os.path.join(resumable, "checkpoints", "1"))["settings"]
     current = dict(saved, **{"TrainConfig.train_steps": 10, "TrainConfig.eval_period": 5})
-    checkpoints.check_same_run(saved, current, resumable)
+    run_settings.check_same_run(saved, current, resumable)
+
+
+def test_resume_of_a_run_saved_before_a_setting_existed(resumable):
+    """An upgrade adds settings: a run saved without them resumes at their defaults only."""
+    current = checkpoints.read_meta(os.path.join(resumable, "checkpoints", "1"))["settings"]
+    assert current["MoeConfig.load_balancing"] == "aux_loss"  # the default
+    older = {
+        k: v
+        for k, v in current.items()
+        if k not in ("MoeConfig.load_balancing", "MoeConfig.routing", "TrainConfig.wandb_project")
+    }
+    run_settings.check_same_run(older, current, resumable)
+    changed = dict(current, **{"MoeConfig.load_balancing": "loss_free"})
+    with pytest.raises(ConfigError, match="MoeConfig.load_balancing: '<unset>' -> 'loss_free'"):
+        run_settings.check_same_run(older, changed, resumable)
+    # A setting the saved run had and the new code lacks is still a difference.
+    with pytest.raises(ConfigError, match="ModelConfig.gone: 1 -> '<unset>'"):
+        run_settings.check_same_run(dict(current, **{"ModelConfig.gone": 1}), current, resumable)
 
 
 def test_checkpoint_of_another_model_lists_parameters(resumable, tmp_path):

@@ -23,15 +23,13 @@ import os
 import re
 import shutil
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from switch_jax.config import settings
-from switch_jax.models.config import ConfigError, ModelConfig, MoeConfig
+from switch_jax.models.config import ConfigError
 from switch_jax.store import model_dir as model_dir_lib
 from switch_jax.store.input_position import (
     DataIteratorRestore,
@@ -63,13 +61,6 @@ std_logging.getLogger("absl").addFilter(_HideRefusedCommits())
 # Orbax re-raises TensorStore read failures of a truncated or garbled file as a bare Exception,
 # so restore catches them all; the traceback stays available at --verbosity=1.
 _READ_ERRORS = (Exception,)
-
-
-def resumable_settings() -> frozenset[str]:
-    """'Class.field' settings a resumed run may change: the fields marked resumable (where
-    things live, schedules of side work, the mesh: restore reshards)."""
-    classes = (ModelConfig, MoeConfig, *settings.RUN_CONFIG_CLASSES)
-    return frozenset().union(*(settings.resumable_fields(cls) for cls in classes))
 
 
 @dataclasses.dataclass
@@ -405,38 +396,3 @@ def _explain(step_dir, error: Exception) -> str:
 def read_meta(step_dir: str | os.PathLike) -> dict:
     """The JSON metadata a step directory was saved with (step, settings, conversion source)."""
     return json.loads(model_dir_lib.meta_file(epath.Path(step_dir)).read_text())
-
-
-def run_settings(configs) -> dict[str, Any]:
-    """Flat {'ModelConfig.d_model': 128, 'MoeConfig.num_experts': 8, ...}, JSON values."""
-    flat: dict[str, Any] = {}
-    for cfg in configs:
-        if cfg is None:  # an optional part that is off (Configs.distill)
-            continue
-        for field in dataclasses.fields(cfg):
-            value = getattr(cfg, field.name)
-            if dataclasses.is_dataclass(value):
-                for sub in dataclasses.fields(value):
-                    flat[f"{type(value).__name__}.{sub.name}"] = getattr(value, sub.name)
-            else:
-                flat[f"{type(cfg).__name__}.{field.name}"] = value
-    return json.loads(json.dumps(flat))  # tuples -> lists, as they come back from the meta
-
-
-def check_same_run(saved: dict | None, current: dict, model_dir: str) -> None:
-    """Refuse to resume MODEL_DIR with settings that would train something else."""
-    if saved is None:
-        return
-    keys = sorted((set(saved) | set(current)) - resumable_settings())
-    missing = object()
-    diffs = [
-        f"{k}: {saved.get(k, '<unset>')!r} -> {current.get(k, '<unset>')!r}"
-        for k in keys
-        if saved.get(k, missing) != current.get(k, missing)
-    ]
-    if diffs:
-        shown = "; ".join(diffs[:8]) + (f"; … {len(diffs) - 8} more" if len(diffs) > 8 else "")
-        raise ConfigError(
-            f"MODEL_DIR={model_dir} holds a run with other settings ({shown}); restore them or "
-            f"use a new MODEL_DIR (only steps, periods, eval, paths and the mesh may change)"
-        )

@@ -29,7 +29,7 @@ from switch_jax.config.settings import Configs
 from switch_jax.models.config import ModelConfig
 from switch_jax.models.size import ModelInfo, model_info
 from switch_jax.parallel import partitioning
-from switch_jax.store import checkpoints
+from switch_jax.store import checkpoints, run_settings
 from switch_jax.training import losses, steps
 
 
@@ -57,7 +57,7 @@ class Run:
     @property
     def settings(self) -> dict:
         """The flat settings stored with every checkpoint (a resume must match them)."""
-        return checkpoints.run_settings(self.configs)
+        return run_settings.run_settings(self.configs)
 
     def checkpoints(
         self, *, async_save: bool = True, cleanup_tmp: bool = True, commit_guard=None
