@@ -7,10 +7,15 @@ score with a trained checkpoint (T5X's infer.py).
 Inputs: --input_file (JSONL objects with 'inputs' and optionally 'targets', each text or a list
 of token ids; any other line is one text input), '-' for stdin (one output line per input line),
 or, without --input_file, the --split of the run's task. Outputs (JSONL, --output_file or
-stdout): 'inputs', 'prediction', 'log_prob', 'targets' when known ('score' with beam search);
---mode=score writes 'log_likelihood' of the given targets instead. The model, task and
-vocabulary come from MODEL_DIR/config.gin unless gin files override them; the checkpoint is the
-latest or --step=N. Decoding: gin macros BEAM_SIZE, TEMPERATURE, TOP_K, TOP_P, MAX_DECODE_LENGTH.
+stdout): 'inputs', 'prediction', 'log_prob', 'targets' when known ('score' with beam search,
+'seed' when sampling); --mode=score writes 'log_likelihood' of the given targets instead.
+N-best: --gin.NUM_RETURN_SEQUENCES=N adds 'predictions', best first, each with its 'text' and
+'score' (the top N <= BEAM_SIZE beams) or 'log_prob' (N samples when TEMPERATURE > 0); greedy
+decoding has one answer and refuses N > 1. --gin.DECODE_SEED=S (default 0) picks the samples.
+The model, task and vocabulary come from MODEL_DIR/config.gin unless gin files override them;
+the checkpoint is the latest or --step=N. Decoding: gin macros BEAM_SIZE, TEMPERATURE, TOP_K,
+TOP_P, MAX_DECODE_LENGTH. It ends with one line on stderr: step, examples, tokens, decoding
+tokens/s (compilation timed apart), the seed when sampling, and where the output went.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import os
 import sys
 
+import jax
 from absl import flags
 
 from switch_jax import cli
@@ -70,14 +76,9 @@ def main(argv: list[str]) -> None:
     finally:
         if out is not sys.stdout:
             out.close()
-    rate = totals["tokens"] / max(totals["seconds"], 1e-9)
     where = _OUTPUT.value or "stdout"
-    print(
-        f"infer: step {totals['step']}, {totals['examples']} examples, {totals['tokens']:,} "
-        f"tokens in {totals['seconds']:.1f} s ({rate:,.0f} tokens/s) -> {where}",
-        file=sys.stderr,
-        flush=True,
-    )
+    if jax.process_index() == 0:
+        print(inference.summary(totals, where), file=sys.stderr, flush=True)
 
 
 def _read_file(path: str, options: dict) -> list[dict]:
@@ -122,7 +123,7 @@ def _check_output(path: str | None) -> None:
 
 console_main = cli.entry(
     main, gin=False, extra_errors=(inference.InputError,)
-)  # console script `switch-inference.infer`
+)  # console script `switch-infer`
 
 
 if __name__ == "__main__":

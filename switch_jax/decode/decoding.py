@@ -4,10 +4,13 @@
     out = decoder.generate(params, {"encoder_input_tokens": x_BS})    # encoder-decoder
     out = decoder.generate(params, {"decoder_prompt_tokens": p_BP})   # decoder-only
     out["tokens"] [B, L] (best beam; EOS then 0s), out["log_prob"] [B], out["length"] [B];
-    beam search adds out["beam_tokens"] [B, N, L] and out["beam_scores"] [B, N] (best first).
+    beam search adds out["beam_tokens"] [B, N, L], out["beam_scores"], out["beam_log_probs"],
+    out["beam_lengths"] [B, N] (best first); sampling with NUM_RETURN_SEQUENCES = N > 1 adds
+    out["sample_tokens"], out["sample_log_probs"], out["sample_lengths"] (most likely first).
     log_lik_B = decoder.score(params, feature_batch)   # teacher-forced sum of log p(targets)
 
-Legend: B batch, S encoder length, P prompt length, N beams, L decoded length, V vocab.
+Legend: B batch, S encoder length, P prompt length, N beams (or samples per example), L decoded
+length, V vocab, X = B * N rows.
 
 The encoder runs once; its cross-attention keys/values and every decoded position's
 self-attention keys/values live in the model's cache (Transformer.init_cache / decode).
@@ -41,7 +44,14 @@ from switch_jax.models.transformer import Transformer
 from switch_jax.parallel.partitioning import Partitioner
 from switch_jax.training import losses
 
-__all__ = ["DecodeConfig", "Decoder", "make_decoder", "generate", "sequence_log_likelihood"]
+__all__ = [
+    "DecodeConfig",
+    "Decoder",
+    "make_decoder",
+    "generate",
+    "precompile",
+    "sequence_log_likelihood",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,22 +92,10 @@ def generate(model: Transformer, batch: dict, rng: jax.Array, cfg: DecodeConfig)
         )
         return logits_BQV[:, 0], cache
 
-    if cfg.beam_size == 1:
-        out = search.sample(
-            step,
-            logits_BV,
-            cache,
-            start_index=start_index,
-            max_length=cfg.max_decode_length,
-            rng=rng,
-            eos_id=cfg.eos_id,
-            temperature=cfg.temperature,
-            top_k=cfg.top_k,
-            top_p=cfg.top_p,
-        )
-        return {"tokens": out.tokens_BL, "log_prob": out.log_prob_B, "length": out.length_B}
-    N = cfg.beam_size
     gather = cache_gatherer(model.cfg)
+    if cfg.beam_size == 1:
+        return _samples(step, logits_BV, cache, gather, start_index, rng, cfg)
+    N = cfg.beam_size
     beams = search.beam_search(
         step,
         logits_BV,
@@ -116,6 +114,43 @@ def generate(model: Transformer, batch: dict, rng: jax.Array, cfg: DecodeConfig)
         "beam_tokens": beams.tokens_BNL,
         "beam_scores": beams.score_BN,
         "beam_log_probs": beams.log_prob_BN,
+        "beam_lengths": beams.length_BN,
+    }
+
+
+def _samples(step, logits_BV, cache, gather, start_index, rng, cfg: DecodeConfig) -> dict:
+    """Greedy or sampled decoding; NUM_RETURN_SEQUENCES > 1 draws that many per example."""
+    N = cfg.num_return_sequences
+    B = logits_BV.shape[0]
+    if N > 1:  # one prefill, then N rows per example (row b * N + n) that sample apart
+        rows_X = jnp.repeat(jnp.arange(B), N)
+        logits_BV, cache = logits_BV[rows_X], gather(cache, rows_X)
+    out = search.sample(
+        step,
+        logits_BV,
+        cache,
+        start_index=start_index,
+        max_length=cfg.max_decode_length,
+        rng=rng,
+        eos_id=cfg.eos_id,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+    )
+    if N == 1:
+        return {"tokens": out.tokens_BL, "log_prob": out.log_prob_B, "length": out.length_B}
+    log_prob_BN = out.log_prob_B.reshape(B, N)
+    order_BN = jnp.argsort(-log_prob_BN, axis=1)  # most likely first, as beams are
+    log_prob_BN = jnp.take_along_axis(log_prob_BN, order_BN, 1)
+    length_BN = jnp.take_along_axis(out.length_B.reshape(B, N), order_BN, 1)
+    tokens_BNL = jnp.take_along_axis(out.tokens_BL.reshape(B, N, -1), order_BN[..., None], 1)
+    return {
+        "tokens": tokens_BNL[:, 0],
+        "log_prob": log_prob_BN[:, 0],
+        "length": length_BN[:, 0],
+        "sample_tokens": tokens_BNL,
+        "sample_log_probs": log_prob_BN,
+        "sample_lengths": length_BN,
     }
 
 
@@ -200,25 +235,42 @@ def make_decoder(model_cfg: ModelConfig, partitioner: Partitioner, cfg: DecodeCo
     )
     score_jitted = jax.jit(score_fn, in_shardings=(param_shardings, rows), out_shardings=rows)
 
-    def check(batch: dict) -> None:
-        B = next(iter(batch.values())).shape[0]
-        if B % partitioner.batch_shards:
-            raise ConfigError(
-                f"decoding batch {B} must be divisible by data x expert "
-                f"({partitioner.batch_shards}); pad it or change BATCH_SIZE"
-            )
-
     def generate_call(params, batch: dict, rng=None) -> dict:
-        check(batch)
+        _check_batch(partitioner, batch)
         rng = jax.random.PRNGKey(cfg.seed) if rng is None else rng
         with partitioner.activate():
             return generate_jitted(params, batch, rng)
 
     def score_call(params, batch: dict) -> jax.Array:
-        check(batch)
+        _check_batch(partitioner, batch)
         with partitioner.activate():
             return score_jitted(params, batch)
 
     return Decoder(
         model_cfg, partitioner, cfg, generate_call, score_call, generate_jitted, score_jitted
     )
+
+
+def _check_batch(partitioner: Partitioner, batch: dict) -> None:
+    B = next(iter(batch.values())).shape[0]
+    if B % partitioner.batch_shards:
+        raise ConfigError(
+            f"decoding batch {B} must be divisible by data x expert "
+            f"({partitioner.batch_shards}); pad it or change BATCH_SIZE"
+        )
+
+
+def precompile(decoder: Decoder, jitted, params, batch: dict, *rest) -> Callable:
+    """`jitted` (decoder.generate_jitted or score_jitted) compiled now for these arguments'
+    shapes, so that a caller can time compilation apart from decoding; the returned function
+    takes arguments of the same shapes and never compiles again."""
+    _check_batch(decoder.partitioner, batch)
+    with decoder.partitioner.activate():
+        executable = jitted.lower(params, batch, *rest).compile()
+
+    def call(params, batch: dict, *rest):
+        _check_batch(decoder.partitioner, batch)
+        with decoder.partitioner.activate():
+            return executable(params, batch, *rest)
+
+    return call

@@ -2,11 +2,15 @@
 
     records = read_records(lines, "prompts.jsonl")   # dicts; InputError names a bad line
     totals = infer(configs, records, out, mode="predict")  # JSONL rows to `out`
+    print(summary(totals, "predictions.jsonl"), file=sys.stderr)  # the one closing line
 
 A record has 'inputs' and optionally 'targets', each text or a list of token ids (any line that
 is not a JSON object is one text input). Rows written: 'inputs', 'prediction', 'log_prob',
-'targets' when known ('score' with beam search); mode="score" writes 'log_likelihood' of the
-given targets instead.
+'targets' when known ('score' with beam search, 'seed' when sampling); with
+NUM_RETURN_SEQUENCES > 1 also 'predictions', best first: [{'text' (or 'tokens' for id inputs),
+'score' (beams), 'log_prob'}, ...]. mode="score" writes 'log_likelihood' of the given targets
+instead. Sampling keys: DECODE_SEED folded with the batch's index, so a rerun with the same seed
+and BATCH_SIZE draws the same samples.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import jax
 
 from switch_jax.config.settings import Configs
 from switch_jax.decode import evaluation
-from switch_jax.decode.decoding import make_decoder
+from switch_jax.decode.decoding import make_decoder, precompile
 from switch_jax.decode.evaluation import EOS_ID
 from switch_jax.models.config import ConfigError
 from switch_jax.store import checkpoints
@@ -165,8 +169,14 @@ def infer(
     step: str = "latest",
     progress=sys.stderr,
     flush_each: bool = False,
+    progress_every: float = 30.0,
 ) -> dict:
-    """Decode (or score) `records`, writing one JSON line per record to `out`; returns totals."""
+    """Decode (or score) `records`, writing one JSON line per record to `out`.
+
+    Returns the totals `summary` reads: step, mode, examples, tokens, seconds (decoding only),
+    compile_seconds, seed (None unless sampling). A progress line goes to `progress` at most
+    every `progress_every` seconds, so a short run prints nothing before its summary.
+    """
     # The label objective: inference needs no distillation teacher, only the params' shapes.
     run = build.build_run(configs, objective=losses.LABELS)
     ckpts = run.checkpoints()
@@ -178,24 +188,72 @@ def infer(
         ckpts.close()
     codec = _Codec(configs, run.model_cfg)
     decode_cfg = configs.decode.for_length(codec.lengths["targets"])
-    decoder = make_decoder(run.model_cfg, run.partitioner, decode_cfg)
-    batch_size = configs.data.batch_size
-    totals = {"step": chosen, "examples": 0, "tokens": 0, "seconds": 0.0}
-    for chunk in _batches(records, batch_size, flush_each=flush_each):
-        started = time.perf_counter()
-        rows = _run_batch(decoder, params, codec, chunk, mode, batch_size)
-        totals["seconds"] += time.perf_counter() - started
+    runner = _Runner(make_decoder(run.model_cfg, run.partitioner, decode_cfg), params, mode)
+    sampling = mode == "predict" and decode_cfg.beam_size == 1 and decode_cfg.temperature > 0
+    totals = {"step": chosen, "mode": mode, "examples": 0, "tokens": 0}
+    totals["seed"] = decode_cfg.seed if sampling else None
+    shown = time.perf_counter()
+    batches = _batches(records, configs.data.batch_size, flush_each=flush_each)
+    for index, chunk in enumerate(batches):
+        rows = _run_batch(runner, codec, chunk, index, configs.data.batch_size)
         for row in rows:
             totals["tokens"] += row.pop("_tokens")
             out.write(json.dumps(row) + "\n")
         out.flush()
         totals["examples"] += len(rows)
-        if progress is not None and jax.process_index() == 0:
-            rate = totals["tokens"] / max(totals["seconds"], 1e-9)
-            what = "scored" if mode == "score" else "generated"
-            print(f"infer: {totals['examples']} examples, {rate:,.0f} {what} tokens/s",
-                  file=progress, flush=True)  # fmt: skip
-    return totals
+        if progress is not None and time.perf_counter() - shown >= progress_every:
+            shown = time.perf_counter()
+            if jax.process_index() == 0:
+                rate = _per_second(totals["tokens"], runner.seconds)
+                print(f"infer: {totals['examples']:,} examples so far, {rate} tokens/s",
+                      file=progress, flush=True)  # fmt: skip
+    return {**totals, "seconds": runner.seconds, "compile_seconds": runner.compile_seconds}
+
+
+def summary(totals: dict, where: str) -> str:
+    """The one line `switch-infer` ends with: tokens/s counts decoding after compilation."""
+    line = f"infer: step {totals['step']}, {totals['examples']:,} examples"
+    if totals["examples"]:
+        what = "scored" if totals["mode"] == "score" else "generated"
+        line += (
+            f", {totals['tokens']:,} {what} tokens in {totals['seconds']:.2f} s "
+            f"({_per_second(totals['tokens'], totals['seconds'])} tokens/s; "
+            f"compiling took {totals['compile_seconds']:.1f} s more)"
+        )
+    if totals.get("seed") is not None:
+        line += f", seed {totals['seed']}"
+    return f"{line} -> {where}"
+
+
+def _per_second(tokens: int, seconds: float) -> str:
+    rate = tokens / max(seconds, 1e-9)
+    return f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"  # a slow rate never reads "0"
+
+
+class _Runner:
+    """The decoder's generate (or score), compiled at the first batch, timed apart from it."""
+
+    def __init__(self, decoder, params, mode: str):
+        self.decoder, self.params, self.mode = decoder, params, mode
+        self.key = jax.random.PRNGKey(decoder.config.seed)
+        self.compile_seconds = self.seconds = 0.0
+        self._call = None
+
+    def __call__(self, host_batch: dict, index: int):
+        batch = evaluation.to_global(self.decoder.partitioner, host_batch)
+        if self.mode == "score":
+            jitted, rest = self.decoder.score_jitted, ()
+        else:
+            # A key per batch: the same input in two batches gets two independent draws.
+            jitted, rest = self.decoder.generate_jitted, (jax.random.fold_in(self.key, index),)
+        if self._call is None:
+            started = time.perf_counter()
+            self._call = precompile(self.decoder, jitted, self.params, batch, *rest)
+            self.compile_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        out = evaluation.to_host(self._call(self.params, batch, *rest))
+        self.seconds += time.perf_counter() - started
+        return out
 
 
 def _batches(records: Iterable[dict], size: int, *, flush_each: bool) -> Iterator[list[dict]]:
@@ -209,39 +267,55 @@ def _batches(records: Iterable[dict], size: int, *, flush_each: bool) -> Iterato
         yield chunk
 
 
-def _run_batch(decoder, params, codec: _Codec, chunk, mode, batch_size) -> list[dict]:
+def _run_batch(runner: _Runner, codec: _Codec, chunk, index: int, batch_size) -> list[dict]:
     ids = [r.get("_ids") or (codec.encode(r["inputs"], "inputs"), None) for r in chunk]
     inputs = [i for i, _ in ids] + [[]] * (batch_size - len(chunk))
-    if mode == "score":
+    decoder = runner.decoder
+    if runner.mode == "score":
         targets = []
         for r, (_, t) in zip(chunk, ids, strict=True):
             if r.get("targets") is None:
                 raise InputError("--mode=score needs 'targets' in every input")
             targets.append(t if t is not None else codec.encode(r["targets"], "targets"))
         targets += [[]] * (batch_size - len(chunk))
-        batch = evaluation.score_batch(decoder, inputs, targets, codec.lengths)
-        scores = evaluation.to_host(
-            decoder.score(params, evaluation.to_global(decoder.partitioner, batch))
-        )
+        scores = runner(evaluation.score_batch(decoder, inputs, targets, codec.lengths), index)
         return [
             {**_public(r), "log_likelihood": float(s), "_tokens": len(t)}
             for r, s, t in zip(chunk, scores, targets, strict=False)
         ]
-    host = evaluation.generation_batch(decoder, inputs, codec.lengths["inputs"])
-    out = evaluation.to_host(
-        decoder.generate(params, evaluation.to_global(decoder.partitioner, host))
-    )
-    rows = []
-    for i, r in enumerate(chunk):
-        length = int(out["length"][i])
-        tokens = evaluation.strip_eos(out["tokens"][i], length)
-        as_ids = isinstance(r["inputs"], list)
-        row = {**_public(r), "prediction": tokens if as_ids else codec.decode(tokens)}
-        row["log_prob"] = float(out["log_prob"][i])
-        if "beam_scores" in out:
-            row["score"] = float(out["beam_scores"][i, 0])
-        rows.append({**row, "_tokens": length})
-    return rows
+    out = runner(evaluation.generation_batch(decoder, inputs, codec.lengths["inputs"]), index)
+    return [_prediction_row(out, i, r, codec, decoder.config) for i, r in enumerate(chunk)]
+
+
+def _prediction_row(out: dict, i: int, record: dict, codec: _Codec, cfg) -> dict:
+    """'prediction' (the best), its 'log_prob' ('score' for beams), and with n-best the
+    'predictions' list, best first; '_tokens' counts every returned sequence's tokens."""
+    as_ids = isinstance(record["inputs"], list)
+
+    def shown(tokens, length):
+        stripped = evaluation.strip_eos(tokens, int(length))
+        return stripped if as_ids else codec.decode(stripped)
+
+    beam = "beam_scores" in out
+    row = {**_public(record), "prediction": shown(out["tokens"][i], out["length"][i])}
+    row["log_prob"] = float(out["log_prob"][i])
+    if beam:
+        row["score"] = float(out["beam_scores"][i, 0])
+    if not beam and cfg.temperature > 0:
+        row["seed"] = cfg.seed
+    n = cfg.num_return_sequences
+    if n == 1:
+        return {**row, "_tokens": int(out["length"][i])}
+    kind = "beam" if beam else "sample"
+    lengths = out[f"{kind}_lengths"][i, :n]
+    nbest = []
+    for k in range(n):
+        entry = {("tokens" if as_ids else "text"): shown(out[f"{kind}_tokens"][i, k], lengths[k])}
+        if beam:
+            entry["score"] = float(out["beam_scores"][i, k])
+        entry["log_prob"] = float(out[f"{kind}_log_probs"][i, k])
+        nbest.append(entry)
+    return {**row, "predictions": nbest, "_tokens": int(lengths.sum())}
 
 
 def _public(record: dict) -> dict:
