@@ -62,7 +62,7 @@ _INIT_TIMEOUT = flags.DEFINE_integer(
 
 
 # The commands whose flags `define_flag` records, to say where an unknown flag belongs.
-COMMANDS = ("train", "eval", "infer", "info", "compile", "convert", "bench")
+COMMANDS = ("train", "eval", "infer", "info", "compile", "convert", "bench", "experts")
 _FLAG_OWNERS: dict[str, set[str]] = {}
 
 

@@ -29,6 +29,7 @@ SCRIPTS = (
     "switch-bench",
     "switch-plot",
     "switch-convert",
+    "switch-experts",
 )
 # The fault tests' cache and shapes: the train step below compiles once per machine.
 CACHE = os.environ.get(

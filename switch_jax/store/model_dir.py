@@ -8,6 +8,7 @@
       train/ eval/            metrics.jsonl and TensorBoard events (report/metrics.py)
       train/profile/          jax.profiler traces
       plots/                  PNGs of `switch-plot` (report/plots.py)
+      experts/                step_<N>.json and PNGs of `switch-experts` (tools/expert_capture.py)
 
 Paths are `epath.Path`s so that gs:// works wherever Orbax and TensorFlow's file system do.
 Checkpoint paths are absolute (Orbax refuses relative ones); the others keep MODEL_DIR as given,
@@ -29,8 +30,11 @@ CHECKPOINTS_DIR = "checkpoints"
 TRAIN_DIR = "train"
 EVAL_DIR = "eval"
 PLOTS_DIR = "plots"
+EXPERTS_DIR = "experts"  # switch-experts: step_N.json and its PNGs
 PROFILE_DIR = "profile"  # inside train/
 METRICS_FILE = "metrics.jsonl"  # inside train/ and eval/
+WANDB_DIR = "wandb"  # Weights & Biases' local run files (report/wandb_log.py)
+WANDB_ID_FILE = "run-id"  # inside wandb/: the W&B run that a resumed run continues
 
 # The Orbax items of a step directory; they are also the keys of checkpoints.py's Composite.
 STATE = "state"
@@ -104,9 +108,19 @@ def profile_dir(model_dir: str | os.PathLike) -> epath.Path:
     return summary_dir(model_dir, "train") / PROFILE_DIR
 
 
+def wandb_id_file(model_dir: str | os.PathLike) -> epath.Path:
+    """MODEL_DIR/wandb/run-id: the Weights & Biases run id, so that a resume continues it."""
+    return epath.Path(model_dir) / WANDB_DIR / WANDB_ID_FILE
+
+
 def plots_dir(model_dir: str | os.PathLike) -> epath.Path:
     """MODEL_DIR/plots."""
     return epath.Path(model_dir) / PLOTS_DIR
+
+
+def experts_dir(model_dir: str | os.PathLike) -> epath.Path:
+    """MODEL_DIR/experts."""
+    return epath.Path(model_dir) / EXPERTS_DIR
 
 
 def resolve_step_dir(path: str | os.PathLike) -> epath.Path:
