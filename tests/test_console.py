@@ -112,7 +112,7 @@ def test_native_noise_is_dropped_and_everything_else_kept():
         "os.write(2, b'Failed to find host bounds for accelerator type: WARNING: could not "
         "determine TPU accelerator type, please set env var\\n')\n"
         "os.write(2, b'WARNING: Logging before InitGoogle() is written to STDERR\\n')\n"
-        "os.write(2, b\"E0000 00:00:1.0 2 common_lib.cc:554] INVALID_ARGUMENT: Error: unexpected "
+        'os.write(2, b"E0000 00:00:1.0 2 common_lib.cc:554] INVALID_ARGUMENT: Error: unexpected '
         "worker hostname 'WARNING: x' from env var TPU_WORKER_HOSTNAMES. Expecting y\\n\")\n"
         "os.write(2, b'=== Source Location Trace: ===\\n')\n"
         "os.write(2, b'learning/45eac/tfrc/runtime/libtpu_init_utils.cc:327\\n')\n"
@@ -157,3 +157,20 @@ def test_out_of_space_tracebacks_of_library_threads_are_dropped():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stderr.strip().splitlines() == ["WARNING:absl:a real warning"], out.stderr
+
+
+def test_seqio_warnings_of_every_fine_tune_are_noise():
+    import logging
+
+    def record(message: str, *args) -> logging.LogRecord:
+        return logging.LogRecord("absl", logging.WARNING, "x.py", 1, message, args, None)
+
+    # Verbatim from a fine-tune of runs/finetune_demo.gin (seqio 0.0.20).
+    uncached = (
+        "Using an uncached FunctionDataset for training is not recommended since it often "
+        "results in insufficient shuffling on restarts, resulting in overfitting."
+    )
+    packing = "Features not in `features_length` will be removed during packing: %s"
+    assert console._is_noise(record(uncached))
+    assert console._is_noise(record(packing, {"targets_pretokenized", "inputs_pretokenized"}))
+    assert not console._is_noise(record("Features of task %s are missing", "x"))

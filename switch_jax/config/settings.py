@@ -8,7 +8,7 @@ coefficients live with the model (`ModelConfig.z_loss`, `MoeConfig.aux_loss_coef
 
 A field built with `resumable(...)` may differ when a run resumes from its MODEL_DIR (where
 things live, how often side work happens, the mesh); any other difference means the directory
-holds another run, and the trainer refuses it (checkpoints.check_same_run).
+holds another run, and the trainer refuses it (store/run_settings.check_same_run).
 """
 
 from __future__ import annotations
@@ -128,6 +128,14 @@ class TrainConfig:
     # (first, last) step of a jax.profiler trace, written to MODEL_DIR/train/profile.
     profile_steps: tuple[int, int] | None = resumable(None)
     skip_nonfinite_updates: bool = resumable(False)
+    # Weights & Biases beside TensorBoard (the `wandb` extra); None = off. Process 0 logs.
+    wandb_project: str | None = resumable(None)  # WANDB_PROJECT
+    wandb_entity: str | None = resumable(None)  # WANDB_ENTITY: None = the account's default
+    wandb_run_name: str | None = resumable(None)  # WANDB_RUN_NAME: None = MODEL_DIR's basename
+    # The progress line flags an expert whose share of tokens stays below this fraction of an
+    # even share (1/E) for this many logged steps in a row; 0 turns the check off.
+    dead_expert_threshold: float = resumable(0.1)  # DEAD_EXPERT_THRESHOLD
+    dead_expert_logs: int = resumable(3)  # DEAD_EXPERT_LOGS
 
     def __post_init__(self):
         if self.train_steps < 0:
@@ -141,6 +149,13 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig.{name} must be >= 1")
         if self.eval_steps < 0:
             raise ConfigError("TrainConfig.eval_steps must be >= 0")
+        if not 0 <= self.dead_expert_threshold < 1:
+            raise ConfigError(
+                f"DEAD_EXPERT_THRESHOLD={self.dead_expert_threshold} must be in [0, 1) "
+                "(a fraction of an even share of tokens; 0 = off)"
+            )
+        if self.dead_expert_logs < 1:
+            raise ConfigError(f"DEAD_EXPERT_LOGS={self.dead_expert_logs} must be >= 1")
         if self.profile_steps is not None:
             first, last = self.profile_steps
             if not 1 <= first <= last:
@@ -189,6 +204,8 @@ class DecodeConfig:
     temperature: float = resumable(0.0)  # TEMPERATURE: 0 = greedy (argmax)
     top_k: int = resumable(0)  # TOP_K: 0 = off
     top_p: float = resumable(1.0)  # TOP_P: 1 = off
+    # NUM_RETURN_SEQUENCES: infer's n-best, the top beams (<= BEAM_SIZE) or that many samples.
+    num_return_sequences: int = resumable(1)
     alpha: float = resumable(0.6)  # beam search brevity penalty ((5 + len) / 6) ** alpha (T5X)
     # MoE routing while decoding and scoring. 'dropless' (default): no capacity, so a row's
     # prediction and score never depend on the other rows or on padding. 'capacity': T5X's way,
@@ -199,7 +216,7 @@ class DecodeConfig:
     # Validation examples per task that the metric evaluation decodes: None = all, 0 = none.
     eval_examples: int | None = resumable(None)  # EVAL_DECODE_EXAMPLES
     eos_id: int = resumable(1)
-    seed: int = resumable(0)
+    seed: int = resumable(0)  # DECODE_SEED: the sampling key (TEMPERATURE > 0)
 
     def __post_init__(self):
         checks = (
@@ -218,6 +235,7 @@ class DecodeConfig:
                 raise ConfigError(f"{message}, got {self}")
         if self.beam_size > 1 and self.temperature > 0:
             raise ConfigError("beam search is deterministic: set TEMPERATURE=0 with BEAM_SIZE > 1")
+        self._check_num_return_sequences()
         if self.routing not in ("dropless", "capacity"):
             raise ConfigError(
                 f"DecodeConfig.routing={self.routing!r} must be 'dropless' or 'capacity'"
@@ -234,6 +252,22 @@ class DecodeConfig:
                 "DecodeConfig.routing='capacity' (dropless decoding has no capacity); "
                 f"set routing='capacity' or unset them (got {self.capacity_factor}, "
                 f"{self.dispatch!r})"
+            )
+
+    def _check_num_return_sequences(self) -> None:
+        n = self.num_return_sequences
+        if n < 1:
+            raise ConfigError(f"NUM_RETURN_SEQUENCES={n} must be >= 1")
+        if n > 1 and self.beam_size > 1 and n > self.beam_size:
+            raise ConfigError(
+                f"NUM_RETURN_SEQUENCES={n} > BEAM_SIZE={self.beam_size}: beam search returns at "
+                f"most BEAM_SIZE sequences; set BEAM_SIZE >= {n} or NUM_RETURN_SEQUENCES <= "
+                f"{self.beam_size}"
+            )
+        if n > 1 and self.beam_size == 1 and self.temperature == 0:
+            raise ConfigError(
+                f"NUM_RETURN_SEQUENCES={n} with greedy decoding: greedy has one answer; set "
+                f"BEAM_SIZE >= {n} or TEMPERATURE > 0"
             )
 
     def for_length(self, targets_length: int) -> DecodeConfig:

@@ -10,9 +10,11 @@ import multiprocessing
 import os
 import re
 import shutil
+import sys
 import sysconfig
 import tempfile
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 
 from switch_jax.data.errors import DataError
 
@@ -245,6 +247,7 @@ def build_corpus(
     cache_dir: str | None = None,
     rebuild: bool = False,
     workers: int | None = None,
+    on_build: Callable[[], None] | None = None,
 ) -> Corpus:
     """Extract (or reuse from cache) the docstring corpus and return where it lies.
 
@@ -258,12 +261,15 @@ def build_corpus(
       cache_dir: where corpora are cached; default `cache_root()/embedded`.
       rebuild: ignore an existing cached build.
       workers: parsing processes (default: the CPU count); the result does not depend on it.
+      on_build: called before extracting, when there is no cached build to reuse.
     """
     roots = list(roots) if roots is not None else default_roots()
     cache_dir = cache_dir or os.path.join(cache_root(), "embedded")
     sources = _list_sources(roots)
     final = os.path.join(cache_dir, f"corpus-{_fingerprint(sources, max_bytes)}")
     if rebuild or not os.path.exists(os.path.join(final, "meta.json")):
+        if on_build is not None:
+            on_build()
         os.makedirs(cache_dir, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".build-", dir=cache_dir)
         stats = _write_corpus(tmp, sources, max_bytes, workers or os.cpu_count() or 1)
@@ -321,7 +327,10 @@ def _add_sentinels(model_path: str, num_sentinels: int) -> None:
 
 
 def build_vocab(
-    corpus: Corpus, vocab_size: int = DEFAULT_VOCAB_SIZE, num_sentinels: int = 100
+    corpus: Corpus,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    num_sentinels: int = 100,
+    on_build: Callable[[], None] | None = None,
 ) -> str:
     """Train (or reuse) a SentencePiece model on the corpus; returns its path.
 
@@ -332,6 +341,7 @@ def build_vocab(
       corpus: from `build_corpus`; the vocabulary is cached next to it.
       vocab_size: total ids including the sentinels.
       num_sentinels: sentinel pieces to append.
+      on_build: called before training, when there is no cached model to reuse.
     """
     import sentencepiece as spm
 
@@ -341,6 +351,8 @@ def build_vocab(
     model = os.path.join(final, "sentencepiece.model")
     if os.path.exists(model):
         return model
+    if on_build is not None:
+        on_build()
     tmp = tempfile.mkdtemp(prefix=".vocab-", dir=corpus.directory)
     try:
         spm.SentencePieceTrainer.train(
@@ -385,5 +397,35 @@ def build_embedded(
       corpus_dir: a directory made by an earlier build, used as is.
     """
     corpus_dir = corpus_dir or os.environ.get("SWITCH_JAX_EMBEDDED_CORPUS")
-    corpus = load_corpus(corpus_dir) if corpus_dir else build_corpus(max_bytes=max_bytes)
-    return corpus, build_vocab(corpus, vocab_size)
+    notice = _FirstUse(corpus_dir or cache_root())
+    if corpus_dir:
+        corpus = load_corpus(corpus_dir)
+    else:
+        corpus = build_corpus(max_bytes=max_bytes, on_build=notice.start)
+    model = build_vocab(corpus, vocab_size, on_build=notice.start)
+    notice.done()
+    return corpus, model
+
+
+class _FirstUse:
+    """The first build takes tens of seconds with nothing else on screen: a line on stderr when
+    it starts and one when it is done; nothing when the cache holds it all."""
+
+    def __init__(self, where: str):
+        home = os.path.expanduser("~") + os.sep
+        self.where = "~/" + where[len(home) :] if where.startswith(home) else where
+        self.started: float | None = None
+
+    def start(self) -> None:
+        if self.started is None:
+            self.started = time.perf_counter()
+            what = f"the embedded corpus and vocabulary under {self.where}"
+            _say(f"building {what} (first use, ~40 s)…")
+
+    def done(self) -> None:
+        if self.started is not None:
+            _say(f"done in {time.perf_counter() - self.started:.0f} s")
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)

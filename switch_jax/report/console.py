@@ -47,6 +47,11 @@ NATIVE_NOISE = re.compile(
 # Python (absl) warnings of libraries that are expected on every run of ours.
 PYTHON_NOISE = re.compile(
     r"Metadata file does not exist: .*_CHECKPOINT_METADATA"  # Orbax, reading an item's metadata
+    # seqio, on every task read from Python (our embedded and file tasks): their shuffling is
+    # seeded and checkpointed with the input position, and packing drops the *_pretokenized
+    # strings that only the metric evaluation reads, from its own unpacked copy.
+    r"|Using an uncached FunctionDataset for training is not recommended"
+    r"|Features not in `features_length` will be removed during packing"
 )
 # A full disk: Orbax's save threads and asyncio log each failed write with a traceback; the
 # trainer reports it as one line naming the lost step and the last intact checkpoint. The writes
@@ -91,6 +96,61 @@ class Eta:
         if rate is None:
             return None
         return max(self.total_steps - self._last[0], 0) * rate
+
+
+class DeadExperts:
+    """Experts whose share of tokens stays below `threshold` x an even share (1/E) for `logs`
+    logged steps in a row: a note for the progress line and a warning the first time each one
+    is seen dead. An expert that receives tokens again starts counting from zero.
+
+    Fed the per-layer `moe/{stack}/layer_{i}/expert_fraction` lists of metrics.flatten_metrics.
+    """
+
+    _LIST = re.compile(r"^moe/(encoder|decoder)/layer_(\d+)/expert_fraction$")
+    SHOWN = 4  # experts named per layer in the note; the rest are counted
+
+    def __init__(self, threshold: float, logs: int):
+        self.threshold, self.logs = threshold, logs
+        self._streak: dict[tuple[str, int, int], int] = {}  # (stack, layer, expert) -> logs
+        self._warned: set[tuple[str, int, int]] = set()
+
+    def update(self, step: int, lists: dict[str, list]) -> tuple[str | None, list[str]]:
+        """One logged step: (note such as 'dead: enc L1 e3,e5 (4 logs)' or None, warnings)."""
+        dead: dict[tuple[str, int], list[int]] = {}
+        longest = 0
+        for name, fractions in lists.items():
+            match = self._LIST.match(name)
+            if not match:
+                continue
+            stack, layer = match[1], int(match[2])
+            even = 1.0 / len(fractions)
+            for expert, fraction in enumerate(fractions):
+                key = (stack, layer, expert)
+                low = fraction < self.threshold * even
+                self._streak[key] = self._streak.get(key, 0) + 1 if low else 0
+                if self._streak[key] >= self.logs:
+                    dead.setdefault((stack, layer), []).append(expert)
+                    longest = max(longest, self._streak[key])
+        if not dead:
+            return None, []
+        warnings = []
+        for (stack, layer), experts in sorted(dead.items()):
+            new = [e for e in experts if (stack, layer, e) not in self._warned]
+            self._warned.update((stack, layer, e) for e in new)
+            if new:
+                names = ", ".join(map(str, new))
+                warnings.append(
+                    f"warning: step {step}: dead experts {names} in {stack} layer {layer} (under "
+                    f"{self.threshold:g}x an even share of tokens for {self.logs} logged steps; a "
+                    "larger MoeConfig.aux_loss_coef may revive them)"
+                )
+        layers = [self._layer_note(stack, layer, e) for (stack, layer), e in sorted(dead.items())]
+        return f"dead: {'; '.join(layers)} ({longest} logs)", warnings
+
+    def _layer_note(self, stack: str, layer: int, experts: list[int]) -> str:
+        shown = ",".join(f"e{e}" for e in experts[: self.SHOWN])
+        more = f"+{len(experts) - self.SHOWN}" if len(experts) > self.SHOWN else ""
+        return f"{stack[:3]} L{layer} {shown}{more}"
 
 
 def duration(seconds: float) -> str:

@@ -45,10 +45,11 @@ from absl import logging
 from etils import epath
 
 from switch_jax.report import hardware
-from switch_jax.report.console import Eta, duration
+from switch_jax.report.console import DeadExperts, Eta, duration
 from switch_jax.store import model_dir as model_dir_lib
 
 STACKS = ("encoder", "decoder")  # the prefixes of router statistics in a step's metrics
+COUNTS = ("num_tokens",)  # metrics that count things: written and printed as integers
 
 
 def train_flops_per_step(info: Any, batch_size: int) -> float:
@@ -128,11 +129,17 @@ def flatten_metrics(
         else:
             array = np.asarray(value)
             if array.size == 1:
-                scalars[name] = float(array.reshape(()))
+                scalars[name] = scalar(name, array)
             else:
                 lists[name] = np.asarray(array, np.float64).tolist()
     s, lst = flatten_moe(moe, moe_layers)
     return {**scalars, **s}, {**lists, **lst}
+
+
+def scalar(name: str, value: Any) -> float | int:
+    """A host value as a Python number: an int for counts (num_tokens), else a float."""
+    number = float(np.asarray(value).reshape(()))
+    return int(round(number)) if name.rsplit("/", 1)[-1] in COUNTS else number
 
 
 def moe_layer_ids(cfg: Any) -> dict[str, list[int]]:
@@ -253,6 +260,8 @@ class MetricsLogger:
         start_step: int | None = None,
         moe_layers: Mapping[str, list[int]] | None = None,
         console: bool = True,
+        wandb: Any = None,
+        dead_experts: tuple[float, int] | None = None,
     ):
         self.total_steps = total_steps
         self.is_chief = is_chief
@@ -267,6 +276,9 @@ class MetricsLogger:
         # TensorBoard rows keep it).
         self._show_mfu = peak is not None or not hardware.host_is_cpu()
         self.eta = Eta(total_steps)
+        self.wandb = wandb  # report/wandb_log.py's writer, or None
+        # (threshold, logged steps): experts below threshold x an even share, that many logs
+        self._dead = DeadExperts(*dead_experts) if dead_experts and dead_experts[0] > 0 else None
         self._files: dict[str, Any] = {}
         self._tb: dict[str, _TensorBoard] = {}
         if not is_chief:
@@ -293,7 +305,10 @@ class MetricsLogger:
             scalars["mfu"] = mfu(self.flops_per_step, step_time, self._peak)
         row = self._write("train", step, scalars, lists)
         if self.console:
-            print(self._progress(step, scalars, step_time), flush=True)
+            note, warnings = self._dead.update(step, lists) if self._dead else (None, [])
+            for line in warnings:
+                print(line, flush=True)
+            print(self._progress(step, scalars, step_time, dead=note), flush=True)
         return row
 
     def log_eval(self, step: int, metrics: Mapping[str, Any]) -> dict:
@@ -312,9 +327,11 @@ class MetricsLogger:
         if self.is_chief:
             self._files[kind].write(json.dumps(row))
             self._tb[kind].write_scalars(int(step), scalars)
+            if self.wandb is not None:
+                self.wandb.log(kind, int(step), scalars)
         return row
 
-    def _progress(self, step: int, s: dict, step_time: float) -> str:
+    def _progress(self, step: int, s: dict, step_time: float, dead: str | None = None) -> str:
         eta = self.eta.remaining_s()  # None until a step after the compiled one has finished
         width = len(str(self.total_steps))
         parts = [f"step {step:>{width}}/{self.total_steps}"]
@@ -326,6 +343,8 @@ class MetricsLogger:
         if "moe/expert_usage_max" in s:  # 1.0x = a perfectly even share of tokens
             lo, hi = s["moe/expert_usage_min"], s["moe/expert_usage_max"]
             parts.append(f"expert load {lo:.2f}-{hi:.2f}x")
+        if dead:
+            parts.append(dead)
         if "learning_rate" in s:
             parts.append(f"lr {s['learning_rate']:.2e}")
         parts.append(f"{step_time:.2f}s/step {s['tokens_per_s']:,.0f} tok/s")
@@ -341,13 +360,16 @@ class MetricsLogger:
         for f in self._files.values():
             f.flush()
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
         """Flush and close every writer; the logger writes nothing afterwards."""
         for tb in self._tb.values():
             tb.close()
         for f in self._files.values():
             f.close()
         self._tb, self._files = {}, {}
+        if self.wandb is not None:
+            self.wandb.finish(exit_code)
+            self.wandb = None
 
 
 def _fmt(x: float) -> str:

@@ -5,7 +5,8 @@
 Reads MODEL_DIR/train/metrics.jsonl and MODEL_DIR/eval/metrics.jsonl (what the trainer writes)
 and writes into MODEL_DIR/plots (or out_dir):
 
-  loss.png          train loss and cross-entropy, eval loss and cross-entropy
+  loss.png          cross-entropy (train, eval) on a log axis; below it, what the loss adds:
+                    the load-balancing, z- and router z-losses
   learning_rate.png the schedule as logged
   throughput.png    tokens/s and MFU (the first logged step, which includes compilation, is left
                     out)
@@ -141,22 +142,64 @@ def _figure(plt, title: str, *args, **kwargs):
     return fig, axes
 
 
+# What the train step adds to the cross-entropy, as logged (already scaled by their coefficients).
+_LOSS_TERMS = (
+    ("aux_loss", "load-balancing loss"),
+    ("z_loss", "z-loss"),
+    ("router_z_loss", "router z-loss"),
+)
+
+
 def _loss(plt, train, evals):
-    fig, ax = _figure(plt, "loss", figsize=(7, 4))
-    for rows, key, label, style in (
-        (train, "loss", "train loss", dict(lw=1.2)),
-        (train, "cross_entropy", "train cross-entropy", dict(lw=0.8, alpha=0.7)),
-        (evals, "loss", "eval loss", dict(marker="o", lw=1.5)),
-        (evals, "cross_entropy", "eval cross-entropy", dict(marker="s", lw=0.8, ls="--")),
-    ):
-        steps, values = series(rows, key)
+    """Cross-entropy above, on a log axis so that the step-1 spike (~ln V) leaves the rest
+    readable; below, what the loss adds to it: ~100x smaller, it would otherwise draw the loss
+    on top of the cross-entropy."""
+    main = "cross_entropy" if any("cross_entropy" in r for r in train + evals) else "loss"
+    fig, (top, bottom) = _figure(
+        plt, "loss", 2, 1, figsize=(7, 6), sharex=True, gridspec_kw={"height_ratios": (2, 1)}
+    )
+    for rows, label, style in ((train, "train", {"lw": 1.2}), (evals, "eval", {"marker": "o"})):
+        steps, values = series(rows, main)
         if len(steps):
-            ax.plot(steps, values, label=label, **style)
-    ax.set_xlabel("step")
-    ax.set_ylabel("nats per target token")
-    ax.grid(alpha=0.3)
-    ax.legend()
+            top.plot(steps, values, label=label, **style)
+    top.set_ylabel(("cross-entropy" if main == "cross_entropy" else "loss") + "\n(nats per token)")
+    _log_axis(top)
+    top.legend()
+    for i, (key, label) in enumerate(_LOSS_TERMS):
+        _term_line(bottom, train, key, f"train {label}", color=f"C{i + 2}", lw=1)
+        _term_line(bottom, evals, key, f"eval {label}", color=f"C{i + 2}", marker="o", lw=0)
+    if main == "cross_entropy":  # the sum of the terms, or a distillation mix's own difference
+        steps, loss = series(train, "loss")
+        ce = dict(zip(*series(train, "cross_entropy"), strict=True))
+        kept = [(s, v - ce[s]) for s, v in zip(steps, loss, strict=True) if s in ce]
+        if kept:
+            bottom.plot(*zip(*kept, strict=True), "k--", lw=0.8, label="train loss − cross-entropy")
+    bottom.set_ylabel("added to the loss")
+    bottom.set_xlabel("step")
+    bottom.grid(alpha=0.3)
+    if bottom.lines:
+        top_value = max(float(np.max(line.get_ydata())) for line in bottom.lines)
+        bottom.set_ylim(0, 1.7 * top_value if top_value > 0 else 1)  # room for the legend
+        bottom.legend(fontsize=7, ncol=2, loc="upper right")
     return fig
+
+
+def _term_line(ax, rows, key: str, label: str, **style) -> None:
+    steps, values = series(rows, key)
+    if np.any(values != 0):  # a term that is off (coefficient 0) only clutters the legend
+        ax.plot(steps, values, label=label, **style)
+
+
+def _log_axis(ax) -> None:
+    from matplotlib.ticker import ScalarFormatter
+
+    ax.set_yscale("log")
+    # Plain numbers on every tick: a range under a decade would otherwise read 6x10^0.
+    for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        formatter = ScalarFormatter()
+        formatter.set_scientific(False)
+        axis_formatter(formatter)
+    ax.grid(alpha=0.3, which="both")
 
 
 def _learning_rate(plt, train):

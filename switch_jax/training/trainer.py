@@ -15,7 +15,7 @@ from switch_jax.config.settings import Configs, TrainConfig
 from switch_jax.decode import evaluation
 from switch_jax.models.config import ConfigError
 from switch_jax.report import console
-from switch_jax.store import checkpoints
+from switch_jax.store import checkpoints, run_settings
 from switch_jax.store import lease as lease_lib
 from switch_jax.store import model_dir as model_dir_lib
 from switch_jax.training import build, losses, upcycle
@@ -84,7 +84,7 @@ def train(configs: Configs, *, operative_config: str = "") -> dict:
         try:
             latest = ckpts.latest_step()
             if latest is not None:  # before config.gin is overwritten: refuse another run's dir
-                checkpoints.check_same_run(
+                run_settings.check_same_run(
                     ckpts.saved_settings(latest), run.settings, configs.checkpoint.model_dir
                 )
             if jax.process_index() == 0:
@@ -134,6 +134,7 @@ def _out_of_space(ckpts, configs: Configs, step: int | None) -> checkpoints.Chec
 def _train_loop(run: build.Run, ckpts, lease, progress: dict, summary: list[str]) -> dict:
     from switch_jax.data import pipeline  # noqa: PLC0415 (TensorFlow only where data is read)
     from switch_jax.report import metrics as metrics_lib  # noqa: PLC0415 (optional deps: clu)
+    from switch_jax.report import wandb_log  # noqa: PLC0415
 
     train_cfg, ckpt_cfg = run.configs.train, run.configs.checkpoint
     chief = jax.process_index() == 0
@@ -150,6 +151,8 @@ def _train_loop(run: build.Run, ckpts, lease, progress: dict, summary: list[str]
         flops_per_step=metrics_lib.train_flops_per_step(run.info, run.configs.data.batch_size),
         start_step=resumed_from,
         moe_layers=metrics_lib.moe_layer_ids(run.model_cfg),
+        wandb=wandb_log.start(train_cfg, ckpt_cfg.model_dir, settings=run.settings, is_chief=chief),
+        dead_experts=(train_cfg.dead_expert_threshold, train_cfg.dead_expert_logs),
     )
     profiler = _Profiler(train_cfg.profile_steps, ckpt_cfg.model_dir)
     task_eval = evaluation.TaskEvaluator(run)  # decodes + task metrics, for tasks that have them
@@ -314,7 +317,8 @@ def evaluate_checkpoints(configs: Configs, which: str | int = "latest") -> list[
                 moe_layers=metrics_lib.moe_layer_ids(run.model_cfg),
             )
             logger.log_eval(step, results)
-            out.append((step, {k: float(v) for k, v in results.items() if np.ndim(v) == 0}))
+            scalars = {k: metrics_lib.scalar(k, v) for k, v in results.items() if np.ndim(v) == 0}
+            out.append((step, scalars))
     finally:
         ckpts.close()
         if logger is not None:
@@ -374,7 +378,9 @@ def _evaluate(run: build.Run, params, dataset) -> dict:
         out = jax.device_get(run.setup.eval_step(params, run.device_batch(host)))
         for name, value in out.items():
             totals.setdefault(name, []).append(np.asarray(value))
-    return {name: np.mean(values, axis=0) for name, values in totals.items()}
+    # Counts (num_tokens) add up over the batches; a mean of them would read 917.2 tokens.
+    count = ("num_tokens",)
+    return {n: (np.sum if n in count else np.mean)(v, axis=0) for n, v in totals.items()}
 
 
 def _eval_dataset(run: build.Run):
