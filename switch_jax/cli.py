@@ -78,6 +78,36 @@ def define_flag(define: Callable[..., Any], name: str, *args: Any, **kwargs: Any
     return define(name, *args, **kwargs)
 
 
+def usage(command: str, doc: str | None) -> str:
+    """What `switch-COMMAND --help` prints: the command's docstring, its own flags, gin's."""
+    own = sorted(name for name, owners in _FLAG_OWNERS.items() if command in owners)
+    lines = [(doc or f"switch-{command}").strip(), ""]
+    if own:
+        lines.append(f"Flags of switch-{command}:")
+    for name in own:
+        if name in flags.FLAGS:
+            flag = flags.FLAGS[name]
+            default = "" if flag.default is None else f" (default: {flag.default_as_str})"
+            lines.append(f"  --{name}: {flag.help}{default}")
+    if command in _GIN_COMMANDS:
+        lines += [
+            "Gin (every run command):",
+            "  --gin_file=F      a gin file, repeatable; found in the working directory or the",
+            "                    package's configs/ (models/*.gin, runs/*.gin; docs/configs.md)",
+            "  --gin.NAME=VALUE  a macro or binding, e.g. --gin.TRAIN_STEPS=1000,",
+            "                    --gin.MODEL_DIR=\"'runs/x'\", --gin.MoeConfig.top_k=2",
+            "  --gin_search_paths  more folders to find gin files in",
+            "Multi-host: --coordinator_address=HOST:PORT --process_count=N --process_index=I",
+            "  (or the cluster's environment: Cloud TPU, SLURM; docs/tpu.md)",
+        ]
+    lines += ["--verbosity=N (any N) shows the library logs hidden by default; --helpfull: all."]
+    return "\n".join(lines).replace("%", "%%") + "\n"  # absl substitutes %s in usage text
+
+
+# The commands that read gin files (plot has its own argparse help).
+_GIN_COMMANDS = ("train", "eval", "infer", "info", "compile", "convert", "bench", "experts")
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix: printed as one line, no traceback."""
     from switch_jax.store.checkpoints import CheckpointError
@@ -254,6 +284,8 @@ def entry(
         return rest
 
     def console_main() -> None:
+        # absl's --help prints the __main__ module's docstring, which a console script lacks.
+        sys.modules["__main__"].__doc__ = usage(command, main.__globals__.get("__doc__"))
         try:
             app.run(guarded, flags_parser=parse_flags)
         except ConfigError as e:  # a bad flag, or --gin.* without a value

@@ -1,7 +1,7 @@
 """`python -m switch_jax.infer --gin.MODEL_DIR=D [--input_file=F] [--output_file=O]`: decode or
 score with a trained checkpoint (T5X's infer.py).
 
-    python -m switch_jax.infer --gin_file=runs/infer.gin --gin.MODEL_DIR="'runs/demo'" \
+    python -m switch_jax.infer --gin_file=runs/infer.gin --gin.MODEL_DIR="'runs/demo'" \\
       --input_file=prompts.jsonl --output_file=predictions.jsonl [--gin.BEAM_SIZE=4]
 
 Inputs: --input_file (JSONL objects with 'inputs' and optionally 'targets', each text or a list
@@ -32,7 +32,9 @@ from switch_jax.models.config import ConfigError
 
 _INPUT = cli.define_flag(flags.DEFINE_string, "input_file", None, "JSONL / text; '-' = stdin")
 _OUTPUT = cli.define_flag(flags.DEFINE_string, "output_file", None, "JSONL out (default stdout)")
-_MODE = cli.define_flag(flags.DEFINE_enum, "mode", "predict", ["predict", "score"], "or score")
+_MODE = cli.define_flag(
+    flags.DEFINE_enum, "mode", "predict", ["predict", "score"], "decode, or score the targets"
+)
 _STEP = cli.define_flag(flags.DEFINE_string, "step", "latest", "checkpoint: 'latest', 'all', N")
 _SPLIT = cli.define_flag(flags.DEFINE_string, "split", "validation", "task split (no input_file)")
 _MAX_EXAMPLES = cli.define_flag(

@@ -1,4 +1,16 @@
-"""`python -m switch_jax.train --gin_file=F [--gin.NAME=VALUE ...]`: pre-train or fine-tune."""
+"""`python -m switch_jax.train --gin_file=F [--gin.NAME=VALUE ...]`: pre-train or fine-tune.
+
+    switch-train --gin_file=runs/demo.gin --gin.MODEL_DIR="'runs/demo'"        # the demo
+    switch-train --gin_file=models/switch_base.gin --gin_file=runs/pretrain.gin \\
+      --gin.MODEL_DIR="'gs://bucket/run'" --gin.MESH_SHAPE="(-1, 8, 1)"
+    switch-train --gin_file=runs/finetune_demo.gin --gin.INIT_CHECKPOINT="'runs/demo'" \\
+      --gin.MODEL_DIR="'runs/ft'" --gin.MIXTURE_OR_TASK_NAME="'jsonl:my/train.jsonl'"
+
+The same command resumes MODEL_DIR from its latest checkpoint (model, optimizer, step, RNG and
+input position); Ctrl-C saves and prints it. Common macros: MODEL_DIR, TRAIN_STEPS, BATCH_SIZE,
+MESH_SHAPE, MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS, LEARNING_RATE, INIT_CHECKPOINT,
+EVAL_PERIOD, CHECKPOINT_PERIOD, WANDB_PROJECT (configs/defaults.gin lists them all).
+"""
 
 from __future__ import annotations
 

@@ -70,3 +70,19 @@ def test_model_dir_binding_may_be_bare_or_quoted():
     assert model_dir_of(["MODEL_DIR='gs://b/run'", "BATCH_SIZE=8"]) == "gs://b/run"
     with pytest.raises(ConfigError, match="must be a quoted string"):
         model_dir_of(["MODEL_DIR=a b"])
+
+
+@pytest.mark.parametrize("command, own_flag", [("infer", "--input_file"), ("train", None)])
+def test_help_shows_the_command_its_flags_and_gin(command, own_flag):
+    # A console script's __main__ has no docstring: absl's --help would print only "USAGE".
+    code = f"import sys; from switch_jax.{command} import console_main; console_main()"
+    done = subprocess.run(
+        [sys.executable, "-c", code, "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1, done.stderr[-2000:]  # absl's --help exits 1
+    assert f"python -m switch_jax.{command}" in done.stdout
+    assert "--gin_file=F" in done.stdout and "--coordinator_address" in done.stdout
+    if own_flag:
+        assert f"Flags of switch-{command}:" in done.stdout and own_flag in done.stdout
+    else:
+        assert "Flags of" not in done.stdout
