@@ -3,19 +3,24 @@
   python scripts/reproduce_scaling.py                      # --scale=cpu: 76 min on 2 idle cores
   python scripts/reproduce_scaling.py --scale=smoke        # ~3 minutes, checks the whole path
   python scripts/reproduce_scaling.py --scale=gpu          # the larger version for one GPU
+  python scripts/reproduce_scaling.py --scale=pilot        # decoder-only LM pilot, ~25 min
   python scripts/reproduce_scaling.py --phases=distill     # distillation only, on saved teachers
   python scripts/scaling_report.py --out=out/scaling       # plots + tables from results.json again
 
-Phase `scaling` trains, on the same batches, the dense T5 baseline and Switch models with E
-experts at equal FLOPs per token (same shapes, every FFN of the `--sparse_every` pattern a Switch
-layer), for each of --seeds seeds (seed s = init seed s and data order s, shared by all models so
-that differences between models are paired). Phase `distill` distils each seed's Switch teacher
+`--architecture=decoder_only` trains a plain LM (the corpus' LM task: every token a target)
+instead of T5 on span corruption; `--capacity_factor` sets the training capacity (or pass
+`--dispatch=dropless`), `--layers` the depth of each stack. Phase `scaling` trains, on the same
+batches, the dense baseline and Switch models with E experts at equal FLOPs per token (same
+shapes, every FFN of the `--sparse_every` pattern a Switch layer), for each of --seeds seeds
+(seed s = init seed s and data order s, shared by all models so that differences between models
+are paired). Phase `distill` distils each seed's Switch teacher
 (--distill_experts) into its dense twin with switch_jax.training.distill (student
 initialised from the teacher's non-expert weights, 0.25 x soft + 0.75 x hard loss; paper §4.2),
 plus, for seed 0, the two ablations of Table 6 (init only, distillation without init). Phase
 `checks` (not run by default) trains that Switch model with a bfloat16 router (Table 2) and with
 the 1.0x init scale (Table 3). Outputs in --out:
-  results.json       every run's validation curve (step, training seconds) and the summary
+  results.json       every run's validation curve (step, training seconds, dropped fraction,
+                     busiest / idlest expert), step time, per-layer expert loads, tokens read
   teachers/          each seed's Switch parameters (phase `distill` reads --distill_experts')
   *.png              loss vs step / vs wall-clock, step speedup vs experts, distillation gain kept
 Needs the `data` and `plot` extras (pip install -e '.[data,plot]'); both are checked first.
@@ -30,8 +35,6 @@ import sys
 import time
 
 import numpy as np
-
-TASK = "embedded_span_corruption"
 
 # Text of the embedded task: the standard library's docstrings (1.6 MB, the demo's corpus), or
 # those of the standard library and the installed packages (up to --corpus_bytes, ~6x more).
@@ -65,6 +68,8 @@ SCALES = {
         dispatch="auto",
         group_size=2048,
         corpus="installed",
+        architecture="encoder_decoder",
+        capacity_factor=1.25,
     ),
     "smoke": dict(
         experts="2,4",
@@ -87,6 +92,8 @@ SCALES = {
         dispatch="auto",
         group_size=256,
         corpus="stdlib",
+        architecture="encoder_decoder",
+        capacity_factor=1.25,
     ),
     # Unmeasured (no accelerator this session): Switch-Base-like layout at d_model 512. The
     # embedded corpus (1.6 MB) would be repeated ~100 times: prefer --task=c4_v301_span_corruption
@@ -112,22 +119,61 @@ SCALES = {
         dispatch="auto",
         group_size=4096,
         corpus="installed",
+        architecture="encoder_decoder",
+        capacity_factor=1.25,
+    ),
+    # Issue 22's levers against the `cpu` design's flat result: a decoder-only LM (every token
+    # a target: 2,048 targets per step instead of span corruption's ~512), every FFN a Switch
+    # layer, capacity 2.0 (few drops once the router settles); same width, vocab and corpus.
+    # 2 seeds x (dense, E = 2, 8), scaling phase only: ~25 min on the shared 2-core machine.
+    "pilot": dict(
+        experts="2,8",
+        seeds=2,
+        steps=300,
+        batch_size=16,
+        inputs_length=0,
+        targets_length=128,
+        d_model=128,
+        d_ff=512,
+        heads=4,
+        layers=2,
+        sparse_every=1,
+        vocab_size=8192,
+        learning_rate=0.03,
+        eval_every=50,
+        eval_batches=8,
+        eval_batch_size=32,
+        dtype="float32",
+        dispatch="auto",
+        group_size=2048,
+        corpus="installed",
+        architecture="decoder_only",
+        capacity_factor=2.0,
     ),
 }
+ARCHITECTURES = ("encoder_decoder", "decoder_only")
+# Scales whose default phases are not "scaling,distill".
+PHASES = {"pilot": "scaling"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     p.add_argument(
-        "--phases", default="scaling,distill", help="comma list of scaling, distill, checks"
+        "--phases",
+        default=None,
+        help="comma list of scaling, distill, checks (default scaling,distill; pilot: scaling)",
     )
     p.add_argument("--out", default=None, help="default out/scaling_<scale>")
     p.add_argument("--no_plots", action="store_true", help="skip the PNGs (no matplotlib)")
     p.add_argument("--distill_experts", type=int, default=None, help="teacher E (default: max)")
     p.add_argument("--soft_weight", type=float, default=0.25, help="weight of the teacher CE")
     p.add_argument("--no_ablations", action="store_true", help="skip Table 6's ablations")
-    p.add_argument("--task", default=TASK)
+    p.add_argument(
+        "--task",
+        default=None,
+        help="default: the corpus' span-corruption or LM task (--architecture)",
+    )
     p.add_argument("--corpus_bytes", type=int, default=10_000_000, help="cap of --corpus=installed")
     for name, value in SCALES["cpu"].items():
         p.add_argument(f"--{name}", type=type(value), default=None)
@@ -137,10 +183,19 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, name, value)
     args.experts = [int(e) for e in str(args.experts).split(",") if e]
     args.distill_experts = args.distill_experts or max(args.experts)
-    args.phases = [x for x in args.phases.split(",") if x]
+    phases = args.phases or PHASES.get(args.scale, "scaling,distill")
+    args.phases = [x for x in phases.split(",") if x]
     args.out = args.out or os.path.join("out", f"scaling_{args.scale}")
     if args.corpus not in CORPORA:
         p.error(f"--corpus must be one of {', '.join(CORPORA)}")
+    if args.architecture not in ARCHITECTURES:
+        p.error(f"--architecture must be one of {', '.join(ARCHITECTURES)}")
+    if args.capacity_factor <= 0:
+        p.error(
+            f"--capacity_factor={args.capacity_factor} must be > 0 (or pass --dispatch=dropless)"
+        )
+    if args.architecture == "encoder_decoder" and args.inputs_length < 1:
+        p.error("--inputs_length must be >= 1 for --architecture=encoder_decoder")
     if args.eval_every < 1 or args.steps < args.eval_every:
         p.error("--eval_every must be in [1, --steps]")
     return args
@@ -176,135 +231,24 @@ def model_config(args, experts: int | None):
             sparse_every=args.sparse_every,
             group_size=args.group_size,
             dispatch=args.dispatch,
+            capacity_factor_train=args.capacity_factor,
+            # Evaluation at the library's 2.0 (or more): a dropped token there would measure
+            # the capacity, not the model.
+            capacity_factor_eval=max(2.0, args.capacity_factor),
         )
+    decoder_only = args.architecture == "decoder_only"
     return ModelConfig(
+        architecture=args.architecture,
         vocab_size=args.vocab_size,
         d_model=args.d_model,
         d_ff=args.d_ff,
         num_heads=args.heads,
         head_dim=args.d_model // args.heads,
-        num_encoder_layers=args.layers,
+        num_encoder_layers=0 if decoder_only else args.layers,
         num_decoder_layers=args.layers,
         dtype=args.dtype,
         moe=moe,
     )
-
-
-def register_installed_corpus(args) -> dict:
-    """A docstring corpus of the standard library and the installed packages, up to
-    --corpus_bytes: ~6x the demo's 1.6 MB, so the runs see (almost) no text twice."""
-    import site  # noqa: PLC0415
-
-    from switch_jax.data import corpus as corpus_lib  # noqa: PLC0415
-    from switch_jax.data import tasks  # noqa: PLC0415
-
-    roots = corpus_lib.default_roots() + [p for p in site.getsitepackages() if os.path.isdir(p)]
-    corpus = corpus_lib.build_corpus(roots, max_bytes=args.corpus_bytes)
-    vocab = corpus_lib.build_vocab(corpus, args.vocab_size)
-    tasks.register_text_files(
-        "scaling_span_corruption", list(corpus.train_files), vocab, corpus.validation_file
-    )
-    args.task = "scaling_span_corruption"
-    keep = ("bytes", "documents", "content_hash", "roots")
-    return {k: v for k, v in corpus.stats.items() if k in keep}
-
-
-def load_data(args) -> tuple[dict[int, list[dict]], list[dict]]:
-    """Training batches per seed (data order = seed) and one fixed validation set."""
-    from switch_jax.data import pipeline  # noqa: PLC0415 (TensorFlow)
-
-    lengths = {"inputs": args.inputs_length, "targets": args.targets_length}
-    task = dict(feature_lengths=lengths, architecture="encoder_decoder")
-    if args.task == TASK and args.corpus == "installed":
-        args.corpus_stats = register_installed_corpus(args)
-    elif args.task == TASK:
-        task["vocab_size"] = args.vocab_size
-    train = {}
-    for seed in range(args.seeds):
-        it = pipeline.make_batches(
-            args.task, "train", seed=seed, batch_size=args.batch_size, **task
-        )
-        train[seed] = [next(it) for _ in range(args.steps)]
-    val_ds = pipeline.make_dataset(
-        args.task, "validation", shuffle=False, repeat=True, batch_size=args.eval_batch_size, **task
-    )
-    val = [{k: v.numpy() for k, v in b.items()} for b in val_ds.take(args.eval_batches)]
-    return train, val
-
-
-class Trainer:
-    """One training setup (steps.setup_training) per key, reused across seeds (only the init
-    differs); an in-memory loop over pre-loaded batches, evaluated on pre-loaded validation
-    batches (the library trainer reads a seqio task and writes a MODEL_DIR)."""
-
-    def __init__(self, args):
-        from switch_jax.config.settings import OptimizerConfig  # noqa: PLC0415
-        from switch_jax.parallel import partitioning  # noqa: PLC0415
-
-        self.args = args
-        self.part = partitioning.Partitioner((-1, 1, 1))
-        self.opt = OptimizerConfig(schedule="constant", learning_rate=args.learning_rate)
-        self._setups: dict = {}
-
-    def setup(self, key, model_cfg, objective=None):
-        """The setup of `model_cfg` (adapted to the mesh here) under `key`, built once."""
-        from switch_jax.training import losses, steps  # noqa: PLC0415
-
-        if key not in self._setups:
-            cfg = self.part.adapt_model_config(model_cfg, self.args.batch_size)
-            objective = objective or losses.LABELS
-            self._setups[key] = steps.setup_training(cfg, self.opt, self.part, objective=objective)
-        return self._setups[key]
-
-    def init(self, key, seed: int):
-        """A fresh state of seed `seed` (and the objective's start, e.g. from a teacher)."""
-        return self._setups[key].init_state(seed)
-
-    def evaluate(self, key, params, val) -> float:
-        eval_step = self._setups[key].eval_step
-        values = [float(eval_step(params, self.part.shard_batch(b))["cross_entropy"]) for b in val]
-        return float(np.mean(values))
-
-    def run(self, name, key, state, batches, val) -> tuple[dict, object]:
-        """Train on `batches`, evaluating every --eval_every steps; returns (record, state)."""
-        import jax  # noqa: PLC0415
-
-        args, step_fn = self.args, self._setups[key].train_step
-        train_s, compile_s, curve = 0.0, 0.0, []
-        with self.part.activate():
-            for step in range(1, len(batches) + 1):
-                t0 = time.perf_counter()
-                state, m = step_fn(state, self.part.shard_batch(batches[step - 1]))
-                loss = float(jax.device_get(m["loss"]))
-                dt = time.perf_counter() - t0
-                compile_s, train_s = (dt, train_s) if step == 1 else (compile_s, train_s + dt)
-                if step % args.eval_every == 0 or step == len(batches):
-                    ce = self.evaluate(key, state.params, val)
-                    dropped = [
-                        float(jax.device_get(v).mean())
-                        for k, v in m.items()
-                        if k.endswith("fraction_dropped")
-                    ]
-                    curve.append(
-                        {
-                            "step": step,
-                            "train_s": train_s,
-                            "val_loss": ce,
-                            "loss": loss,
-                            "fraction_dropped": max(dropped) if dropped else 0.0,
-                        }
-                    )
-                    print(
-                        f"{name} step {step}: loss {loss:.3f} val {ce:.4f} ({train_s:.0f}s)",
-                        flush=True,
-                    )
-        record = {
-            "name": name,
-            "compile_s": compile_s,
-            "curve": curve,
-            "finite": bool(np.all(np.isfinite([c["val_loss"] for c in curve]))),
-        }
-        return record, state
 
 
 def save_params(path: str, params) -> None:
@@ -331,7 +275,7 @@ def load_params(path: str, abstract_params, part):
     return jax.tree.unflatten(jax.tree.structure(abstract_params), values)
 
 
-def run_scaling(args, trainer: Trainer, train, val, results: dict, flush, seed: int) -> None:
+def run_scaling(args, trainer, train, val, results: dict, flush, seed: int) -> None:
     models = [("dense", None)] + [(f"switch-{e}", e) for e in args.experts]
     teachers = os.path.join(args.out, "teachers")
     os.makedirs(teachers, exist_ok=True)
@@ -345,7 +289,7 @@ def run_scaling(args, trainer: Trainer, train, val, results: dict, flush, seed: 
         flush()
 
 
-def run_checks(args, trainer: Trainer, train, val, results: dict, flush, seed: int) -> None:
+def run_checks(args, trainer, train, val, results: dict, flush, seed: int) -> None:
     """Tables 2 and 3 at small scale: a bfloat16 router, and the 1.0x (not 0.1x) init scale."""
     import dataclasses  # noqa: PLC0415
 
@@ -384,9 +328,12 @@ def main(argv=None) -> None:
             json.dump(results, f, indent=1)
         os.replace(path + ".tmp", path)  # a kill mid-write keeps the previous results
 
-    train, val = load_data(args)
+    import scaling_data  # noqa: PLC0415 (scripts/, next to this file)
+    import scaling_trainer  # noqa: PLC0415
+
+    train, val = scaling_data.load_data(args)
     results["args"] = vars(args)
-    trainer = Trainer(args)
+    trainer = scaling_trainer.Trainer(args)
     import distill_phase  # noqa: PLC0415 (scripts/, next to this file)
 
     # Seed-major: one complete set (models, then the distillation of that seed's teacher) early.

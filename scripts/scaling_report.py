@@ -32,11 +32,12 @@ def steps_to_reach(curve: list[dict], target: float, key: str = "step") -> float
 def _stats(values: list[float]) -> dict:
     v = np.asarray([x for x in values if x is not None], np.float64)
     if not len(v):
-        return {"mean": None, "std": None, "n": 0, "min": None, "max": None}
+        return {"mean": None, "std": None, "se": None, "n": 0, "min": None, "max": None}
     std = float(v.std(ddof=1)) if len(v) > 1 else 0.0
     return {
         "mean": float(v.mean()),
         "std": std,
+        "se": std / np.sqrt(len(v)),
         "n": len(v),
         "min": float(v.min()),
         "max": float(v.max()),
@@ -59,6 +60,7 @@ def summarise(results: dict) -> dict:
     for name in sorted(runs, key=_experts):
         seeds = runs[name]
         row = {"final": _stats([_final(r) for r in seeds.values()]), "seeds": sorted(seeds)}
+        row.update(_costs(seeds.values()))
         if name != "dense":
             step_up, time_up, gap = [], [], []
             for seed, run in seeds.items():
@@ -78,6 +80,22 @@ def summarise(results: dict) -> dict:
             )
         out[name] = row
     return {"models": out, "distill": _distill_summary(results)}
+
+
+def _costs(records) -> dict:
+    """Step time and router statistics over seeds (absent from results of older versions)."""
+    records = list(records)
+
+    def over(key, get=lambda r, k: r.get(k)):
+        return _stats([get(r, key) for r in records])
+
+    return {
+        "step_ms": over("step_ms"),
+        "dropped_first": over("fraction_dropped", lambda r, k: r["curve"][0].get(k)),
+        "dropped_run": over("run_fraction_dropped"),
+        "load_max": over("run_load_max"),
+        "load_min": over("run_load_min"),
+    }
 
 
 def _distill_summary(results: dict) -> dict:
@@ -102,22 +120,66 @@ def _fmt(s: dict, digits: int = 3, pm: bool = True) -> str:
     return text + (f" ± {s['std']:.{digits}f}" if pm and s["n"] > 1 else "")
 
 
+def _gain(s: dict) -> tuple[str, str]:
+    """Paired gain as mean ± standard error, and the mean in units of that error."""
+    if s["mean"] is None:
+        return "-", "-"
+    if s["n"] < 2:
+        return f"{s['mean']:+.4f} (1 seed)", "-"
+    ratio = f"{s['mean'] / s['se']:+.1f}" if s["se"] > 0 else "-"
+    return f"{s['mean']:+.4f} ± {s['se']:.4f}", ratio
+
+
+def _costs_table(summary: dict, results: dict) -> list[str]:
+    tokens = results["args"].get("tokens") or {}
+    per_run = _stats([t["target_tokens"] for t in tokens.values()])["mean"]
+    per_run = f"{per_run:,.0f}" if per_run else "-"
+    lines = [
+        "",
+        "| model | target tokens per run | step ms (mean over seeds) | dropped: first eval window "
+        "/ whole run | busiest / idlest expert over the run (x even share) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in summary["models"].items():
+        pct = [row[k]["mean"] for k in ("dropped_first", "dropped_run")]
+        dropped = " / ".join("-" if p is None else f"{100 * p:.1f} %" for p in pct)
+        loads = [row[k]["mean"] for k in ("load_max", "load_min")]
+        load = "-" if None in loads else f"{loads[0]:.2f} / {loads[1]:.2f}"
+        ms = "-" if row["step_ms"]["mean"] is None else f"{row['step_ms']['mean']:.0f}"
+        lines.append(f"| {name} | {per_run} | {ms} | {dropped} | {load} |")
+    return lines
+
+
+def _seeds_table(results: dict) -> list[str]:
+    runs = results["runs"]
+    names = sorted(runs, key=_experts)
+    seeds = sorted({s for r in runs.values() for s in r}, key=int)
+    lines = ["", "| seed | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for seed in seeds:
+        cells = [f"{_final(runs[n][seed]):.4f}" if seed in runs[n] else "-" for n in names]
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(summary: dict, results: dict) -> str:
     steps = results["args"]["steps"]
     lines = [
-        f"| model | final val loss (mean ± std over seeds) | gain over dense | steps to dense "
-        f"final ({steps}) reached in | step speedup | wall-clock speedup |",
-        "|---|---|---|---|---|---|",
+        f"| model | final val loss (mean ± std over seeds) | gain over dense (paired, mean ± "
+        f"SE) | gain / SE | steps to dense final ({steps}) reached in | step speedup | "
+        "wall-clock speedup |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, row in summary["models"].items():
         if name == "dense":
-            lines.append(f"| dense | {_fmt(row['final'], 4)} | - | - | 1.00 | 1.00 |")
+            lines.append(f"| dense | {_fmt(row['final'], 4)} | - | - | - | 1.00 | 1.00 |")
             continue
+        gain, ratio = _gain(row["gain_over_dense"])
         lines.append(
-            f"| {name} | {_fmt(row['final'], 4)} | {_fmt(row['gain_over_dense'], 4)} | "
+            f"| {name} | {_fmt(row['final'], 4)} | {gain} | {ratio} | "
             f"{row['reached']}/{len(row['seeds'])} seeds | {_fmt(row['step_speedup'], 2)} | "
             f"{_fmt(row['time_speedup'], 2)} |"
         )
+    lines += _seeds_table(results) + _costs_table(summary, results)
     if summary["distill"]:
         lines += [
             "",
