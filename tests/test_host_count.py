@@ -51,6 +51,12 @@ def _start_two(model_dir: str, steps: int):
 
 
 def _train_here(model_dir: str, steps: int) -> None:
+    # Train as the CLI processes do: another test in this worker may have registered the
+    # embedded tasks with its own corpus or vocabulary, which get_provider would reuse.
+    from switch_jax.data import registry  # noqa: PLC0415 (TensorFlow)
+
+    for name in ("embedded_span_corruption", "embedded_lm"):
+        registry.forget(name)
     gin_config.parse_gin(["runs/demo.gin"], _bindings(model_dir, steps))
     trainer.train(gin_config.load_configs())
 
