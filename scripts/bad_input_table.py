@@ -10,43 +10,26 @@ user reads. The test checks those lines; this script only writes them down.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
 import os
 import shutil
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from absl import flags  # noqa: E402
 
 from tests import test_bad_input_commands as cases  # noqa: E402
+from tests.console_entry import invoke  # noqa: E402
 
 
 def run_case(command: str, args: list[str]) -> tuple[int, str]:
-    module = importlib.import_module(f"switch_jax.{command}")
-    hooks = sys.unraisablehook, threading.excepthook
-    flags.FLAGS.unparse_flags()
-    argv, sys.argv = sys.argv, [f"switch-{command}", *args]
     err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            if command == "plot":
-                status = module.main(args)
-            else:
-                module.console_main()
-                status = 0
-    except SystemExit as e:
-        status = e.code
-    finally:
-        sys.argv = argv
-        sys.unraisablehook, threading.excepthook = hooks
-        flags.FLAGS.unparse_flags()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        status = invoke(command, args)
     lines = [line for line in err.getvalue().splitlines() if line.strip()]
     return status, lines[-1] if lines else ""
 

@@ -11,14 +11,12 @@ made before any model is built look at.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 import shutil
-import sys
-import threading
 
 import pytest
-from absl import flags
+
+from tests.console_entry import invoke
 
 pytest.importorskip("seqio")
 
@@ -94,23 +92,7 @@ def workdir(layout, tmp_path, monkeypatch):
 
 def _run(command: str, args: list[str], capsys) -> tuple[int, str, str]:
     """`switch-COMMAND ARGS` in this process: (exit status, stdout, stderr)."""
-    module = importlib.import_module(f"switch_jax.{command}")
-    hooks = sys.unraisablehook, threading.excepthook  # cli.fail silences them for the exit
-    flags.FLAGS.unparse_flags()
-    argv = sys.argv
-    sys.argv = [f"switch-{command}", *args]
-    try:
-        if command == "plot":
-            status = module.main(args)
-        else:
-            module.console_main()
-            status = 0
-    except SystemExit as e:
-        status = e.code
-    finally:
-        sys.argv = argv
-        sys.unraisablehook, threading.excepthook = hooks
-        flags.FLAGS.unparse_flags()
+    status = invoke(command, args)
     out = capsys.readouterr()
     return status, out.out, out.err
 

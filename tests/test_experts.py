@@ -3,18 +3,15 @@ captured routing, the files it writes, and its one-line refusals."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import sys
-import threading
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from absl import flags
 
 from switch_jax.report import expert_view
+from tests.console_entry import invoke
 
 pytest.importorskip("seqio")
 
@@ -173,19 +170,7 @@ def test_dead_experts_are_listed_last():
 
 def _run(args: list[str], capsys) -> tuple[int, str, str]:
     """`switch-experts ARGS` in this process: (exit status, stdout, stderr)."""
-    module = importlib.import_module("switch_jax.experts")
-    hooks = sys.unraisablehook, threading.excepthook  # cli.fail silences them for the exit
-    flags.FLAGS.unparse_flags()
-    argv, sys.argv = sys.argv, ["switch-experts", *args]
-    try:
-        module.console_main()
-        status = 0
-    except SystemExit as e:
-        status = 0 if e.code is None else e.code
-    finally:
-        sys.argv = argv
-        sys.unraisablehook, threading.excepthook = hooks
-        flags.FLAGS.unparse_flags()
+    status = invoke("experts", args)
     out = capsys.readouterr()
     return status, out.out, out.err
 
