@@ -89,7 +89,7 @@ def usage(command: str, doc: str | None) -> str:
             flag = flags.FLAGS[name]
             default = "" if flag.default is None else f" (default: {flag.default_as_str})"
             lines.append(f"  --{name}: {flag.help}{default}")
-    if command in _GIN_COMMANDS:
+    if command in COMMANDS:  # every absl command reads gin (plot has argparse's help)
         lines += [
             "Gin (every run command):",
             "  --gin_file=F      a gin file, repeatable; found in the working directory or the",
@@ -102,10 +102,6 @@ def usage(command: str, doc: str | None) -> str:
         ]
     lines += ["--verbosity=N (any N) shows the library logs hidden by default; --helpfull: all."]
     return "\n".join(lines).replace("%", "%%") + "\n"  # absl substitutes %s in usage text
-
-
-# The commands that read gin files (plot has its own argparse help).
-_GIN_COMMANDS = ("train", "eval", "infer", "info", "compile", "convert", "bench", "experts")
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
