@@ -22,6 +22,9 @@ def _variants(args, seed: int) -> list[tuple[str, bool, float]]:
 
 
 def run(args, trainer, train, val, results, flush, model_config, load_params, seed) -> None:
+    todo = [v for v in _variants(args, seed) if str(seed) not in results["distill"].get(v[0], {})]
+    if not todo:
+        return  # finished in an earlier invocation
     part = trainer.part
     teacher_name = f"switch-{args.distill_experts}"
     teacher_cfg = part.adapt_model_config(model_config(args, args.distill_experts), args.batch_size)
@@ -32,7 +35,7 @@ def run(args, trainer, train, val, results, flush, model_config, load_params, se
         print(f"no teacher {path}: run --phases=scaling first; skipping seed {seed}")
         return
     teacher_params = load_params(path, teacher.params, part)
-    for variant, from_teacher, soft_weight in _variants(args, seed):
+    for variant, from_teacher, soft_weight in todo:
         # The library's distillation objective with this seed's teacher (hence one setup per
         # seed); a fresh state is the dense baseline's init of the seed, then the teacher's
         # non-expert weights when `from_teacher`.

@@ -70,6 +70,7 @@ SCALES = {
         corpus="installed",
         architecture="encoder_decoder",
         capacity_factor=1.25,
+        corpus_bytes=10_000_000,
     ),
     "smoke": dict(
         experts="2,4",
@@ -94,6 +95,7 @@ SCALES = {
         corpus="stdlib",
         architecture="encoder_decoder",
         capacity_factor=1.25,
+        corpus_bytes=10_000_000,
     ),
     # Unmeasured (no accelerator this session): Switch-Base-like layout at d_model 512. The
     # embedded corpus (1.6 MB) would be repeated ~100 times: prefer --task=c4_v301_span_corruption
@@ -121,6 +123,7 @@ SCALES = {
         corpus="installed",
         architecture="encoder_decoder",
         capacity_factor=1.25,
+        corpus_bytes=10_000_000,
     ),
     # Issue 22's levers against the `cpu` design's flat result: a decoder-only LM (every token
     # a target: 2,048 targets per step instead of span corruption's ~512), every FFN a Switch
@@ -149,11 +152,44 @@ SCALES = {
         corpus="installed",
         architecture="decoder_only",
         capacity_factor=2.0,
+        corpus_bytes=10_000_000,
+    ),
+    # The design that shows the effect on 2 CPU cores (docs/benchmarks.md §2.6): a model small
+    # enough to read ~6.5 M tokens per run in ~6 minutes (d_model 64, 2 layers, vocab 1024, so
+    # the FFNs are most of the FLOPs), i.e. ~25 tokens per dense parameter, where a model is
+    # limited by its parameters and more of them at the same FLOPs (experts) should pay; a
+    # decoder-only LM (every token a target), every FFN a Switch layer, capacity 2.0.
+    "lm": dict(
+        experts="2,8,32",
+        seeds=3,
+        steps=1600,
+        batch_size=32,
+        inputs_length=0,
+        targets_length=128,
+        d_model=64,
+        d_ff=256,
+        heads=4,
+        layers=2,
+        sparse_every=1,
+        vocab_size=1024,
+        learning_rate=0.03,
+        eval_every=200,
+        eval_batches=8,
+        eval_batch_size=32,
+        dtype="float32",
+        dispatch="auto",
+        group_size=4096,
+        corpus="installed",
+        architecture="decoder_only",
+        capacity_factor=2.0,
+        corpus_bytes=24_000_000,  # ~1 pass over the text in 6.5 M tokens at vocab 1024
     ),
 }
 ARCHITECTURES = ("encoder_decoder", "decoder_only")
 # Scales whose default phases are not "scaling,distill".
-PHASES = {"pilot": "scaling"}
+PHASES = {"pilot": "scaling", "lm": "scaling,upcycle,distill"}
+# Settings a resumed --out must share with the run that wrote it (seeds and experts may grow).
+RUN_DEFINING = [k for k in SCALES["cpu"] if k not in ("experts", "seeds")]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -162,7 +198,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--phases",
         default=None,
-        help="comma list of scaling, distill, checks (default scaling,distill; pilot: scaling)",
+        help="comma list of scaling, upcycle, distill, checks (default scaling,distill; "
+        "pilot: scaling; lm: scaling,upcycle,distill)",
     )
     p.add_argument("--out", default=None, help="default out/scaling_<scale>")
     p.add_argument("--no_plots", action="store_true", help="skip the PNGs (no matplotlib)")
@@ -174,7 +211,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="default: the corpus' span-corruption or LM task (--architecture)",
     )
-    p.add_argument("--corpus_bytes", type=int, default=10_000_000, help="cap of --corpus=installed")
+    p.add_argument(
+        "--upcycle_experts", type=int, default=None, help="phase upcycle's E (default 8, or max)"
+    )
+    p.add_argument(
+        "--upcycle_at", type=int, default=None, help="the dense step it upcycles (default half)"
+    )
     for name, value in SCALES["cpu"].items():
         p.add_argument(f"--{name}", type=type(value), default=None)
     args = p.parse_args(argv)
@@ -183,6 +225,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, name, value)
     args.experts = [int(e) for e in str(args.experts).split(",") if e]
     args.distill_experts = args.distill_experts or max(args.experts)
+    args.upcycle_experts = args.upcycle_experts or (8 if 8 in args.experts else max(args.experts))
+    if args.upcycle_at is None:
+        args.upcycle_at = args.steps // 2 // args.eval_every * args.eval_every
     phases = args.phases or PHASES.get(args.scale, "scaling,distill")
     args.phases = [x for x in phases.split(",") if x]
     args.out = args.out or os.path.join("out", f"scaling_{args.scale}")
@@ -198,6 +243,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--inputs_length must be >= 1 for --architecture=encoder_decoder")
     if args.eval_every < 1 or args.steps < args.eval_every:
         p.error("--eval_every must be in [1, --steps]")
+    if not 0 < args.upcycle_at < args.steps or args.upcycle_at % args.eval_every:
+        p.error("--upcycle_at must be a multiple of --eval_every in (0, --steps)")
     return args
 
 
@@ -218,6 +265,20 @@ def check_extras(args) -> None:
             "reproduce_scaling.py needs the extras: "
             + ", ".join(missing)
             + ". Install them with: pip install -e '.[data,plot]'"
+        )
+
+
+def check_same_run(args, saved: dict, path: str) -> None:
+    """A resumed --out must hold runs of the same design (more seeds or experts are fine)."""
+    differ = [
+        f"{k}: {saved[k]!r} there, {getattr(args, k)!r} now"
+        for k in RUN_DEFINING
+        if k in saved and saved[k] != getattr(args, k)
+    ]
+    if differ:
+        sys.exit(
+            f"{path} holds runs of other settings ({'; '.join(differ)}): pass those settings "
+            "to resume it, or another --out"
         )
 
 
@@ -280,12 +341,15 @@ def run_scaling(args, trainer, train, val, results: dict, flush, seed: int) -> N
     teachers = os.path.join(args.out, "teachers")
     os.makedirs(teachers, exist_ok=True)
     for name, experts in models:
+        teacher = os.path.join(teachers, f"switch-{experts}-s{seed}.npz")
+        if str(seed) in results["runs"].get(name, {}) and (not experts or os.path.exists(teacher)):
+            continue  # finished in an earlier invocation
         trainer.setup(name, model_config(args, experts))
         state = trainer.init(name, seed)
         record, state = trainer.run(f"{name} s{seed}", name, state, train[seed], val)
         results["runs"].setdefault(name, {})[str(seed)] = record
         if experts:  # every Switch model: `--phases=distill --distill_experts=E` picks one later
-            save_params(os.path.join(teachers, f"switch-{experts}-s{seed}.npz"), state.params)
+            save_params(teacher, state.params)
         flush()
 
 
@@ -299,6 +363,8 @@ def run_checks(args, trainer, train, val, results: dict, flush, seed: int) -> No
         "init-scale-1.0": base.replace(init_scale=1.0),
     }
     for name, cfg in variants.items():
+        if str(seed) in results["checks"].get(name, {}):
+            continue
         trainer.setup(name, cfg)
         record, _ = trainer.run(f"{name} s{seed}", name, trainer.init(name, seed), train[seed], val)
         record["against"] = f"switch-{args.distill_experts}"
@@ -315,11 +381,12 @@ def main(argv=None) -> None:
     jax.config.update("jax_compilation_cache_dir", os.path.join(args.out, ".jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     path = os.path.join(args.out, "results.json")
-    results = {"runs": {}, "distill": {}, "checks": {}}
-    if "scaling" not in args.phases and os.path.exists(path):  # add to an earlier run's results
+    results = {"runs": {}, "distill": {}, "checks": {}, "upcycle": {}}
+    if os.path.exists(path):  # resume: what is in results.json is not trained again
         with open(path) as f:
             saved = json.load(f)
-        results.update({k: v for k, v in saved.items() if k in ("runs", "distill", "checks")})
+        check_same_run(args, saved.get("args", {}), path)
+        results.update({k: v for k, v in saved.items() if k in results})
     t_start = time.perf_counter()
 
     def flush() -> None:
@@ -335,11 +402,14 @@ def main(argv=None) -> None:
     results["args"] = vars(args)
     trainer = scaling_trainer.Trainer(args)
     import distill_phase  # noqa: PLC0415 (scripts/, next to this file)
+    import upcycle_phase  # noqa: PLC0415
 
     # Seed-major: one complete set (models, then the distillation of that seed's teacher) early.
     for seed in range(args.seeds):
         if "scaling" in args.phases:
             run_scaling(args, trainer, train, val, results, flush, seed)
+        if "upcycle" in args.phases:
+            upcycle_phase.run(args, trainer, train, val, results, flush, model_config, seed)
         if "checks" in args.phases:
             run_checks(args, trainer, train, val, results, flush, seed)
         if "distill" in args.phases:

@@ -79,7 +79,38 @@ def summarise(results: dict) -> dict:
                 reached=sum(x is not None for x in step_up),
             )
         out[name] = row
-    return {"models": out, "distill": _distill_summary(results)}
+    return {
+        "models": out,
+        "distill": _distill_summary(results),
+        "upcycle": _upcycle_summary(results),
+    }
+
+
+def _upcycle_summary(results: dict) -> dict:
+    """Upcycled Switch vs the same seed's dense run continued (and its Switch from scratch)."""
+    runs, out = results["runs"], {}
+    for name, seeds in results.get("upcycle", {}).items():
+        dense, scratch = runs.get("dense", {}), runs.get(f"switch-{_experts(name)}", {})
+        row = {k: [] for k in ("final", "gain", "vs_scratch", "initial", "at", "agree", "speedup")}
+        for seed, run in seeds.items():
+            at, final = run["upcycled_at"], _final(run)
+            row["final"].append(final)
+            row["initial"].append(run["initial_val_loss"])
+            row["at"].append(run["dense_at"])
+            if seed in scratch:
+                row["vs_scratch"].append(_final(scratch[seed]) - final)
+            if seed not in dense:
+                continue
+            d = dense[seed]["curve"]
+            row["gain"].append(_final(dense[seed]) - final)
+            # The re-trained dense state at `at` must be the scaling run's (same init, batches).
+            row["agree"] += [abs(p["val_loss"] - run["dense_at"]) for p in d if p["step"] == at]
+            reach = steps_to_reach(run["curve"], _final(dense[seed]))
+            row["speedup"].append((d[-1]["step"] - at) / (reach - at) if reach else None)
+        out[name] = {k: _stats(v) for k, v in row.items()}
+        out[name]["upcycled_at"] = next(iter(seeds.values()))["upcycled_at"]
+        out[name]["agree"]["max"] = max(row["agree"], default=None)
+    return out
 
 
 def _costs(records) -> dict:
@@ -197,6 +228,26 @@ def markdown(summary: dict, results: dict) -> str:
                 + f" ({kept['n']} of {seeds} seeds had a teacher better than dense)"
             )
             lines.append(f"| {variant} | {_fmt(row['final'], 4)} | {pct} |")
+    for name, row in summary.get("upcycle", {}).items():
+        at, experts = row["upcycled_at"], _experts(name)
+        gain, ratio = _gain(row["gain"])
+        scratch, _ = _gain(row["vs_scratch"])
+        agree = row["agree"]["max"]
+        lines += [
+            "",
+            f"| {name}, from dense step {at} | dense at step {at} | upcycled, before training | "
+            f"final val loss | gain over dense continued (paired ± SE) | gain / SE | over "
+            f"Switch-{experts} from scratch | extra steps to dense's final: speedup |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| {row['final']['n']} seeds | {_fmt(row['at'], 4)} | {_fmt(row['initial'], 4)} | "
+            f"{_fmt(row['final'], 4)} | {gain} | {ratio} | {scratch} | "
+            f"{_fmt(row['speedup'], 2)} |",
+            "",
+            f"(the dense state it starts from, trained again, is the scaling run's: validation "
+            f"loss at step {at} within "
+            + ("-" if agree is None else f"{agree:.1e}")
+            + " of that run's)",
+        ]
     checks = results.get("checks") or {}
     if checks:
         lines += [
@@ -330,7 +381,42 @@ def plot(summary: dict, results: dict, out: str) -> list[str]:
         ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
         ax.set(ylabel="final validation loss", title="Distillation into the dense twin")
         save(fig, "distill.png")
+    if summary.get("upcycle"):
+        paths.append(_plot_upcycle(results, out, plt))
     return paths
+
+
+def _mean_curve(seeds: dict, start: int = 0):
+    curves = [[p for p in r["curve"] if p["step"] >= start] for r in seeds.values()]
+    n = min(len(c) for c in curves)
+    steps = [p["step"] for p in curves[0][:n]]
+    return steps, np.mean([[p["val_loss"] for p in c[:n]] for c in curves], 0)
+
+
+def _plot_upcycle(results: dict, out: str, plt) -> str:
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=80)
+    for name, seeds in results["upcycle"].items():
+        at = next(iter(seeds.values()))["upcycled_at"]
+        scratch = f"switch-{_experts(name)}"
+        lines = [("dense", "dense (continued past the checkpoint)", "black")]
+        lines += [(scratch, f"{scratch} from scratch", "tab:blue")]
+        for key, label, color in lines:
+            if key in results["runs"]:
+                ax.plot(*_mean_curve(results["runs"][key], at), label=label, color=color)
+        steps, loss = _mean_curve(seeds)
+        ax.plot(steps, loss, label=f"{name} from dense step {at}", color="tab:red", marker="o")
+        ax.axvline(at, color="gray", ls=":", lw=0.8)
+        ax.set(
+            xlabel="training step",
+            ylabel="validation cross-entropy (nats)",
+            title=f"Sparse upcycling at equal FLOPs/token (mean of {len(seeds)} seeds)",
+        )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out, "upcycle.png")
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def report(results: dict, out: str, *, plots: bool = True) -> dict:

@@ -26,22 +26,28 @@ def lm_results(tmp_path_factory):
         jax.config.jax_compilation_cache_dir,
         jax.config.jax_persistent_cache_min_compile_time_secs,
     )
+    flags = [
+        "--scale=smoke",
+        "--architecture=decoder_only",
+        f"--targets_length={LENGTH}",
+        f"--experts={EXPERTS}",
+        f"--layers={LAYERS}",
+        f"--steps={STEPS}",
+        "--eval_every=2",
+        "--eval_batches=1",
+        "--capacity_factor=1.0",
+        "--no_plots",
+        "--phases=scaling,upcycle,distill",
+        f"--out={out}",
+    ]
     try:
-        reproduce_scaling.main(
-            [
-                "--scale=smoke",
-                "--architecture=decoder_only",
-                f"--targets_length={LENGTH}",
-                f"--experts={EXPERTS}",
-                f"--layers={LAYERS}",
-                f"--steps={STEPS}",
-                "--eval_every=2",
-                "--eval_batches=1",
-                "--capacity_factor=1.0",
-                "--no_plots",
-                f"--out={out}",
-            ]
-        )
+        reproduce_scaling.main(flags)
+        with open(os.path.join(out, "results.json")) as f:
+            first = json.load(f)
+        # Resumed: everything is in results.json, so nothing trains again (timings unchanged).
+        reproduce_scaling.main(flags)
+        with pytest.raises(SystemExit, match="steps: 4 there, 6 now"):
+            reproduce_scaling.main(flags + ["--steps=6"])
     finally:
         jax.config.update("jax_compilation_cache_dir", cache[0])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", cache[1])
@@ -52,7 +58,11 @@ def lm_results(tmp_path_factory):
         for name in ("embedded_span_corruption", "embedded_lm"):
             registry.forget(name)
     with open(os.path.join(out, "results.json")) as f:
-        return json.load(f), out
+        resumed = json.load(f)
+    assert {k: resumed[k] for k in first if k != "total_s"} == {
+        k: v for k, v in first.items() if k != "total_s"
+    }
+    return resumed, out
 
 
 @pytest.mark.slow
@@ -80,6 +90,24 @@ def test_decoder_only_lm_run(lm_results):
     assert os.path.exists(os.path.join(out, "summary.md"))
 
 
+@pytest.mark.slow
+def test_upcycle_phase(lm_results):
+    results, _ = lm_results
+    runs = results["upcycle"][f"upcycled-{EXPERTS}"]
+    assert sorted(runs) == ["0", "1"]
+    for seed, run in runs.items():
+        dense = {p["step"]: p["val_loss"] for p in results["runs"]["dense"][seed]["curve"]}
+        # The dense state it starts from is the scaling phase's dense run at that step.
+        assert run["upcycled_at"] == STEPS // 2
+        assert run["dense_at"] == pytest.approx(dense[STEPS // 2], abs=1e-6)
+        # Its curve starts at the checkpoint (before training) and counts whole-run steps.
+        assert [p["step"] for p in run["curve"]] == [2, 4]
+        assert run["curve"][0]["val_loss"] == run["initial_val_loss"]
+        assert np.isfinite(run["curve"][-1]["val_loss"])
+    summary = scaling_report.summarise(results)["upcycle"][f"upcycled-{EXPERTS}"]
+    assert summary["agree"]["max"] < 1e-6 and summary["final"]["n"] == 2
+
+
 def test_model_config_options():
     args = reproduce_scaling.parse_args(
         ["--scale=pilot", "--capacity_factor=1.5", "--layers=3", "--sparse_every=2"]
@@ -94,6 +122,9 @@ def test_model_config_options():
     assert [cfg.is_sparse(i) for i in range(3)] == [False, True, False]
     assert args.phases == ["scaling"]
     assert reproduce_scaling.parse_args(["--scale=cpu"]).phases == ["scaling", "distill"]
+    lm = reproduce_scaling.parse_args(["--scale=lm"])
+    assert lm.phases == ["scaling", "upcycle", "distill"]
+    assert (lm.upcycle_experts, lm.upcycle_at) == (8, 800)
 
 
 @pytest.mark.parametrize(
@@ -102,6 +133,7 @@ def test_model_config_options():
         (["--architecture=decoder"], "--architecture must be one of"),
         (["--capacity_factor=0"], "--capacity_factor=0.0 must be > 0"),
         (["--scale=pilot", "--architecture=encoder_decoder"], "--inputs_length must be >= 1"),
+        (["--upcycle_at=25"], "--upcycle_at must be a multiple of --eval_every"),
     ],
 )
 def test_bad_flags_name_the_flag(flags, message, capsys):
@@ -140,6 +172,35 @@ def _run(final: float, step_ms: float = 10.0) -> dict:
     curve = [{"step": 10, "train_s": 1.0, "val_loss": final + 1.0, "fraction_dropped": 0.1}]
     curve.append({"step": 20, "train_s": 2.0, "val_loss": final})
     return {"curve": curve, "step_ms": step_ms, "run_fraction_dropped": 0.05}
+
+
+def test_upcycle_summary_against_hand_values():
+    dense = {str(s): _run(v) for s, v in enumerate([5.0, 5.2])}
+    for run in dense.values():
+        run["curve"].insert(0, {"step": 0, "train_s": 0.0, "val_loss": 9.0})
+    upcycled = {}
+    for seed, final in enumerate([4.8, 5.1]):
+        run = _run(final)
+        run["curve"][0].update(step=10, val_loss=6.5)
+        run.update(upcycled_at=10, dense_at=dense[str(seed)]["curve"][1]["val_loss"])
+        upcycled[str(seed)] = {**run, "initial_val_loss": 6.5}
+    results = {
+        "args": {"steps": 20, "tokens": {}},
+        "runs": {"dense": dense, "switch-8": {str(s): _run(v) for s, v in enumerate([4.9, 5.0])}},
+        "upcycle": {"upcycled-8": upcycled},
+    }
+    row = scaling_report.summarise(results)["upcycle"]["upcycled-8"]
+    assert row["gain"]["mean"] == pytest.approx((0.2 + 0.1) / 2)
+    assert row["vs_scratch"]["mean"] == pytest.approx((0.1 - 0.1) / 2)
+    assert row["agree"]["max"] == 0.0
+    # Dense needs 10 steps past step 10 for its final loss; the upcycled run of seed 0 reaches
+    # 5.0 at 10 + 10 * 1.5/1.7 (interpolated between 6.5 at step 10 and 4.8 at 20).
+    # Seed 1: 5.2 reached at 10 + 10 * 1.3/1.4.
+    assert row["speedup"]["mean"] == pytest.approx((1.7 / 1.5 + 1.4 / 1.3) / 2)
+    assert (
+        "| 2 seeds | 6.1000 ± 0.1414 | 6.5000 ± 0.0000 | 4.9500 ± 0.2121 | +0.1500 ± 0.0500 | +3.0 |"
+        in scaling_report.markdown(scaling_report.summarise(results), results)
+    )
 
 
 def test_paired_gain_standard_error():

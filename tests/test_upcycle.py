@@ -61,6 +61,12 @@ def test_upcycled_model_computes_the_dense_model_when_every_expert_is_chosen(den
     with switch_run.partitioner.activate():
         fresh = switch_run.setup.init_state().params
         params = upcycle.upcycled_params(dense_dir, fresh)
+        # The in-memory path (reproduce_scaling's upcycle phase) makes the same parameters.
+        in_memory = upcycle.upcycle(upcycle.flat_values(dense_params), fresh)
+    for (path, restored), (_, made) in zip(
+        nnx.to_flat_state(params), nnx.to_flat_state(in_memory), strict=True
+    ):
+        np.testing.assert_array_equal(restored.get_value(), made.get_value(), err_msg=str(path))
     flat = dict(nnx.to_flat_state(params))
     fresh_flat = dict(nnx.to_flat_state(fresh))
     dense_flat = dict(nnx.to_flat_state(dense_params))

@@ -101,10 +101,25 @@ def upcycled_params(path: str, fresh_params):
         )["params"]
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(checkpoints._explain(step_dir, e)) from None
-    dense = {_key(n): x for n, x in checkpoints._flatten(restored)}
+    return upcycle({_key(n): x for n, x in checkpoints._flatten(restored)}, fresh_params)
+
+
+def flat_values(params) -> dict:
+    """{name: array} of an nnx.State of parameters (the names `plan` and `upcycle` use)."""
+    return {_name(path): var.get_value() for path, var in nnx.to_flat_state(params)}
+
+
+def upcycle(dense: dict, fresh_params):
+    """The Switch parameters made from a dense model's `dense` = {name: array} (flat_values of
+    its parameters, in memory or restored) on the shardings of `fresh_params`."""
+    fresh = nnx.to_flat_state(fresh_params)
+    leaves = {
+        _name(path): (var.shape, var.get_metadata().get("out_sharding")) for path, var in fresh
+    }
+    how = plan({n: tuple(x.shape) for n, x in dense.items()}, leaves)
     upcycled = [
         (path, var.replace(value=_make(how[_name(path)], dense.get(_name(path)), var.get_value())))
-        for path, var in nnx.to_flat_state(fresh_params)
+        for path, var in fresh
     ]
     return nnx.from_flat_state(upcycled)
 
@@ -112,8 +127,8 @@ def upcycled_params(path: str, fresh_params):
 def _make(how, dense, fresh):
     if how == "fresh":
         return fresh
-    if how == "copy":
-        return dense
+    if how == "copy":  # a no-op for a restored leaf; an in-memory one may sit elsewhere
+        return jax.device_put(dense, fresh.sharding)
     axis = how[1]
     expand = jax.jit(
         lambda w: jnp.broadcast_to(jnp.expand_dims(w, axis), fresh.shape).astype(fresh.dtype),
