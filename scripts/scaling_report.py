@@ -211,6 +211,8 @@ def markdown(summary: dict, results: dict) -> str:
             f"{_fmt(row['time_speedup'], 2)} |"
         )
     lines += _seeds_table(results) + _costs_table(summary, results)
+    if not summary["models"]:  # e.g. only --phases=upcycle in this --out
+        lines = []
     if summary["distill"]:
         lines += [
             "",
@@ -286,6 +288,8 @@ def plot(summary: dict, results: dict, out: str) -> list[str]:
         fig.savefig(paths[-1])
         plt.close(fig)
 
+    if not results["runs"]:  # e.g. only --phases=upcycle in this --out
+        return [_plot_upcycle(results, out, plt)] if summary.get("upcycle") else []
     for key, label, fname in (
         ("step", "training step", "loss_vs_step.png"),
         ("train_s", "training seconds (shared 2-core CPU)", "loss_vs_time.png"),
