@@ -177,8 +177,8 @@ class Checkpoints:
         except _READ_ERRORS as e:
             logging.debug("restore of %s failed", step_dir, exc_info=True)
             raise CheckpointError(
-                f"{_explain(step_dir, e)} (left as is: move that step directory away to resume "
-                f"from an earlier checkpoint)"
+                f"{explain_restore_error(step_dir, e)} (left as is: move that step directory away "
+                f"to resume from an earlier checkpoint)"
             ) from None
         return restored[model_dir_lib.STATE], restored[model_dir_lib.META]
 
@@ -189,7 +189,7 @@ class Checkpoints:
         try:
             return read_meta(os.fspath(step_dir)).get("settings")
         except _READ_ERRORS as e:
-            raise CheckpointError(_explain(step_dir, e)) from None
+            raise CheckpointError(explain_restore_error(step_dir, e)) from None
 
     def check_free_space(self, abstract_state, keep: int) -> None:
         """Refuse to start when the disk cannot hold the checkpoints the run will keep.
@@ -297,7 +297,7 @@ def restore_params(path: str, abstract_params):
     except CheckpointError:
         raise
     except _READ_ERRORS as e:
-        raise CheckpointError(_explain(step_dir, e)) from None
+        raise CheckpointError(explain_restore_error(step_dir, e)) from None
     return restored["params"]
 
 
@@ -346,8 +346,8 @@ def restore_state(path: str, abstract_state):
         raise
     except _READ_ERRORS as e:
         raise CheckpointError(
-            f"{_explain(step_dir, e)} (INIT_RESTORE='all' needs the same optimizer settings; "
-            f"INIT_RESTORE='params' restores the parameters only)"
+            f"{explain_restore_error(step_dir, e)} (INIT_RESTORE='all' needs the same optimizer "
+            f"settings; INIT_RESTORE='params' restores the parameters only)"
         ) from None
 
 
@@ -355,8 +355,8 @@ def _check_param_shapes(saved, expected, step_dir) -> None:
     """Name every parameter that differs, so a wrong --init_checkpoint is obvious."""
     if saved is None:
         raise CheckpointError(f"{step_dir} has no parameters")
-    saved_flat = dict(_flatten(saved))
-    expected_flat = dict(_flatten(expected))
+    saved_flat = dict(flat_leaves(saved))
+    expected_flat = dict(flat_leaves(expected))
     problems = [f"missing {k}" for k in expected_flat if k not in saved_flat]
     problems += [f"unexpected {k}" for k in saved_flat if k not in expected_flat]
     problems += [
@@ -371,7 +371,7 @@ def _check_param_shapes(saved, expected, step_dir) -> None:
         raise CheckpointError(f"checkpoint {step_dir} does not match the model: {shown}")
 
 
-def _flatten(tree):
+def flat_leaves(tree):
     """(path, leaf) pairs with paths spelled the same for saved metadata and live trees."""
 
     def name(k) -> str:
@@ -384,7 +384,8 @@ def _flatten(tree):
     return [("/".join(name(k) for k in path), leaf) for path, leaf in leaves]
 
 
-def _explain(step_dir, error: Exception) -> str:
+def explain_restore_error(step_dir, error: Exception) -> str:
+    """One line for a checkpoint that cannot be restored: the first line of the cause."""
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     # TensorStore appends the repr of a bound method and its whole spec: noise, not a cause.
     first = re.split(r"\.? See full TensorStore details|<bound method", first)[0]

@@ -72,11 +72,11 @@ def upcycled_params(path: str, fresh_params):
     try:
         saved = checkpointer.metadata(state_dir).item_metadata.tree.get("params")
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint gets the same one line
-        raise CheckpointError(checkpoints._explain(step_dir, e)) from None
+        raise CheckpointError(checkpoints.explain_restore_error(step_dir, e)) from None
     if saved is None:
         raise CheckpointError(f"{step_dir} has no parameters")
     switch = {_name(path): var for path, var in nnx.to_flat_state(fresh_params)}
-    dense_shapes = {_key(n): tuple(leaf.shape) for n, leaf in checkpoints._flatten(saved)}
+    dense_shapes = {_key(n): tuple(leaf.shape) for n, leaf in checkpoints.flat_leaves(saved)}
     leaves = {n: (var.shape, var.get_metadata().get("out_sharding")) for n, var in switch.items()}
     how = plan(dense_shapes, leaves)
     mesh = next(iter(switch.values())).get_value().sharding.mesh
@@ -87,7 +87,7 @@ def upcycled_params(path: str, fresh_params):
         sharding = replicated if fresh is None else fresh.sharding
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
-    saved_names = [n for n, _ in checkpoints._flatten(saved)]
+    saved_names = [n for n, _ in checkpoints.flat_leaves(saved)]
     targets = [target(n, x) for n, x in zip(saved_names, jax.tree.leaves(saved), strict=True)]
     item = {"params": jax.tree.unflatten(jax.tree.structure(saved), targets)}
     try:
@@ -100,8 +100,8 @@ def upcycled_params(path: str, fresh_params):
             ),
         )["params"]
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(checkpoints._explain(step_dir, e)) from None
-    return upcycle({_key(n): x for n, x in checkpoints._flatten(restored)}, fresh_params)
+        raise CheckpointError(checkpoints.explain_restore_error(step_dir, e)) from None
+    return upcycle({_key(n): x for n, x in checkpoints.flat_leaves(restored)}, fresh_params)
 
 
 def flat_values(params) -> dict:
