@@ -1,11 +1,15 @@
-"""Small-scale reproduction of the Switch paper's expert-count trend and its distillation result.
+"""Small-scale reproduction of the Switch paper: dense vs Switch-E, sparse upcycling, distillation.
 
-  python scripts/reproduce_scaling.py                      # --scale=cpu: 76 min on 2 idle cores
+  python scripts/reproduce_scaling.py                      # --scale=lm: every table and PNG of
+                                                           # docs/benchmarks.md §2.1-2.3
   python scripts/reproduce_scaling.py --scale=smoke        # ~3 minutes, checks the whole path
   python scripts/reproduce_scaling.py --scale=gpu          # the larger version for one GPU
-  python scripts/reproduce_scaling.py --scale=pilot        # decoder-only LM pilot, ~25 min
-  python scripts/reproduce_scaling.py --phases=distill     # distillation only, on saved teachers
-  python scripts/scaling_report.py --out=out/scaling       # plots + tables from results.json again
+  python scripts/reproduce_scaling.py --scale=cpu          # the earlier T5 design (§2.4, 76 min)
+  python scripts/reproduce_scaling.py --phases=distill     # one phase, on the saved runs
+  python scripts/scaling_report.py --out=out/scaling_lm    # plots + tables from results.json again
+
+A killed or finished run resumes: every run already in --out/results.json is kept, not trained
+again (the settings that define the runs must match; more --seeds or --experts are added).
 
 `--architecture=decoder_only` trains a plain LM (the corpus' LM task: every token a target)
 instead of T5 on span corruption; `--capacity_factor` sets the training capacity (or pass
@@ -13,7 +17,9 @@ instead of T5 on span corruption; `--capacity_factor` sets the training capacity
 batches, the dense baseline and Switch models with E experts at equal FLOPs per token (same
 shapes, every FFN of the `--sparse_every` pattern a Switch layer), for each of --seeds seeds
 (seed s = init seed s and data order s, shared by all models so that differences between models
-are paired). Phase `distill` distils each seed's Switch teacher
+are paired). Phase `upcycle` (scripts/upcycle_phase.py) upcycles each seed's dense run at
+--upcycle_at into Switch-E (--upcycle_experts) and trains it on that run's remaining batches,
+beside the dense run continued. Phase `distill` distils each seed's Switch teacher
 (--distill_experts) into its dense twin with switch_jax.training.distill (student
 initialised from the teacher's non-expert weights, 0.25 x soft + 0.75 x hard loss; paper §4.2),
 plus, for seed 0, the two ablations of Table 6 (init only, distillation without init). Phase
@@ -22,7 +28,8 @@ the 1.0x init scale (Table 3). Outputs in --out:
   results.json       every run's validation curve (step, training seconds, dropped fraction,
                      busiest / idlest expert), step time, per-layer expert loads, tokens read
   teachers/          each seed's Switch parameters (phase `distill` reads --distill_experts')
-  *.png              loss vs step / vs wall-clock, step speedup vs experts, distillation gain kept
+  *.png              loss vs step / vs wall-clock, step speedup vs experts, distillation gain
+                     kept, upcycled vs continued dense
 Needs the `data` and `plot` extras (pip install -e '.[data,plot]'); both are checked first.
 """
 
@@ -194,7 +201,7 @@ RUN_DEFINING = [k for k in SCALES["cpu"] if k not in ("experts", "seeds")]
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    p.add_argument("--scale", choices=sorted(SCALES), default="lm")
     p.add_argument(
         "--phases",
         default=None,
