@@ -440,9 +440,37 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", required=True, help="the --out of reproduce_scaling.py")
     p.add_argument("--no_plots", action="store_true")
+    p.add_argument(
+        "--merge",
+        default="",
+        help="comma list of other --out directories whose phases ran apart (e.g. --phases=upcycle "
+        "in a second process): their runs join this report",
+    )
     args = p.parse_args()
-    with open(os.path.join(args.out, "results.json")) as f:
-        report(json.load(f), args.out, plots=not args.no_plots)
+    results = merged([args.out] + [d for d in args.merge.split(",") if d])
+    report(results, args.out, plots=not args.no_plots)
+
+
+SECTIONS = ("runs", "upcycle", "distill", "checks")
+
+
+def merged(outs: list[str]) -> dict:
+    """The first --out's results.json with every run of the others added (same settings)."""
+    from reproduce_scaling import RUN_DEFINING  # noqa: PLC0415 (scripts/, next to this file)
+
+    loaded = []
+    for out in outs:
+        with open(os.path.join(out, "results.json")) as f:
+            loaded.append(json.load(f))
+    results = loaded[0]
+    for out, other in zip(outs[1:], loaded[1:], strict=True):
+        differ = [k for k in RUN_DEFINING if other["args"].get(k) != results["args"].get(k)]
+        if differ:
+            raise SystemExit(f"{out} has other settings than {outs[0]}: {', '.join(differ)}")
+        for section in SECTIONS:
+            for name, seeds in other.get(section, {}).items():
+                results.setdefault(section, {}).setdefault(name, {}).update(seeds)
+    return results
 
 
 if __name__ == "__main__":
