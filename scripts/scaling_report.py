@@ -135,7 +135,8 @@ def _distill_summary(results: dict) -> dict:
     for variant, seeds in results.get("distill", {}).items():
         kept, finals = [], []
         for seed, run in seeds.items():
-            teacher, dense = runs[run["teacher"]].get(seed), runs["dense"].get(seed)
+            teacher = runs.get(run["teacher"], {}).get(seed)
+            dense = runs.get("dense", {}).get(seed)
             finals.append(_final(run))
             if teacher and dense:
                 gain = _final(dense) - _final(teacher)
