@@ -224,6 +224,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--upcycle_at", type=int, default=None, help="the dense step it upcycles (default half)"
     )
+    p.add_argument(
+        "--upcycle_gates",
+        default="keep,compensate",
+        help="UPCYCLE_GATE values to run (training/upcycle.py): keep, compensate",
+    )
     for name, value in SCALES["cpu"].items():
         p.add_argument(f"--{name}", type=type(value), default=None)
     args = p.parse_args(argv)
@@ -233,6 +238,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.experts = [int(e) for e in str(args.experts).split(",") if e]
     args.distill_experts = args.distill_experts or max(args.experts)
     args.upcycle_experts = args.upcycle_experts or (8 if 8 in args.experts else max(args.experts))
+    args.upcycle_gates = [g for g in args.upcycle_gates.split(",") if g]
+    if not args.upcycle_gates or set(args.upcycle_gates) - {"keep", "compensate"}:
+        p.error("--upcycle_gates must be a comma list of keep, compensate")
     if args.upcycle_at is None:
         args.upcycle_at = args.steps // 2 // args.eval_every * args.eval_every
     phases = args.phases or PHASES.get(args.scale, "scaling,distill")

@@ -400,22 +400,27 @@ def _mean_curve(seeds: dict, start: int = 0):
 
 def _plot_upcycle(results: dict, out: str, plt) -> str:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=80)
-    for name, seeds in results["upcycle"].items():
-        at = next(iter(seeds.values()))["upcycled_at"]
-        scratch = f"switch-{_experts(name)}"
-        lines = [("dense", "dense (continued past the checkpoint)", "black")]
-        lines += [(scratch, f"{scratch} from scratch", "tab:blue")]
-        for key, label, color in lines:
-            if key in results["runs"]:
-                ax.plot(*_mean_curve(results["runs"][key], at), label=label, color=color)
+    variants = results["upcycle"]
+    first = next(iter(next(iter(variants.values())).values()))
+    at, experts = first["upcycled_at"], first["experts"]
+    for key, label, color in (
+        ("dense", "dense (continued past the checkpoint)", "black"),
+        (f"switch-{experts}", f"switch-{experts} from scratch", "tab:blue"),
+    ):
+        if key in results["runs"]:
+            ax.plot(*_mean_curve(results["runs"][key], at), label=label, color=color)
+    colors = ("tab:red", "tab:orange", "tab:green", "tab:purple")
+    for i, (name, seeds) in enumerate(variants.items()):
         steps, loss = _mean_curve(seeds)
-        ax.plot(steps, loss, label=f"{name} from dense step {at}", color="tab:red", marker="o")
-        ax.axvline(at, color="gray", ls=":", lw=0.8)
-        ax.set(
-            xlabel="training step",
-            ylabel="validation cross-entropy (nats)",
-            title=f"Sparse upcycling at equal FLOPs/token (mean of {len(seeds)} seeds)",
-        )
+        color = colors[i % len(colors)]
+        ax.plot(steps, loss, label=f"{name} from dense step {at}", color=color, marker="o", ms=3)
+    ax.axvline(at, color="gray", ls=":", lw=0.8)
+    seeds = min(len(v) for v in variants.values())
+    ax.set(
+        xlabel="training step",
+        ylabel="validation cross-entropy (nats)",
+        title=f"Sparse upcycling at equal FLOPs/token (mean of {seeds} seeds)",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = os.path.join(out, "upcycle.png")

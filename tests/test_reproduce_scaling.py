@@ -104,6 +104,10 @@ def test_upcycle_phase(lm_results):
         assert [p["step"] for p in run["curve"]] == [2, 4]
         assert run["curve"][0]["val_loss"] == run["initial_val_loss"]
         assert np.isfinite(run["curve"][-1]["val_loss"])
+    compensated = results["upcycle"][f"upcycled-{EXPERTS}-compensate"]
+    assert [(r["gate"], r["dense_at"]) for r in compensated.values()] == [
+        ("compensate", r["dense_at"]) for r in runs.values()
+    ]
     summary = scaling_report.summarise(results)["upcycle"][f"upcycled-{EXPERTS}"]
     assert summary["agree"]["max"] < 1e-6 and summary["final"]["n"] == 2
 

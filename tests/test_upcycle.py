@@ -84,11 +84,51 @@ def test_upcycled_model_computes_the_dense_model_when_every_expert_is_chosen(den
     np.testing.assert_allclose(upcycled, dense, rtol=1e-5, atol=1e-5)
 
 
+def test_compensated_top1_model_computes_the_dense_model_while_the_router_is_uniform(
+    dense_dir, tmp_path
+):
+    dense_run = build.build_run(_configs(tmp_path / "d", "ModelConfig.moe = None"))
+    dense_params = checkpoints.restore_params(dense_dir, dense_run.abstract_params)
+    # Top-1 (the default), nothing dropped; a zero router gives every expert p = 1/E.
+    switch_run = build.build_run(_configs(tmp_path / "s", "MoeConfig.dispatch = 'dropless'"))
+    with switch_run.partitioner.activate():
+        fresh = switch_run.setup.init_state().params
+        zeroed = nnx.from_flat_state(
+            [
+                (path, var.replace(value=var.get_value() * 0) if path[-1] == "router" else var)
+                for path, var in nnx.to_flat_state(fresh)
+            ]
+        )
+        kept = upcycle.upcycle(upcycle.flat_values(dense_params), zeroed, gate="keep")
+        compensated = upcycle.upcycle(upcycle.flat_values(dense_params), zeroed, "compensate")
+    flat, kept_flat = dict(nnx.to_flat_state(compensated)), dict(nnx.to_flat_state(kept))
+    mlp = ("encoder", "blocks", 1, "layers", 0, "mlp")
+    np.testing.assert_array_equal(  # only the copies' output kernel is scaled, by E = 8
+        flat[mlp + ("wo",)].get_value(), 8 * kept_flat[mlp + ("wo",)].get_value()
+    )
+    np.testing.assert_array_equal(
+        flat[mlp + ("wi",)].get_value(), kept_flat[mlp + ("wi",)].get_value()
+    )
+
+    batch = model_fixtures.random_batch(switch_run.model_cfg, batch=8, length=8)
+    with switch_run.partitioner.activate():
+        got = {
+            gate: _logits(switch_run, p, batch)
+            for gate, p in (("keep", kept), ("compensate", compensated))
+        }
+    with dense_run.partitioner.activate():
+        dense = _logits(dense_run, dense_params, batch)
+    np.testing.assert_allclose(got["compensate"], dense, rtol=1e-5, atol=1e-5)
+    assert np.abs(got["keep"] - dense).max() > 1e-2  # the plain copies start elsewhere (p = 1/8)
+    with pytest.raises(ValueError, match="gate 'half' must be one of keep, compensate"):
+        upcycle.upcycle(upcycle.flat_values(dense_params), zeroed, "half")
+
+
 def test_upcycle_run_starts_from_the_dense_checkpoint(dense_dir, tmp_path, capsys):
     model_dir = str(tmp_path / "upcycled")
     _train(model_dir, f"INIT_CHECKPOINT = '{dense_dir}'", "INIT_RESTORE = 'upcycle'",
-           "TRAIN_STEPS = 2", "CHECKPOINT_PERIOD = 2")  # fmt: skip
-    assert f"upcycled from {dense_dir}" in capsys.readouterr().out
+           "TRAIN_STEPS = 2", "CHECKPOINT_PERIOD = 2", "UPCYCLE_GATE = 'compensate'")  # fmt: skip
+    assert "routers fresh, gate compensate" in capsys.readouterr().out
     with open(os.path.join(model_dir, "train", "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
@@ -118,3 +158,11 @@ def test_a_fine_tune_says_which_checkpoint_it_started_from(dense_dir, tmp_path, 
            "TRAIN_STEPS = 1", "CHECKPOINT_PERIOD = 1")  # fmt: skip
     out = capsys.readouterr().out
     assert f"initialised from {dense_dir} step 2 (params; fresh optimizer, step 0)" in out
+
+
+def test_a_bad_upcycle_gate_is_one_line():
+    from switch_jax.config.settings import CheckpointConfig  # noqa: PLC0415
+    from switch_jax.models.config import ConfigError  # noqa: PLC0415
+
+    with pytest.raises(ConfigError, match="UPCYCLE_GATE='half' must be one of keep, compensate"):
+        CheckpointConfig(upcycle_gate="half")

@@ -88,6 +88,9 @@ class DataConfig:
         return dict(self.task_feature_lengths)
 
 
+UPCYCLE_GATES = ("keep", "compensate")
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     """Where the run lives and how its Orbax checkpoints are kept."""
@@ -100,6 +103,9 @@ class CheckpointConfig:
     # optimizer state and step continue (T5X's default; TRAIN_STEPS then counts from there).
     # 'upcycle' = a Switch model from a dense run: experts copy its FFNs (training/upcycle.py).
     init_restore: Literal["params", "all", "upcycle"] = resumable("params")
+    # UPCYCLE_GATE (training/upcycle.py): 'keep' = the fresh router's gate multiplies each
+    # copied FFN (~1/E of its output at first); 'compensate' = expert outputs scaled by E.
+    upcycle_gate: Literal["keep", "compensate"] = resumable("keep")
 
     def __post_init__(self):
         for name in ("period", "keep"):
@@ -108,6 +114,10 @@ class CheckpointConfig:
         if self.init_restore not in ("params", "all", "upcycle"):
             raise ConfigError(
                 f"INIT_RESTORE={self.init_restore!r} must be 'params', 'all' or 'upcycle'"
+            )
+        if self.upcycle_gate not in UPCYCLE_GATES:
+            raise ConfigError(
+                f"UPCYCLE_GATE={self.upcycle_gate!r} must be one of {', '.join(UPCYCLE_GATES)}"
             )
         if self.init_restore == "upcycle" and not self.init_checkpoint:
             raise ConfigError("INIT_RESTORE='upcycle' needs INIT_CHECKPOINT: the dense MODEL_DIR")

@@ -340,8 +340,16 @@ def _initial_state(run: build.Run, ckpts, batches):
         return _restore_all(run, init_checkpoint)
     if init_checkpoint and run.configs.checkpoint.init_restore == "upcycle":
         state = setup.init_state()
-        state = state._replace(params=upcycle.upcycled_params(init_checkpoint, state.params))
-        print(f"upcycled from {init_checkpoint}: experts copy its FFNs, routers fresh", flush=True)
+        state = state._replace(
+            params=upcycle.upcycled_params(
+                init_checkpoint, state.params, run.configs.checkpoint.upcycle_gate
+            )
+        )
+        gate = run.configs.checkpoint.upcycle_gate
+        print(
+            f"upcycled from {init_checkpoint}: experts copy its FFNs, routers fresh, gate {gate}",
+            flush=True,
+        )
         return state, 0
     if init_checkpoint:
         params = checkpoints.restore_params(init_checkpoint, run.abstract_params)

@@ -4,9 +4,13 @@ Every expert of a sparse layer starts as a copy of that layer's dense FFN, the r
 fresh initialisation, and every other parameter (attention, norms, embeddings, the dense layers)
 is copied unchanged. The optimizer starts fresh at step 0 (INIT_RESTORE='upcycle').
 
-The gate still multiplies the copied expert, so with top-1 routing a sparse layer's first output
-is p(token) * FFN(token) rather than FFN(token); with every expert chosen (top_k = num_experts,
-nothing dropped) the gates sum to 1 and the upcycled model computes exactly the dense one.
+The gate still multiplies the copied expert. With gate='keep' (T5X's MoE upcycling, the paper's
+setup: copies unchanged) a top-1 sparse layer's first output is p(token) * FFN(token), and a
+fresh router's p is about 1/E, so the upcycled model starts well above the dense model's loss
+(docs/benchmarks.md §2.2 measures the jump); with every expert chosen (top_k = num_experts,
+nothing dropped) the gates sum to 1 and it computes exactly the dense model. gate='compensate'
+scales each copy's output kernel by E, so that p * E * FFN(token) = FFN(token) exactly while the
+router is uniform (and nearly so at its small init): the top-1 model starts at the dense one.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from switch_jax.config.settings import UPCYCLE_GATES as GATES
 from switch_jax.store import checkpoints
 from switch_jax.store import model_dir as model_dir_lib
 from switch_jax.store.checkpoints import CheckpointError
@@ -62,10 +67,10 @@ def plan(dense_shapes: dict, switch_leaves: dict) -> dict:
     return how
 
 
-def upcycled_params(path: str, fresh_params):
+def upcycled_params(path: str, fresh_params, gate: str = "keep"):
     """The Switch parameters upcycled from the dense checkpoint at `path` (a MODEL_DIR or step
     dir), on the shardings of `fresh_params` (an nnx.State of the freshly initialised Switch
-    parameters, whose routers are kept)."""
+    parameters, whose routers are kept); `gate` as for `upcycle`."""
     step_dir = model_dir_lib.resolve_step_dir(path)
     state_dir = model_dir_lib.state_dir(step_dir)
     checkpointer = ocp.PyTreeCheckpointer()
@@ -101,7 +106,8 @@ def upcycled_params(path: str, fresh_params):
         )["params"]
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(checkpoints.explain_restore_error(step_dir, e)) from None
-    return upcycle({_key(n): x for n, x in checkpoints.flat_leaves(restored)}, fresh_params)
+    dense = {_key(n): x for n, x in checkpoints.flat_leaves(restored)}
+    return upcycle(dense, fresh_params, gate)
 
 
 def flat_values(params) -> dict:
@@ -109,26 +115,34 @@ def flat_values(params) -> dict:
     return {_name(path): var.get_value() for path, var in nnx.to_flat_state(params)}
 
 
-def upcycle(dense: dict, fresh_params):
+def upcycle(dense: dict, fresh_params, gate: str = "keep"):
     """The Switch parameters made from a dense model's `dense` = {name: array} (flat_values of
-    its parameters, in memory or restored) on the shardings of `fresh_params`."""
+    its parameters, in memory or restored) on the shardings of `fresh_params`.
+
+    gate: 'keep' copies every FFN unchanged; 'compensate' multiplies the copies' output kernel
+    (wo) by the number of experts, undoing a uniform router's gate of 1/E (module docstring)."""
+    if gate not in GATES:
+        raise ValueError(f"upcycle gate {gate!r} must be one of {', '.join(GATES)}")
     fresh = nnx.to_flat_state(fresh_params)
     leaves = {
         _name(path): (var.shape, var.get_metadata().get("out_sharding")) for path, var in fresh
     }
     how = plan({n: tuple(x.shape) for n, x in dense.items()}, leaves)
-    upcycled = [
-        (path, var.replace(value=_make(how[_name(path)], dense.get(_name(path)), var.get_value())))
-        for path, var in fresh
-    ]
+    upcycled = []
+    for path, var in fresh:
+        name = _name(path)
+        value = _make(how[name], dense.get(name), var.get_value())
+        if gate == "compensate" and how[name] != "copy" and name.split("/")[-1] == "wo":
+            value = value * jnp.asarray(value.shape[how[name][1]], value.dtype)  # x E
+        upcycled.append((path, var.replace(value=value)))
     return nnx.from_flat_state(upcycled)
 
 
 def _make(how, dense, fresh):
     if how == "fresh":
         return fresh
-    if how == "copy":  # a no-op for a restored leaf; an in-memory one may sit elsewhere
-        return jax.device_put(dense, fresh.sharding)
+    if how == "copy":  # never the caller's buffer: a train step donates what it is given
+        return jax.device_put(dense, fresh.sharding, may_alias=False)
     axis = how[1]
     expand = jax.jit(
         lambda w: jnp.broadcast_to(jnp.expand_dims(w, axis), fresh.shape).astype(fresh.dtype),
