@@ -16,6 +16,15 @@ def _final(run: dict) -> float:
     return run["curve"][-1]["val_loss"]
 
 
+# At a constant learning rate the validation loss moves by a few hundredths between evaluations;
+# the mean of the last TAIL evaluations is reported beside the final one.
+TAIL = 3
+
+
+def _tail(run: dict) -> float:
+    return float(np.mean([p["val_loss"] for p in run["curve"][-TAIL:]]))
+
+
 def steps_to_reach(curve: list[dict], target: float, key: str = "step") -> float | None:
     """First `key` value where the validation loss reaches `target` (linear interpolation)."""
     prev = None
@@ -62,7 +71,7 @@ def summarise(results: dict) -> dict:
         row = {"final": _stats([_final(r) for r in seeds.values()]), "seeds": sorted(seeds)}
         row.update(_costs(seeds.values()))
         if name != "dense":
-            step_up, time_up, gap = [], [], []
+            step_up, time_up, gap, tail_gap = [], [], [], []
             for seed, run in seeds.items():
                 if seed not in dense:
                     continue
@@ -72,10 +81,12 @@ def summarise(results: dict) -> dict:
                 step_up.append(d["step"] / s if s else None)
                 time_up.append(d["train_s"] / t if t else None)
                 gap.append(d["val_loss"] - _final(run))
+                tail_gap.append(_tail(dense[seed]) - _tail(run))
             row.update(
                 step_speedup=_stats(step_up),
                 time_speedup=_stats(time_up),
                 gain_over_dense=_stats(gap),
+                tail_gain_over_dense=_stats(tail_gap),
                 reached=sum(x is not None for x in step_up),
             )
         out[name] = row
@@ -133,7 +144,7 @@ def _distill_summary(results: dict) -> dict:
     """Fraction of the teacher's gain over the dense baseline that each student keeps."""
     runs, out = results["runs"], {}
     for variant, seeds in results.get("distill", {}).items():
-        kept, finals = [], []
+        kept, tail_kept, finals = [], [], []
         for seed, run in seeds.items():
             teacher = runs.get(run["teacher"], {}).get(seed)
             dense = runs.get("dense", {}).get(seed)
@@ -141,7 +152,13 @@ def _distill_summary(results: dict) -> dict:
             if teacher and dense:
                 gain = _final(dense) - _final(teacher)
                 kept.append((_final(dense) - _final(run)) / gain if gain > 0 else None)
-        out[variant] = {"final": _stats(finals), "kept": _stats(kept)}
+                gain = _tail(dense) - _tail(teacher)
+                tail_kept.append((_tail(dense) - _tail(run)) / gain if gain > 0 else None)
+        out[variant] = {
+            "final": _stats(finals),
+            "kept": _stats(kept),
+            "tail_kept": _stats(tail_kept),
+        }
     return out
 
 
@@ -198,18 +215,20 @@ def markdown(summary: dict, results: dict) -> str:
     lines = [
         f"| model | final val loss (mean ± std over seeds) | gain over dense (paired, mean ± "
         f"SE) | gain / SE | steps to dense final ({steps}) reached in | step speedup | "
-        "wall-clock speedup |",
-        "|---|---|---|---|---|---|---|",
+        f"wall-clock speedup | gain on the mean of the last {TAIL} evaluations (± SE) | "
+        "gain / SE |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in summary["models"].items():
         if name == "dense":
-            lines.append(f"| dense | {_fmt(row['final'], 4)} | - | - | - | 1.00 | 1.00 |")
+            lines.append(f"| dense | {_fmt(row['final'], 4)} | - | - | - | 1.00 | 1.00 | - | - |")
             continue
         gain, ratio = _gain(row["gain_over_dense"])
+        tail, tail_ratio = _gain(row["tail_gain_over_dense"])
         lines.append(
             f"| {name} | {_fmt(row['final'], 4)} | {gain} | {ratio} | "
             f"{row['reached']}/{len(row['seeds'])} seeds | {_fmt(row['step_speedup'], 2)} | "
-            f"{_fmt(row['time_speedup'], 2)} |"
+            f"{_fmt(row['time_speedup'], 2)} | {tail} | {tail_ratio} |"
         )
     lines += _seeds_table(results) + _costs_table(summary, results)
     if not summary["models"]:  # e.g. only --phases=upcycle in this --out
@@ -217,8 +236,9 @@ def markdown(summary: dict, results: dict) -> str:
     if summary["distill"]:
         lines += [
             "",
-            "| distillation run | final val loss | fraction of the teacher's gain kept |",
-            "|---|---|---|",
+            "| distillation run | final val loss | fraction of the teacher's gain kept | the same "
+            f"on the mean of the last {TAIL} evaluations |",
+            "|---|---|---|---|",
         ]
         for variant, row in summary["distill"].items():
             kept, seeds = row["kept"], row["final"]["n"]
@@ -230,7 +250,14 @@ def markdown(summary: dict, results: dict) -> str:
                 + (f" ± {100 * kept['std']:.0f}" if kept["n"] > 1 else "")
                 + f" ({kept['n']} of {seeds} seeds had a teacher better than dense)"
             )
-            lines.append(f"| {variant} | {_fmt(row['final'], 4)} | {pct} |")
+            tail = row["tail_kept"]
+            tail = (
+                "-"
+                if tail["mean"] is None
+                else f"{100 * tail['mean']:.0f} %"
+                + (f" ± {100 * tail['std']:.0f}" if tail["n"] > 1 else "")
+            )
+            lines.append(f"| {variant} | {_fmt(row['final'], 4)} | {pct} | {tail} |")
     for name, row in summary.get("upcycle", {}).items():
         at, experts = row["upcycled_at"], _experts(name)
         gain, ratio = _gain(row["gain"])
