@@ -53,7 +53,7 @@ SCALES = {
     # 8192) at batch 16 x 128/32, float32 activations (XLA:CPU's batched matmuls are slow in
     # bf16), one MoE group per batch, on the ~10 MB installed-docstrings corpus. 3 seeds x
     # (dense, E = 2, 8, 32) + the distillations fill 76 min of an idle 2-core machine; at these
-    # 1.5 M tokens per run the expert-count trend does not show (docs/benchmarks.md §2.1).
+    # 1.5 M tokens per run the expert-count trend does not show (docs/benchmarks.md §2.4).
     "cpu": dict(
         experts="2,8,32",
         seeds=3,
@@ -161,7 +161,7 @@ SCALES = {
         capacity_factor=2.0,
         corpus_bytes=10_000_000,
     ),
-    # The design that shows the effect on 2 CPU cores (docs/benchmarks.md §2.6): a model small
+    # The design that shows the effect on 2 CPU cores (docs/benchmarks.md §2.1): a model small
     # enough to read ~6.5 M tokens per run in ~6 minutes (d_model 64, 2 layers, vocab 1024, so
     # the FFNs are most of the FLOPs), i.e. ~25 tokens per dense parameter, where a model is
     # limited by its parameters and more of them at the same FLOPs (experts) should pay; a

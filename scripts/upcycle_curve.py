@@ -1,4 +1,4 @@
-"""Sparse upcycling vs continuing dense, from the same dense checkpoint (docs/benchmarks.md §2.4).
+"""Sparse upcycling vs continuing dense, from the same dense checkpoint (docs/benchmarks.md §2.2).
 
   python scripts/upcycle_curve.py --out=out/upcycle            # ~10 minutes on 2 idle CPU cores
   python scripts/upcycle_curve.py --dense_steps=20 --extra_steps=20 --out=/tmp/up   # smoke
