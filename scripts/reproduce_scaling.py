@@ -283,13 +283,18 @@ def check_extras(args) -> None:
         )
 
 
+def settings_differ(saved: dict, now: dict) -> list[str]:
+    """The run-defining settings two runs' args disagree on, as 'k: saved there, now now'."""
+    return [
+        f"{k}: {saved[k]!r} there, {now.get(k)!r} now"
+        for k in RUN_DEFINING
+        if k in saved and saved[k] != now.get(k)
+    ]
+
+
 def check_same_run(args, saved: dict, path: str) -> None:
     """A resumed --out must hold runs of the same design (more seeds or experts are fine)."""
-    differ = [
-        f"{k}: {saved[k]!r} there, {getattr(args, k)!r} now"
-        for k in RUN_DEFINING
-        if k in saved and saved[k] != getattr(args, k)
-    ]
+    differ = settings_differ(saved, vars(args))
     if differ:
         sys.exit(
             f"{path} holds runs of other settings ({'; '.join(differ)}): pass those settings "

@@ -489,7 +489,7 @@ SECTIONS = ("runs", "upcycle", "distill", "checks")
 
 def merged(outs: list[str]) -> dict:
     """The first --out's results.json with every run of the others added (same settings)."""
-    from reproduce_scaling import RUN_DEFINING  # noqa: PLC0415 (scripts/, next to this file)
+    from reproduce_scaling import settings_differ  # noqa: PLC0415 (scripts/, next to this file)
 
     loaded = []
     for out in outs:
@@ -497,7 +497,7 @@ def merged(outs: list[str]) -> dict:
             loaded.append(json.load(f))
     results = loaded[0]
     for out, other in zip(outs[1:], loaded[1:], strict=True):
-        differ = [k for k in RUN_DEFINING if other["args"].get(k) != results["args"].get(k)]
+        differ = settings_differ(other["args"], results["args"])
         if differ:
             raise SystemExit(f"{out} has other settings than {outs[0]}: {', '.join(differ)}")
         for section in SECTIONS:

@@ -339,13 +339,9 @@ def _initial_state(run: build.Run, ckpts, batches):
     if init_checkpoint and run.configs.checkpoint.init_restore == "all":
         return _restore_all(run, init_checkpoint)
     if init_checkpoint and run.configs.checkpoint.init_restore == "upcycle":
-        state = setup.init_state()
-        state = state._replace(
-            params=upcycle.upcycled_params(
-                init_checkpoint, state.params, run.configs.checkpoint.upcycle_gate
-            )
-        )
         gate = run.configs.checkpoint.upcycle_gate
+        state = setup.init_state()
+        state = state._replace(params=upcycle.upcycled_params(init_checkpoint, state.params, gate))
         print(
             f"upcycled from {init_checkpoint}: experts copy its FFNs, routers fresh, gate {gate}",
             flush=True,
