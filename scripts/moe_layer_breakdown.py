@@ -1,6 +1,8 @@
 """Process-CPU-time breakdown of one Switch layer vs the dense FFN at the issue-15 CPU config.
 
     python scripts/moe_layer_breakdown.py      # ~3 min of CPU; figures in docs/benchmarks.md §6
+    python scripts/moe_layer_breakdown.py --only='dense FFN, threefry|scatter, threefry|fused'
+    python scripts/moe_layer_breakdown.py --dtype=float32
 
 One layer fwd+bwd on 4096 tokens (groups of 512), d_model 512, d_ff 2048, 8 experts, capacity
 factor 1.25, dropout 0.1 (expert too), jitter 0.01, per dispatch and PRNG, and an Adafactor
@@ -10,6 +12,7 @@ timed interleaved. CPU time, not wall time, because the development machine is s
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import statistics
 import time
@@ -52,6 +55,11 @@ def adafactor_update(shapes):
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="'|'-separated substrings of row names")
+    parser.add_argument("--dtype", default=BASE.dtype, help="activation dtype of every row")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
     dense = BASE.replace(moe=None)
     variants = [
         ("dense FFN, threefry", dense, False),
@@ -59,22 +67,29 @@ def main() -> None:
         ("sorted, threefry", switch("sorted"), True),
         ("einsum, threefry", switch("einsum"), True),
         ("dropless (blocked), threefry", switch("dropless"), True),
+        ("sorted (fused), threefry", switch("sorted", grouped_matmul="fused"), True),
+        ("dropless (fused), threefry", switch("dropless", grouped_matmul="fused"), True),
         ("dense FFN, rbg", dense.replace(rng_impl="rbg"), False),
         ("scatter, rbg", switch("scatter", "rbg"), True),
         ("dense FFN, no noise", dense.replace(dropout_rate=0.0), False),
         ("scatter, no noise", switch("scatter", jitter_eps=0.0, expert_dropout_rate=0.0), True),
     ]
+    only = [w for w in args.only.split("|") if w]
     names, fns = [], []
     for name, cfg, sparse in variants:
+        if only and not any(w in name for w in only):
+            continue
+        cfg = cfg.replace(dtype=args.dtype)
         t0 = time.process_time()
         fns.append(_ffn_step(cfg, TOKENS, sparse))
         names.append(name)
         print(f"compiled {name}: {time.process_time() - t0:.1f} s CPU", flush=True)
-    fns.append(adafactor_update([(8, 512, 2048), (8, 2048, 512)]))
-    names.append("Adafactor, one layer's expert kernels")
-    fns.append(adafactor_update([(512, 2048), (2048, 512)]))
-    names.append("Adafactor, the dense FFN kernels")
-    wall, cpu = timing.interleaved(fns, 3, warmup=1)
+    if not only or any(w in "Adafactor" for w in only):
+        fns.append(adafactor_update([(8, 512, 2048), (8, 2048, 512)]))
+        names.append("Adafactor, one layer's expert kernels")
+        fns.append(adafactor_update([(512, 2048), (2048, 512)]))
+        names.append("Adafactor, the dense FFN kernels")
+    wall, cpu = timing.interleaved(fns, args.repeats, warmup=1)
     for name, w, c in zip(names, wall, cpu, strict=True):
         print(f"{name:40s} CPU {statistics.median(c):.3f} s  wall {statistics.median(w):.3f} s")
 

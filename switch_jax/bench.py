@@ -23,7 +23,7 @@ import sys
 from absl import flags
 
 from switch_jax import cli
-from switch_jax.models.config import DISPATCHES, ConfigError
+from switch_jax.models.config import DISPATCHES, GROUPED_MATMULS, ConfigError
 from switch_jax.tools.benchmarks import suite
 
 _VARIANTS = cli.define_flag(
@@ -33,7 +33,8 @@ _DISPATCHES = cli.define_flag(
     flags.DEFINE_list,
     "dispatches",
     ["einsum", "scatter", "sorted", "dropless"],
-    "dispatches compared by the dispatches and dispatch variants",
+    "dispatches compared by the dispatches and dispatch variants (DISPATCH or "
+    "DISPATCH:GROUPED_MATMUL, e.g. sorted:fused)",
 )
 _JSON = cli.define_flag(
     flags.DEFINE_bool, "json", False, "print JSON on stdout (the table goes to stderr)"
@@ -80,9 +81,17 @@ def _counts(flag: flags.FlagHolder) -> list[int]:
 def main(argv) -> None:
     if len(argv) > 1:
         raise ConfigError(f"unexpected arguments {list(argv[1:])}; use --gin_file / --gin.NAME=")
-    unknown = sorted(set(_DISPATCHES.value) - set(DISPATCHES) - {"auto"})
+    unknown = sorted(
+        d
+        for d in _DISPATCHES.value
+        if d.partition(":")[0] not in DISPATCHES
+        or d.partition(":")[2] not in GROUPED_MATMULS + ("",)
+    )
     if unknown:
-        raise ConfigError(f"--dispatches: unknown {unknown}; choose from {', '.join(DISPATCHES)}")
+        raise ConfigError(
+            f"--dispatches: unknown {unknown}; choose from {', '.join(DISPATCHES)}, optionally "
+            f"with :GROUPED_MATMUL ({'|'.join(GROUPED_MATMULS)}), e.g. sorted:fused"
+        )
     unknown = sorted(set(_VARIANTS.value) - set(suite.VARIANTS))
     if unknown:
         raise ConfigError(f"--variants: unknown {unknown}; choose from {', '.join(suite.VARIANTS)}")

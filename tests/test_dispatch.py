@@ -4,6 +4,7 @@ device with their all-to-all and no token all-gather; 'auto' resolves per platfo
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import jax
@@ -31,7 +32,7 @@ from tests.test_moe import (
     reference_layer,
 )
 
-IMPLS = ["blocked", "ragged_dot"]  # ragged_dot runs on XLA:CPU too, only slowly
+IMPLS = ["blocked", "ragged_dot", "fused"]  # ragged_dot runs on XLA:CPU too, only slowly
 
 
 def _flat_grads(grads) -> dict:
@@ -84,6 +85,8 @@ def test_sorted_equals_einsum_and_scatter(activation, top_k, prioritized):
         ("relu", 1, "blocked", 3),  # blocks that split segments and leave padding
         ("geglu", 2, "blocked", 128),  # one block larger than all rows
         ("geglu", 2, "ragged_dot", 1),
+        ("geglu", 2, "fused", 4),  # full blocks of 4, tails of 2 and 1
+        ("relu", 1, "fused", 512),  # one tail block per segment
     ],
 )
 def test_dropless_equals_per_token_loop(activation, top_k, impl, block):
@@ -94,6 +97,7 @@ def test_dropless_equals_per_token_loop(activation, top_k, impl, block):
         top_k=top_k,
         grouped_matmul=impl,
         dropless_block_size=block,
+        fused_block_size=block,
     )
     layer = make_layer(cfg)
     x, mask = inputs()
@@ -124,7 +128,13 @@ def test_dropless_gradients_equal_einsum_without_drops(impl):
     cot = np.random.default_rng(6).standard_normal((B, L, D)).astype(np.float32)
     common = dict(top_k=2, capacity_factor_train=float(E), activation="geglu")
     want = _loss_and_grads(make_layer(moe_config(dispatch="einsum", **common), 7), x, mask, cot)
-    cfg = moe_config(dispatch="dropless", grouped_matmul=impl, dropless_block_size=4, **common)
+    cfg = moe_config(
+        dispatch="dropless",
+        grouped_matmul=impl,
+        dropless_block_size=4,
+        fused_block_size=4,
+        **common,
+    )
     got = _loss_and_grads(make_layer(cfg, 7), x, mask, cot)
     assert float(want[1].fraction_dropped) == 0.0
     y1, s1, g1 = got
@@ -132,6 +142,32 @@ def test_dropless_gradients_equal_einsum_without_drops(impl):
     # effective_capacity_factor differs by definition (C = T there); the rest must not.
     s1 = s1._replace(effective_capacity_factor=s2.effective_capacity_factor)
     _assert_same((y1, s1, g1), (y2, s2, g2))
+
+
+@pytest.mark.parametrize("activation", ["relu", "geglu"])
+def test_capacity_dispatches_draw_the_same_expert_dropout(activation):
+    # 'sorted' reads the slot mask einsum and scatter draw: with expert dropout on, every
+    # capacity dispatch and grouped matmul (fused: its own loops and backward) is one function.
+    x, mask = inputs(8)
+    cot = np.random.default_rng(9).standard_normal((B, L, D)).astype(np.float32)
+    keys = Keys(dropout=jax.random.key(4))
+
+    def run(dispatch, impl="auto"):
+        cfg = moe_config(
+            activation=activation,
+            dispatch=dispatch,
+            grouped_matmul=impl,
+            expert_dropout_rate=0.3,
+            fused_block_size=2,
+        )
+        return _loss_and_grads(make_layer(cfg, seed=5), x, mask, cot, keys=keys)
+
+    scatter = run("scatter")
+    assert float(scatter[1].fraction_dropped) > 0.05
+    for impl in IMPLS:
+        _assert_same(run("sorted", impl), scatter)
+    clean = _loss_and_grads(make_layer(moe_config(activation=activation), 5), x, mask, cot)
+    assert not np.allclose(np.asarray(scatter[0]), np.asarray(clean[0])), "no dropout happened"
 
 
 def test_take_rows_backward_is_the_inverse_gather():
@@ -166,7 +202,7 @@ def test_auto_resolves_to_a_capacity_dispatch_per_platform():
 BS, LS, DS, ES = 8, 8, 24, 12  # a d_model and expert count no other dimension shares (HLO)
 
 
-def _layer(p, dispatch, impl):
+def _layer(p, dispatch, impl, **moe_changes):
     moe = MoeConfig(
         num_experts=ES,
         group_size=8,
@@ -175,14 +211,17 @@ def _layer(p, dispatch, impl):
         dispatch=dispatch,
         grouped_matmul=impl,
         dropless_block_size=4,
+        **moe_changes,
     )
     cfg = p.adapt_model_config(moe_config().replace(d_model=DS, d_ff=32, moe=moe), BS)
     return nnx.split(nnx.eval_shape(lambda: MoeLayer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
 
 
-def _loss(graphdef):
+def _loss(graphdef, keys=None):
+    keys = Keys() if keys is None else keys
+
     def loss(params, x, mask):
-        y, stats = nnx.merge(graphdef, params)(x, mask, Keys(), train=True)
+        y, stats = nnx.merge(graphdef, params)(x, mask, keys, train=True)
         return jnp.sum(y * y) + stats.aux_loss, stats.fraction_dropped
 
     return jax.jit(jax.value_and_grad(loss, has_aux=True))
@@ -230,6 +269,8 @@ SHARDED = [
     ("dropless", "ragged_dot", (4, 1, 2)),  # per batch shard, no all-to-all needed
     ("sorted", "ragged_dot", (2, 2, 2)),  # expert parallel: capacity segments + all-to-all
     ("sorted", "ragged_dot", (4, 1, 2)),  # ragged_dot per batch shard in shard_map
+    ("sorted", "fused", (4, 1, 2)),  # the fused FFN per batch shard, d_ff split (psum)
+    ("dropless", "fused", (2, 2, 2)),  # the fused FFN behind the expert all-to-all
 ]
 
 
@@ -254,3 +295,30 @@ def test_sharded_equals_single_device_with_all_to_all(dispatch, impl, mesh_shape
     assert not token_gathers, f"token activations all-gathered: {token_gathers}"
     prob_gathers = [s for s in gathered if s.split(",")[-1] == str(ES)]
     assert not prob_gathers, f"router probabilities all-gathered: {prob_gathers}"
+
+
+def test_sharded_sorted_fused_draws_the_single_device_dropout(layer_inputs):
+    # Rows per batch shard (d_ff over 'model') read their slots of the one global mask.
+    abstract, params, x, mask = layer_inputs
+    keys = Keys(dropout=jax.random.key(11))
+    out = {}
+    for mesh_shape, dispatch, impl in [
+        ((1, 1, 1), "scatter", "auto"),
+        ((4, 1, 2), "sorted", "fused"),
+    ]:
+        devices = jax.devices()[: math.prod(mesh_shape)]
+        p = partitioning.Partitioner(mesh_shape, devices=devices)
+        graphdef, _ = _layer(p, dispatch, impl, expert_dropout_rate=0.5)
+        sharded = jax.device_put(params, p.param_shardings(abstract))
+        batch = p.shard_batch({"x": x, "mask": mask})
+        with p.activate():
+            out[dispatch] = jax.device_get(
+                _loss(graphdef, keys)(sharded, batch["x"], batch["mask"])
+            )
+    ((ref, _), ref_grads), ((got, _), grads) = out["scatter"], out["sorted"]
+    np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)
+    for name in ("wi", "wo", "router"):
+        scale = np.abs(np.asarray(ref_grads[name])).max()
+        np.testing.assert_allclose(
+            np.asarray(grads[name]), np.asarray(ref_grads[name]), rtol=1e-5, atol=1e-5 * scale
+        )

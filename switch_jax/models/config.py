@@ -7,10 +7,11 @@ from typing import Literal
 
 Activation = Literal["relu", "geglu", "gelu"]
 # 'auto' resolves per platform (models/moe.resolve_dispatch): einsum on TPU, the fastest measured
-# path elsewhere (docs/benchmarks.md).
+# path elsewhere (docs/benchmarks.md): 'sorted' with the fused expert FFN on CPU.
 Dispatch = Literal["auto", "einsum", "scatter", "sorted", "dropless"]
 DISPATCHES = ("auto", "einsum", "scatter", "sorted", "dropless")
-GroupedMatmul = Literal["auto", "ragged_dot", "blocked"]
+GroupedMatmul = Literal["auto", "ragged_dot", "blocked", "fused"]
+GROUPED_MATMULS = ("auto", "ragged_dot", "blocked", "fused")
 LayerReduction = Literal["mean", "sum"]
 RngImpl = Literal["threefry", "rbg", "unsafe_rbg"]
 Architecture = Literal["encoder_decoder", "decoder_only"]
@@ -53,10 +54,13 @@ class MoeConfig:
     expert_dropout_rate: float = 0.0
     dispatch: Dispatch = "auto"
     # How 'sorted' / 'dropless' run the experts on their sorted rows: jax.lax.ragged_dot
-    # (GPU/TPU), or dense matmuls over padded per-expert segments ('blocked', fast on CPU).
+    # (GPU/TPU), dense matmuls over padded per-expert segments ('blocked'), or the whole expert
+    # FFN over exactly the kept rows of each expert, block by block ('fused', models/segment_ffn).
     grouped_matmul: GroupedMatmul = "auto"
     # Rows per segment block of 'dropless' with grouped_matmul='blocked'.
     dropless_block_size: int = 128
+    # Rows per full block of grouped_matmul='fused' (a power of two; tails go down to 1/8 of it).
+    fused_block_size: int = 512
     # How the per-layer aux and router z losses are combined over the sparse layers: 'mean' as
     # T5X's code (and our default), 'sum' as the paper's Mesh TF code.
     aux_loss_reduction: LayerReduction = "mean"
@@ -99,10 +103,12 @@ class MoeConfig:
             f"MoeConfig.dispatch={self.dispatch!r} must be one of {'|'.join(DISPATCHES)}",
         )
         _require(
-            self.grouped_matmul in ("auto", "ragged_dot", "blocked"),
-            f"MoeConfig.grouped_matmul={self.grouped_matmul!r} must be auto|ragged_dot|blocked",
+            self.grouped_matmul in GROUPED_MATMULS,
+            f"MoeConfig.grouped_matmul={self.grouped_matmul!r} must be one of "
+            f"{'|'.join(GROUPED_MATMULS)}",
         )
         _require(self.dropless_block_size >= 1, "MoeConfig.dropless_block_size must be >= 1")
+        _require(self.fused_block_size >= 1, "MoeConfig.fused_block_size must be >= 1")
         _require(
             self.aux_loss_reduction in ("mean", "sum"),
             f"MoeConfig.aux_loss_reduction={self.aux_loss_reduction!r} must be 'mean' or 'sum'",

@@ -108,8 +108,9 @@ def _segment_of(sizes_E, R):
 # --------------------------------------------------------------------------- experts on rows
 
 
-def _local_rows(x_ND, expert_NP, valid_NP, gate_NP, run, num_experts):
-    """One shard, all its experts local: sort, grouped FFN, unsort, gate-weighted combine."""
+def _local_rows(x_ND, expert_NP, valid_NP, gate_NP, run, num_experts, keep_NPF=None):
+    """One shard, all its experts local: sort, grouped FFN, unsort, gate-weighted combine.
+    `run(rows, sizes, keep_rows)` gets each row's dropout mask from `keep_NPF` (or None)."""
     N, P = expert_NP.shape
     A = N * P
     order_R, sizes_E = sort_by_expert(expert_NP.reshape(A), valid_NP.reshape(A), num_experts)
@@ -117,7 +118,10 @@ def _local_rows(x_ND, expert_NP, valid_NP, gate_NP, run, num_experts):
     src_R = jnp.where(rows_valid, order_R, A)  # assignment of each row (A: empty row)
     dst_A = inverse_map(src_R, A)
     x_AD = jnp.repeat(x_ND, P, axis=0) if P > 1 else x_ND
-    y_RD = run(take_rows(x_AD, src_R, dst_A), sizes_E)
+    keep_RF = None
+    if keep_NPF is not None:  # a mask has no gradient: a plain gather (A: a dropped row)
+        keep_RF = _gather_pad(keep_NPF.reshape(A, -1), src_R)
+    y_RD = run(take_rows(x_AD, src_R, dst_A), sizes_E, keep_RF)
     y_AD = take_rows(y_RD, dst_A, src_R)
     y_NPD = y_AD.reshape(N, P, -1)
     return jnp.einsum("npd,np->nd", y_NPD, gate_NP.astype(y_NPD.dtype))
@@ -149,7 +153,7 @@ def _exchanged_rows(x_ND, expert_NP, valid_NP, gate_NP, run, num_experts, axis, 
         recv_id_XA.reshape(X * A, 1),
         recv_id_XA.reshape(X * A, 1) < E_l,
         jnp.ones((X * A, 1), jnp.float32),
-        run,
+        lambda rows, sizes, _: run(rows, sizes),
         E_l,
     ).reshape(X, A, -1)
     back_XAD = jax.lax.all_to_all(y_XAD, axis, 0, 0, tiled=True)
@@ -204,39 +208,58 @@ def _mesh_axes(name: str, rules) -> tuple[str, ...]:
     return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
-def row_dispatch(x_GTD, expert_GTP, valid_GTP, gate_GTP, weights, key, ffn: Callable):
-    """y_GTD of the valid assignments through `ffn(rows_RD, sizes_E, weights, key)` (the
-    experts as grouped matmuls), run per batch shard under a mesh.
+def slot_mask_rows(keep_EGCF, expert_GTP, slot_GTP) -> jax.Array:
+    """keep_GTPF[g, t, p] = keep[expert, g, slot] of that assignment: the dropout mask the
+    capacity dispatches draw over their [E, G, C, F] slots, read per assignment (not-kept
+    assignments read some slot; their rows are not computed)."""
+    C = keep_EGCF.shape[2]
+    g_GTP = jnp.broadcast_to(jnp.arange(expert_GTP.shape[0])[:, None, None], expert_GTP.shape)
+    return keep_EGCF[expert_GTP, g_GTP, jnp.clip(slot_GTP, 0, C - 1)]
 
-    `weights` = (wi [E, D, F], wi_gate or None, wo [E, F, D]). Under a mesh the dropout key is
-    folded with the shard's position: not the single-device draw (its distribution is).
+
+def row_dispatch(
+    x_GTD, expert_GTP, valid_GTP, gate_GTP, weights, noise, ffn: Callable, slot_GTP=None
+):
+    """y_GTD of the valid assignments through `ffn(rows_RD, sizes_E, weights, noise_rows)`
+    (the experts as grouped matmuls), run per batch shard under a mesh.
+
+    `weights` = (wi [E, D, F], wi_gate or None, wo [E, F, D]). `noise` is None, a dropout key
+    (the rows draw their own mask: under a mesh the key is folded with the shard's position,
+    so not the single-device draw, only its distribution) or, with `slot_GTP`, the capacity
+    dispatches' slot mask keep_EGCF, which each row reads at its slot: then `ffn` gets the
+    rows' [R, F] mask, the same draws on every mesh as scatter's.
     """
     G, T, D = x_GTD.shape
     P = expert_GTP.shape[-1]
     E = weights[0].shape[0]
+    slot_mask = slot_GTP is not None and noise is not None
     mesh = jax.sharding.get_abstract_mesh()
     rules = core_spmd.get_logical_axis_rules()
     if mesh.empty or not rules:
+        keep = slot_mask_rows(noise, expert_GTP, slot_GTP) if slot_mask else None
         flat = _local_rows(
             x_GTD.reshape(G * T, D),
             expert_GTP.reshape(G * T, P),
             valid_GTP.reshape(G * T, P),
             gate_GTP.reshape(G * T, P),
-            lambda rows, sizes: ffn(rows, sizes, weights, key),
+            lambda rows, sizes, keep_RF: ffn(rows, sizes, weights, _noise(noise, keep_RF)),
             E,
+            None if keep is None else keep.reshape(G * T, P, -1),
         )
         return flat.reshape(G, T, D)
     batch, expert_axes, mlp = (_mesh_axes(n, rules) for n in ("batch", "expert", "mlp"))
     X = math.prod(mesh.shape[a] for a in expert_axes)
+    if slot_mask and X > 1:
+        raise ValueError("slot masks are for rows without expert parallelism (capacity_rows)")
 
-    def shard(x, e, v, g, weights, key):
-        if key is not None:
+    def shard(x, e, v, g, weights, noise, slot):
+        if noise is not None and not slot_mask:
             # One mask per shard: with the replicated key every shard would draw the same mask.
             for a in batch + mlp:
-                key = jax.random.fold_in(key, jax.lax.axis_index(a))
+                noise = jax.random.fold_in(noise, jax.lax.axis_index(a))
 
-        def run(rows, sizes):
-            y = ffn(rows, sizes, weights, key)
+        def run(rows, sizes, keep_RF=None):
+            y = ffn(rows, sizes, weights, _noise(noise, keep_RF))
             # d_ff is split over `mlp`: each shard's wo contraction is a partial sum.
             return jax.lax.psum(y, mlp) if mlp else y
 
@@ -244,7 +267,8 @@ def row_dispatch(x_GTD, expert_GTP, valid_GTP, gate_GTP, weights, key, ffn: Call
         args = (x.reshape(g_l * t, D), e.reshape(g_l * t, P), v.reshape(g_l * t, P))
         args += (g.reshape(g_l * t, P), run)
         if X == 1:
-            y = _local_rows(*args, E)
+            keep = slot_mask_rows(noise, e, slot).reshape(g_l * t, P, -1) if slot_mask else None
+            y = _local_rows(*args, E, keep)
         else:
             y = _exchanged_rows(*args, E, expert_axes[0], X)
         return y.reshape(g_l, t, D)
@@ -253,7 +277,19 @@ def row_dispatch(x_GTD, expert_GTP, valid_GTP, gate_GTP, weights, key, ffn: Call
     w_in = jax.P(expert_axes or None, None, mlp or None)
     w_out = jax.P(expert_axes or None, mlp or None, None)
     w_specs = (w_in, None if weights[1] is None else w_in, w_out)
-    key_spec = None if key is None else jax.P()
-    specs = (tok, tok, tok, tok, w_specs, key_spec)
+    if noise is None:
+        noise_spec = None
+    elif slot_mask:  # [E, G, C, F]: all experts (X = 1), this shard's groups and d_ff slice
+        noise_spec = jax.P(None, batch or None, None, mlp or None)
+    else:
+        noise_spec = jax.P()
+    slot_spec = tok if slot_mask else None
+    specs = (tok, tok, tok, tok, w_specs, noise_spec, slot_spec)
     fn = jax.shard_map(shard, in_specs=specs, out_specs=tok)
-    return fn(x_GTD, expert_GTP, valid_GTP, gate_GTP, weights, key)
+    slot = slot_GTP if slot_mask else None
+    return fn(x_GTD, expert_GTP, valid_GTP, gate_GTP, weights, noise, slot)
+
+
+def _noise(noise, keep_RF):
+    """What the rows' FFN gets: their slot mask when there is one, else the key (or None)."""
+    return noise if keep_RF is None else keep_RF

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from switch_jax.models import grouped, routing
-from switch_jax.models.config import ModelConfig, MoeConfig
+from switch_jax.models import grouped, routing, segment_ffn
+from switch_jax.models.config import ModelConfig
 from switch_jax.models.expert_choice import route_expert_choice
 from switch_jax.models.layers import Keys, activate, constrain, dropout, kernel_param, param
 from switch_jax.models.streams import MoeStream
@@ -23,7 +23,8 @@ from switch_jax.models.streams import MoeStream
 # What 'auto' means per platform: a capacity dispatch everywhere (so the trained function does
 # not depend on the platform; 'dropless' is a different model), the fastest one measured
 # (docs/benchmarks.md). GPU is unmeasured: it takes the grouped-matmul path it was built for.
-AUTO_DISPATCH = {"tpu": "einsum", "gpu": "sorted", "cpu": "scatter"}
+# On CPU 'sorted' runs the fused expert FFN over the kept rows (models/segment_ffn.py).
+AUTO_DISPATCH = {"tpu": "einsum", "gpu": "sorted", "cpu": "sorted"}
 
 
 def resolve_dispatch(dispatch: str, platform: str) -> str:
@@ -33,11 +34,12 @@ def resolve_dispatch(dispatch: str, platform: str) -> str:
     return AUTO_DISPATCH.get(platform, "scatter")
 
 
-def resolve_grouped_matmul(moe: MoeConfig, platform: str) -> str:
-    """'ragged_dot' on GPU/TPU (XLA:CPU lowers it ~7x slower than dense matmuls), else blocked."""
-    if moe.grouped_matmul != "auto":
-        return moe.grouped_matmul
-    return "blocked" if platform == "cpu" else "ragged_dot"
+def resolve_grouped_matmul(grouped_matmul: str, platform: str) -> str:
+    """'ragged_dot' on GPU/TPU; on CPU (where XLA lowers ragged_dot ~7x slower than dense
+    matmuls) the fused expert FFN over the kept rows."""
+    if grouped_matmul != "auto":
+        return grouped_matmul
+    return "fused" if platform == "cpu" else "ragged_dot"
 
 
 class RouterBias(nnx.Param):
@@ -137,7 +139,7 @@ class MoeLayer(nnx.Module):
             dispatch_fn = _einsum_dispatch if dispatch == "einsum" else _scatter_dispatch
             y_GTD = dispatch_fn(x_GTD, route, moe.num_experts, experts)
             return y_GTD.reshape(B, L, D), stats
-        impl = resolve_grouped_matmul(moe, jax.default_backend())
+        impl = resolve_grouped_matmul(moe.grouped_matmul, jax.default_backend())
         r = route
         if dispatch == "sorted" and (impl == "blocked" or grouped.expert_shards() > 1):
             # Capacity-bounded segments: dense matmuls, and the all-to-all of [E, G, C, D].
@@ -147,14 +149,23 @@ class MoeLayer(nnx.Module):
         else:
             weights = (self.wi[...], None if self.wi_gate is None else self.wi_gate[...])
             weights += (self.wo[...],)
+            noise, slot_GTP = self._dropout_key(keys), None
+            if dispatch == "sorted" and noise is not None:
+                # The mask einsum and scatter draw over their slots, read at each row's slot:
+                # every capacity dispatch then computes one function, noise included.
+                shape = (moe.num_experts, G, capacity, self.cfg.d_ff)
+                keep_EGCF = jax.random.bernoulli(noise, 1.0 - moe.expert_dropout_rate, shape)
+                axes = ("expert", "expert_group", "expert_capacity", "mlp")
+                noise, slot_GTP = constrain(keep_EGCF, axes), r.slot_GTP
             y_GTD = grouped.row_dispatch(
                 x_GTD,
                 r.expert_GTP,
                 r.kept_GTP,
                 r.gate_GTP,
                 weights,
-                self._dropout_key(keys),
+                noise,
                 functools.partial(self._rows_ffn, impl=impl),
+                slot_GTP,
             )
         return y_GTD.reshape(B, L, D), stats
 
@@ -188,16 +199,27 @@ class MoeLayer(nnx.Module):
             return None
         return jax.random.fold_in(keys.dropout, MoeStream.EXPERT_DROPOUT)
 
-    def _rows_ffn(self, x_RD, sizes_E, weights, key, *, impl: str):
-        """The experts on rows sorted by expert (segment sizes_E): grouped matmuls."""
-        dt, block = self.cfg.dtype, self.moe.dropless_block_size
-        wi, wi_gate, wo = weights
-        h_RF = grouped.grouped_matmul(x_RD, wi.astype(dt), sizes_E, impl, block)
+    def _rows_ffn(self, x_RD, sizes_E, weights, noise, *, impl: str):
+        """The experts on rows sorted by expert (segment sizes_E): grouped matmuls. `noise`:
+        None, a dropout key (a mask drawn over the rows) or the rows' [R, F] mask."""
+        dt, rate = self.cfg.dtype, self.moe.expert_dropout_rate
+        wi, wi_gate, wo = (None if w is None else w.astype(dt) for w in weights)
+        R, F = x_RD.shape[0], wi.shape[-1]
+        keep_RF = noise
+        if noise is not None and not jnp.issubdtype(noise.dtype, jnp.bool_):
+            # The draw `dropout` makes over [R, F].
+            keep_RF = jax.random.bernoulli(noise, 1.0 - rate, (R, F))
+        if impl == "fused":
+            post = functools.partial(_activate_and_drop, self.cfg, rate)
+            block = self.moe.fused_block_size
+            return segment_ffn.segment_ffn(x_RD, sizes_E, wi, wi_gate, wo, keep_RF, post, block)
+        block = self.moe.dropless_block_size
+        h_RF = grouped.grouped_matmul(x_RD, wi, sizes_E, impl, block)
         gate = None
         if wi_gate is not None:
-            gate = grouped.grouped_matmul(x_RD, wi_gate.astype(dt), sizes_E, impl, block)
-        h_RF = dropout(activate(self.cfg, h_RF, gate), self.moe.expert_dropout_rate, key)
-        return grouped.grouped_matmul(h_RF, wo.astype(dt), sizes_E, impl, block)
+            gate = grouped.grouped_matmul(x_RD, wi_gate, sizes_E, impl, block)
+        h_RF = _activate_and_drop(self.cfg, rate, h_RF, gate, keep_RF)
+        return grouped.grouped_matmul(h_RF, wo, sizes_E, impl, block)
 
     def _experts(self, x_GECD: jax.Array, keys: Keys) -> jax.Array:
         """Token-sharded -> expert-sharded (all-to-all), run the experts, and back."""
@@ -217,6 +239,13 @@ class MoeLayer(nnx.Module):
         y_EGCD = constrain(y_EGCD, ("expert", "expert_group", "expert_capacity", "embed"))
         y_GECD = jnp.swapaxes(y_EGCD, 0, 1)
         return constrain(y_GECD, ("batch", "unmodeled", "expert_capacity", "embed"))
+
+
+def _activate_and_drop(cfg: ModelConfig, rate: float, h, gate, keep):
+    """The expert FFN between its matmuls (all rows, or one block of the fused FFN):
+    `activate`, then dropout with a given mask (layers.dropout's arithmetic)."""
+    h = activate(cfg, h, gate)
+    return h if keep is None else jnp.where(keep, h / (1.0 - rate), 0).astype(h.dtype)
 
 
 def _einsum_dispatch(x_GTD, route: routing.Routing, num_experts: int, experts):

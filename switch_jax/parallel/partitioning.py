@@ -32,7 +32,7 @@ from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from switch_jax.models.config import ConfigError, ModelConfig
-from switch_jax.models.moe import resolve_dispatch
+from switch_jax.models.moe import resolve_dispatch, resolve_grouped_matmul
 
 MESH_AXES = ("data", "expert", "model")
 BATCH_AXES = ("data", "expert")  # order matters: see the 'expert_group' rule
@@ -222,8 +222,12 @@ class Partitioner:
                 f"axis ({expert}) of MESH_SHAPE"
             )
         # 'auto' dispatch for the platform the step compiles for (TPU devices on a CPU host too).
-        dispatch = resolve_dispatch(cfg.moe.dispatch, self.platform)
-        moe = dataclasses.replace(cfg.moe, num_expert_partitions=data * expert, dispatch=dispatch)
+        moe = dataclasses.replace(
+            cfg.moe,
+            num_expert_partitions=data * expert,
+            dispatch=resolve_dispatch(cfg.moe.dispatch, self.platform),
+            grouped_matmul=resolve_grouped_matmul(cfg.moe.grouped_matmul, self.platform),
+        )
         return dataclasses.replace(cfg, moe=moe)
 
     # --- shardings -----------------------------------------------------------------------------

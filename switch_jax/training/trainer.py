@@ -89,8 +89,12 @@ def train(configs: Configs, *, operative_config: str = "") -> dict:
                 )
             if jax.process_index() == 0:
                 moe = run.model_cfg.moe  # its dispatch is 'auto' resolved for the mesh
+                dispatch = None
+                if moe is not None:
+                    rows = moe.dispatch in ("sorted", "dropless")  # their experts' grouped matmul
+                    dispatch = f"{moe.dispatch}:{moe.grouped_matmul}" if rows else moe.dispatch
                 model_dir_lib.write_run_files(
-                    model_dir, operative_config, run.info, dispatch=moe.dispatch if moe else None
+                    model_dir, operative_config, run.info, dispatch=dispatch
                 )
             ckpts.check_free_space(run.setup.abstract_state, configs.checkpoint.keep)
             last_metrics = _train_loop(run, ckpts, lease, progress, summary)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from switch_jax.models.config import ModelConfig
+from switch_jax.models.config import ModelConfig, MoeConfig
 from switch_jax.models.layers import Keys, Mlp
 from switch_jax.models.moe import MoeLayer
 from switch_jax.tools.benchmarks import timing
@@ -59,6 +59,14 @@ def dense_step(cfg: ModelConfig, total_tokens: int):
     return jax.jit(jax.grad(loss, argnums=(0, 1))), (params, x_BLD)
 
 
+def moe_variant(moe: MoeConfig, name: str) -> MoeConfig:
+    """`moe` with the dispatch `name` names: 'scatter', or 'sorted:fused' (dispatch and
+    grouped_matmul)."""
+    dispatch, _, impl = name.partition(":")
+    changes = {"dispatch": dispatch} | ({"grouped_matmul": impl} if impl else {})
+    return dataclasses.replace(moe, **changes)
+
+
 def _compiled(fn, args):
     # Compile apart from the timed calls: the compile time is a result of its own.
     t0 = time.perf_counter()
@@ -84,7 +92,7 @@ def bench_dispatch(
         for group_size in group_sizes:
             point = []
             for dispatch in dispatches:
-                moe = dataclasses.replace(cfg.moe, num_experts=num_experts, dispatch=dispatch)
+                moe = moe_variant(dataclasses.replace(cfg.moe, num_experts=num_experts), dispatch)
                 fn, args = layer_step(cfg.replace(moe=moe), group_size, total_tokens)
                 point.append((dispatch, args, *_compiled(fn, args)))
             calls = [lambda c=c, a=a: c(*a) for _, a, c, _ in point]

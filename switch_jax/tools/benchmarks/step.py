@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import time
 
@@ -12,6 +11,7 @@ import numpy as np
 from switch_jax.config.settings import Configs
 from switch_jax.models.config import ModelConfig
 from switch_jax.report import metrics
+from switch_jax.tools.benchmarks import dispatch as dispatch_bench
 from switch_jax.tools.benchmarks import timing
 from switch_jax.training import build
 
@@ -127,8 +127,8 @@ def ratio(a: list[float], b: list[float]) -> dict:
 
 
 def with_dispatch(configs: Configs, dispatch: str) -> Configs:
-    """The same run with the MoE layers' dispatch set to `dispatch` ('einsum', 'scatter', ...)."""
-    moe = dataclasses.replace(configs.model.moe, dispatch=dispatch)
+    """The same run with the MoE layers' dispatch set to `dispatch` (see moe_variant)."""
+    moe = dispatch_bench.moe_variant(configs.model.moe, dispatch)
     return configs.replace(model=configs.model.replace(moe=moe))
 
 
