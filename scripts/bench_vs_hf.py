@@ -166,7 +166,14 @@ def train_ours(steps: int, dtypes: list[str], dispatches: list[str]) -> None:
 # ---------------------------------------------------------------------------------- decode
 
 
-def decode(batch: int, input_length: int, decode_length: int, beams: list[int], threads: int):
+def decode(
+    batch: int,
+    input_length: int,
+    decode_length: int,
+    beams: list[int],
+    threads: int,
+    dispatches: list[str],
+):
     import jax  # noqa: PLC0415
     import torch  # noqa: PLC0415
     from transformers import SwitchTransformersForConditionalGeneration  # noqa: PLC0415
@@ -176,6 +183,7 @@ def decode(batch: int, input_length: int, decode_length: int, beams: list[int], 
     from switch_jax.formats import convert, hf_config  # noqa: PLC0415
     from switch_jax.parallel import partitioning  # noqa: PLC0415
     from switch_jax.store import checkpoints  # noqa: PLC0415
+    from switch_jax.tools.benchmarks.dispatch import moe_variant  # noqa: PLC0415
     from switch_jax.training import steps  # noqa: PLC0415
 
     torch.set_num_threads(threads)
@@ -184,19 +192,21 @@ def decode(batch: int, input_length: int, decode_length: int, beams: list[int], 
     switch_cfg, _ = _hf_configs(capacity, 0.0)
     hf = SwitchTransformersForConditionalGeneration(switch_cfg).eval()
     hf.generation_config.eos_token_id = None  # decode every row to decode_length
+    hf.generation_config.decoder_start_token_id = 0  # T5's (and ours): the pad id
     ids = np.random.default_rng(1).integers(2, VOCAB, (batch, input_length))
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(os.path.join(tmp, "hf"))
         cfg = convert.import_hf(os.path.join(tmp, "hf"), os.path.join(tmp, "model"))
         cfg = hf_config.hf_routing(cfg.replace(dtype="float32"), input_length, capacity)
         partitioner = partitioning.Partitioner((1, 1, 1), devices=jax.devices()[:1])
-        cfg = partitioner.adapt_model_config(cfg, batch)
-        abstract = steps.abstract_params(cfg, partitioner)
+        abstract = steps.abstract_params(partitioner.adapt_model_config(cfg, batch), partitioner)
         params = checkpoints.restore_params(os.path.join(tmp, "model"), abstract.params)
 
-    def ours(n):
+    def ours(n, dispatch):
+        model_cfg = cfg.replace(moe=moe_variant(cfg.moe, dispatch))
+        model_cfg = partitioner.adapt_model_config(model_cfg, batch)
         dec_cfg = DecodeConfig(decode_length, beam_size=n, routing="capacity", eos_id=-1)
-        dec = decoding.make_decoder(cfg, partitioner, dec_cfg)
+        dec = decoding.make_decoder(model_cfg, partitioner, dec_cfg)
         feed = {"encoder_input_tokens": ids.astype(np.int32)}
         return lambda: np.asarray(jax.device_get(dec.generate(params, feed))["tokens"])
 
@@ -215,7 +225,10 @@ def decode(batch: int, input_length: int, decode_length: int, beams: list[int], 
 
         return run
 
-    calls = {(fw, n): make(n) for n in beams for fw, make in (("hf", theirs), ("ours", ours))}
+    calls = {}
+    for n in beams:
+        calls[("hf", n)] = theirs(n)
+        calls |= {(f"ours {d}", n): ours(n, d) for d in dispatches}
     outputs = {key: call() for key, call in calls.items()}  # warm-up (and our compile)
     times = {key: [] for key in calls}
     for _ in range(3):
@@ -229,14 +242,11 @@ def decode(batch: int, input_length: int, decode_length: int, beams: list[int], 
         row |= {"decode_length": decode_length, "seconds": round(seconds, 3)}
         row["tokens_per_s"] = round(batch * decode_length / seconds, 1)
         _print(row)
-    if 1 in beams:
-        a, b = outputs[("hf", 1)], outputs[("ours", 1)][:, : outputs[("hf", 1)].shape[1]]
-        _print(
-            {
-                "greedy_tokens_equal": float((a == b).mean()),
-                "rows_equal": int((a == b).all(1).sum()),
-            }
-        )
+    for d in dispatches if 1 in beams else ():
+        a, b = outputs[("hf", 1)], outputs[(f"ours {d}", 1)]
+        b = b[:, : a.shape[1]]
+        row = {"dispatch": d, "greedy_tokens_equal": float((a == b).mean())}
+        _print(row | {"rows_equal": int((a == b).all(1).sum())})
 
 
 def main() -> None:
@@ -256,7 +266,8 @@ def main() -> None:
         train_ours(args.steps, args.dtypes.split(","), args.dispatches.split(","))
     else:
         beams = [int(b) for b in args.beams.split(",")]
-        decode(args.batch, args.input_length, args.decode_length, beams, args.threads)
+        dispatches = args.dispatches.split(",")
+        decode(args.batch, args.input_length, args.decode_length, beams, args.threads, dispatches)
 
 
 if __name__ == "__main__":

@@ -220,13 +220,15 @@ class Attention(nnx.Module):
         return self.attend(x_BQD, *self.project_kv(memory_BSD), bias_BHQS, keys)
 
     def project_kv(self, memory_BSD) -> tuple[jax.Array, jax.Array]:
-        """Keys and values of `memory`: what a decoding cache stores, computed once per token."""
+        """Keys and values of `memory`: what a decoding cache stores, computed once per token.
+        Heads before positions, the layout the attention matmuls batch over: a cache in any
+        other layout is transposed (copied) by XLA:CPU at every decoding step."""
         dt = self.cfg.dtype
-        k_BSHK = jnp.einsum("bsd,dhk->bshk", memory_BSD, self.key[...].astype(dt))
-        v_BSHK = jnp.einsum("bsd,dhk->bshk", memory_BSD, self.value[...].astype(dt))
-        return k_BSHK, v_BSHK
+        k_BHSK = jnp.einsum("bsd,dhk->bhsk", memory_BSD, self.key[...].astype(dt))
+        v_BHSK = jnp.einsum("bsd,dhk->bhsk", memory_BSD, self.value[...].astype(dt))
+        return k_BHSK, v_BHSK
 
-    def attend(self, x_BQD, k_BSHK, v_BSHK, bias_BHQS, keys: Keys) -> jax.Array:
+    def attend(self, x_BQD, k_BHSK, v_BHSK, bias_BHQS, keys: Keys) -> jax.Array:
         """Attention over already projected keys/values (a decoding cache, or `project_kv`).
 
         `bias_BHQS` is additive (relative positions plus masks; B or H may be 1); dropout, if
@@ -236,10 +238,10 @@ class Attention(nnx.Module):
         q_BQHK = jnp.einsum("bqd,dhk->bqhk", x_BQD, self.query[...].astype(dt))
         q_BQHK = constrain(q_BQHK, ("batch", "length", "heads", "kv"))
         # Softmax in float32: bfloat16 logits lose the small differences attention relies on.
-        logits_BHQS = jnp.einsum("bqhk,bshk->bhqs", q_BQHK, k_BSHK).astype(jnp.float32)
+        logits_BHQS = jnp.einsum("bqhk,bhsk->bhqs", q_BQHK, k_BHSK).astype(jnp.float32)
         probs_BHQS = jax.nn.softmax(logits_BHQS + bias_BHQS, axis=-1).astype(dt)
         probs_BHQS = dropout(probs_BHQS, self.cfg.dropout_rate, keys.dropout)
-        ctx_BQHK = jnp.einsum("bhqs,bshk->bqhk", probs_BHQS, v_BSHK)
+        ctx_BQHK = jnp.einsum("bhqs,bhsk->bqhk", probs_BHQS, v_BHSK)
         return jnp.einsum("bqhk,hkd->bqd", ctx_BQHK, self.out[...].astype(dt))
 
 

@@ -68,7 +68,7 @@ class Layer(nnx.Module):
 
     def init_cache(self, batch_size: int, length: int, encoded_BSD=None) -> dict:
         """Zero self-attention K/V for `length` positions; cross K/V of `encoded_BSD` now."""
-        shape = (batch_size, length, self.cfg.num_heads, self.cfg.head_dim)
+        shape = (batch_size, self.cfg.num_heads, length, self.cfg.head_dim)  # Attention's layout
         cache = {"k": jnp.zeros(shape, self.cfg.dtype), "v": jnp.zeros(shape, self.cfg.dtype)}
         if self.cross_attention is not None:
             cache["cross_k"], cache["cross_v"] = self.cross_attention.project_kv(encoded_BSD)
@@ -77,10 +77,10 @@ class Layer(nnx.Module):
     def decode(self, x_BQD, ctx: StackContext, cache: dict):
         """New positions ctx.index.. : their keys/values go into the cache, then attend."""
         h = self.pre_self_attention_norm(x_BQD)
-        axes = ("batch", "length", "heads", "kv")
+        axes = ("batch", "heads", "length", "kv")
         new = dict(cache)
         for name, value in zip(("k", "v"), self.self_attention.project_kv(h), strict=True):
-            updated = jax.lax.dynamic_update_slice_in_dim(cache[name], value, ctx.index, 1)
+            updated = jax.lax.dynamic_update_slice_in_dim(cache[name], value, ctx.index, 2)
             new[name] = constrain(updated, axes)
         h = self.self_attention.attend(h, new["k"], new["v"], ctx.self_bias_BHQS, NO_NOISE)
         cross_kv = (cache["cross_k"], cache["cross_v"]) if "cross_k" in cache else None
