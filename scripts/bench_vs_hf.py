@@ -49,9 +49,16 @@ def _hf_configs(capacity: int, dropout: float):
         router_aux_loss_coef=0.01,
         router_z_loss_coef=0.0,
         dropout_rate=dropout,
+        decoder_start_token_id=0,
         **SHAPE,
     )
-    dense = T5Config(vocab_size=VOCAB, dropout_rate=dropout, feed_forward_proj="relu", **SHAPE)
+    dense = T5Config(
+        vocab_size=VOCAB,
+        dropout_rate=dropout,
+        feed_forward_proj="relu",
+        decoder_start_token_id=0,
+        **SHAPE,
+    )
     return switch, dense
 
 
@@ -127,16 +134,49 @@ def train_hf(steps: int, threads: int) -> None:
     _print({"framework": "hf", "switch_over_dense_step": round(statistics.median(ratio), 3)})
 
 
-def train_ours(steps: int, dtypes: list[str], dispatches: list[str]) -> None:
+def _bench_gin(dtype: str, router_stddev: float) -> list[str]:
+    return [
+        f"--gin.BATCH_SIZE={BATCH}",
+        f"--gin.TASK_FEATURE_LENGTHS={{'inputs': {INPUTS}, 'targets': {TARGETS}}}",
+        f"--gin.ModelConfig.dtype='{dtype}'",
+        f"--gin.MoeConfig.router_init_stddev={router_stddev}",
+    ]
+
+
+def our_fraction_dropped(router_stddev: float) -> float:
+    """Mean over the sparse layers of the fraction of tokens over capacity in one training
+    forward pass at initialisation, on batches like HF's (what HF's hooks measure)."""
+    import jax  # noqa: PLC0415
+    from flax import nnx  # noqa: PLC0415
+
+    from switch_jax.config import gin_config  # noqa: PLC0415
+    from switch_jax.models.transformer import Transformer  # noqa: PLC0415
+
+    bindings = [b.removeprefix("--gin.") for b in _bench_gin("float32", router_stddev)]
+    gin_config.parse_gin(["models/switch_cpu_bench.gin"], bindings)
+    cfg = gin_config.load_configs().model
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    targets = rng.integers(2, VOCAB, (BATCH, TARGETS)).astype(np.int32)
+    batch = {
+        "encoder_input_tokens": rng.integers(2, VOCAB, (BATCH, INPUTS)).astype(np.int32),
+        "decoder_target_tokens": targets,
+        "decoder_input_tokens": np.pad(targets[:, :-1], ((0, 0), (1, 0))),
+    }
+    _, stats = nnx.jit(lambda m, b: m(b, train=True))(model, batch)
+    dropped = [np.asarray(jax.device_get(s.fraction_dropped)) for s in stats.values() if s]
+    return float(np.mean(np.concatenate(dropped)))
+
+
+def train_ours(steps: int, dtypes: list[str], dispatches: list[str], router_stddev: float):
+    dropped = our_fraction_dropped(router_stddev)
     for dtype in dtypes:
         cmd = [
             sys.executable,
             "-m",
             "switch_jax.bench",
             "--gin_file=models/switch_cpu_bench.gin",
-            f"--gin.BATCH_SIZE={BATCH}",
-            f"--gin.TASK_FEATURE_LENGTHS={{'inputs': {INPUTS}, 'targets': {TARGETS}}}",
-            f"--gin.ModelConfig.dtype='{dtype}'",
+            *_bench_gin(dtype, router_stddev),
             "--variants=dispatches",
             f"--dispatches={','.join(dispatches)}",
             f"--steps={steps}",
@@ -150,6 +190,8 @@ def train_ours(steps: int, dtypes: list[str], dispatches: list[str]) -> None:
                 s = r[model]
                 row = {"framework": "switch_jax", "model": model, "dtype": dtype}
                 row |= {"dispatch": name if model == "switch" else None}
+                if model == "switch":
+                    row |= {"router_init_stddev": router_stddev, "fraction_dropped": dropped}
                 row |= {"step_s": round(s["step_s"], 3), "compile_s": round(s["compile_s"], 1)}
                 row["tokens_per_s"] = round(s["tokens_per_s"], 1)
                 _print(row)
@@ -256,14 +298,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     parser.add_argument("--dtypes", default="bfloat16,float32", help="ours: activation dtypes")
     parser.add_argument("--dispatches", default="sorted:fused,scatter", help="ours: dispatches")
+    parser.add_argument(
+        "--router_init_stddev",
+        type=float,
+        default=0.02,
+        help="ours: the router's init (HF initialises its router with stddev 1.0)",
+    )
+    parser.add_argument("--skip_hf", action="store_true", help="train: ours only")
     parser.add_argument("--batch", type=int, default=8, help="decode: sequences")
     parser.add_argument("--input_length", type=int, default=512, help="decode: encoder tokens")
     parser.add_argument("--decode_length", type=int, default=32, help="decode: tokens per row")
     parser.add_argument("--beams", default="1,4", help="decode: beam sizes (1 = greedy)")
     args = parser.parse_args()
     if args.part == "train":
-        train_hf(args.steps, args.threads)
-        train_ours(args.steps, args.dtypes.split(","), args.dispatches.split(","))
+        if not args.skip_hf:
+            train_hf(args.steps, args.threads)
+        dtypes, dispatches = args.dtypes.split(","), args.dispatches.split(",")
+        train_ours(args.steps, dtypes, dispatches, args.router_init_stddev)
     else:
         beams = [int(b) for b in args.beams.split(",")]
         dispatches = args.dispatches.split(",")
