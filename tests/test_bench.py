@@ -57,3 +57,14 @@ def test_bench_json_has_finite_positive_figures(tmp_path):
     ckpt = result["checkpoint"]
     assert _positive(ckpt["save_call"]["median_s"]) and _positive(ckpt["step_s_after_save"])
     assert "switch / dense" in suite.format_table(result)
+
+
+def test_dispatch_names_carry_the_grouped_matmul():
+    from switch_jax.models.config import MoeConfig  # noqa: PLC0415
+    from switch_jax.tools.benchmarks.dispatch import moe_variant  # noqa: PLC0415
+
+    base = MoeConfig(grouped_matmul="blocked")
+    fused = moe_variant(base, "sorted:fused")
+    assert (fused.dispatch, fused.grouped_matmul) == ("sorted", "fused")
+    plain = moe_variant(base, "scatter")
+    assert (plain.dispatch, plain.grouped_matmul) == ("scatter", "blocked")
