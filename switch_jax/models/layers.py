@@ -51,7 +51,16 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     """Inverted dropout with a mask per element; the identity without a key (evaluation)."""
     if rate <= 0 or key is None:
         return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return drop_with_mask(x, dropout_mask(key, rate, x.shape), rate)
+
+
+def dropout_mask(key: jax.Array, rate: float, shape) -> jax.Array:
+    """The elements `dropout` keeps for `key` (True: kept): the same draw for the same shape."""
+    return jax.random.bernoulli(key, 1.0 - rate, shape)
+
+
+def drop_with_mask(x: jax.Array, keep: jax.Array, rate: float) -> jax.Array:
+    """Inverted dropout with a given mask (`dropout_mask`'s, or rows of it)."""
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 

@@ -17,7 +17,16 @@ from flax import nnx
 from switch_jax.models import grouped, routing, segment_ffn
 from switch_jax.models.config import ModelConfig
 from switch_jax.models.expert_choice import route_expert_choice
-from switch_jax.models.layers import Keys, activate, constrain, dropout, kernel_param, param
+from switch_jax.models.layers import (
+    Keys,
+    activate,
+    constrain,
+    drop_with_mask,
+    dropout,
+    dropout_mask,
+    kernel_param,
+    param,
+)
 from switch_jax.models.streams import MoeStream
 
 # What 'auto' means per platform: a capacity dispatch everywhere (so the trained function does
@@ -155,7 +164,7 @@ class MoeLayer(nnx.Module):
                 # The mask einsum and scatter draw over their slots, read at each row's slot:
                 # every capacity dispatch then computes one function, noise included.
                 shape = (moe.num_experts, G, capacity, self.cfg.d_ff)
-                keep_EGCF = jax.random.bernoulli(noise, 1.0 - moe.expert_dropout_rate, shape)
+                keep_EGCF = dropout_mask(noise, moe.expert_dropout_rate, shape)
                 axes = ("expert", "expert_group", "expert_capacity", "mlp")
                 noise, slot_GTP = constrain(keep_EGCF, axes), r.slot_GTP
             y_GTD = grouped.row_dispatch(
@@ -208,8 +217,7 @@ class MoeLayer(nnx.Module):
         R, F = x_RD.shape[0], wi.shape[-1]
         keep_RF = noise
         if noise is not None and not jnp.issubdtype(noise.dtype, jnp.bool_):
-            # The draw `dropout` makes over [R, F].
-            keep_RF = jax.random.bernoulli(noise, 1.0 - rate, (R, F))
+            keep_RF = dropout_mask(noise, rate, (R, F))  # `dropout`'s draw over the rows
         if impl == "fused":
             post = functools.partial(_activate_and_drop, self.cfg, rate)
             block = self.moe.fused_block_size
@@ -244,9 +252,9 @@ class MoeLayer(nnx.Module):
 
 def _activate_and_drop(cfg: ModelConfig, rate: float, h, gate, keep):
     """The expert FFN between its matmuls (all rows, or one block of the fused FFN):
-    `activate`, then dropout with a given mask (layers.dropout's arithmetic)."""
+    `activate`, then dropout with a given mask."""
     h = activate(cfg, h, gate)
-    return h if keep is None else jnp.where(keep, h / (1.0 - rate), 0).astype(h.dtype)
+    return h if keep is None else drop_with_mask(h, keep, rate)
 
 
 def _einsum_dispatch(x_GTD, route: routing.Routing, num_experts: int, experts):
