@@ -75,20 +75,23 @@ def main() -> None:
         ("scatter, no noise", switch("scatter", jitter_eps=0.0, expert_dropout_rate=0.0), True),
     ]
     only = [w for w in args.only.split("|") if w]
+    wanted = lambda name: not only or any(w in name for w in only)  # noqa: E731
     names, fns = [], []
     for name, cfg, sparse in variants:
-        if only and not any(w in name for w in only):
+        if not wanted(name):
             continue
         cfg = cfg.replace(dtype=args.dtype)
         t0 = time.process_time()
         fns.append(_ffn_step(cfg, TOKENS, sparse))
         names.append(name)
         print(f"compiled {name}: {time.process_time() - t0:.1f} s CPU", flush=True)
-    if not only or any(w in "Adafactor" for w in only):
-        fns.append(adafactor_update([(8, 512, 2048), (8, 2048, 512)]))
-        names.append("Adafactor, one layer's expert kernels")
-        fns.append(adafactor_update([(512, 2048), (2048, 512)]))
-        names.append("Adafactor, the dense FFN kernels")
+    for name, shapes in [
+        ("Adafactor, one layer's expert kernels", [(8, 512, 2048), (8, 2048, 512)]),
+        ("Adafactor, the dense FFN kernels", [(512, 2048), (2048, 512)]),
+    ]:
+        if wanted(name):
+            fns.append(adafactor_update(shapes))
+            names.append(name)
     wall, cpu = timing.interleaved(fns, args.repeats, warmup=1)
     for name, w, c in zip(names, wall, cpu, strict=True):
         print(f"{name:40s} CPU {statistics.median(c):.3f} s  wall {statistics.median(w):.3f} s")

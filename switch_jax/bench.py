@@ -23,7 +23,7 @@ import sys
 from absl import flags
 
 from switch_jax import cli
-from switch_jax.models.config import DISPATCHES, GROUPED_MATMULS, ConfigError
+from switch_jax.models.config import DISPATCHES, GROUPED_MATMULS, ConfigError, MoeConfig
 from switch_jax.tools.benchmarks import suite
 
 _VARIANTS = cli.define_flag(
@@ -78,15 +78,21 @@ def _counts(flag: flags.FlagHolder) -> list[int]:
     return out
 
 
+def _known_dispatch(name: str) -> bool:
+    """Whether MoeConfig accepts what `name` names (DISPATCH or DISPATCH:GROUPED_MATMUL)."""
+    from switch_jax.tools.benchmarks.dispatch import moe_variant  # noqa: PLC0415 (models: jax)
+
+    try:
+        moe_variant(MoeConfig(), name)
+    except ConfigError:
+        return False
+    return True
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise ConfigError(f"unexpected arguments {list(argv[1:])}; use --gin_file / --gin.NAME=")
-    unknown = sorted(
-        d
-        for d in _DISPATCHES.value
-        if d.partition(":")[0] not in DISPATCHES
-        or d.partition(":")[2] not in GROUPED_MATMULS + ("",)
-    )
+    unknown = sorted(d for d in _DISPATCHES.value if not _known_dispatch(d))
     if unknown:
         raise ConfigError(
             f"--dispatches: unknown {unknown}; choose from {', '.join(DISPATCHES)}, optionally "
