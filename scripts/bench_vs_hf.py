@@ -62,6 +62,13 @@ def _hf_configs(capacity: int, dropout: float):
     return switch, dense
 
 
+def _capacity(sequence_length: int) -> int:
+    """HF's fixed per-sequence expert capacity: ours for one group of that sequence."""
+    from switch_jax.models.routing import expert_capacity  # noqa: PLC0415
+
+    return expert_capacity(sequence_length, EXPERTS, 1.25, min_capacity=0)
+
+
 def _print(row: dict) -> None:
     print(json.dumps(row), flush=True)
 
@@ -92,7 +99,7 @@ def train_hf(steps: int, threads: int) -> None:
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    switch_cfg, dense_cfg = _hf_configs(round(1.25 * INPUTS / EXPERTS), 0.1)
+    switch_cfg, dense_cfg = _hf_configs(_capacity(INPUTS), 0.1)
     models = {
         "switch": SwitchTransformersForConditionalGeneration(switch_cfg),
         "dense": T5ForConditionalGeneration(dense_cfg),
@@ -230,7 +237,7 @@ def decode(
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    capacity = round(1.25 * input_length / EXPERTS)
+    capacity = _capacity(input_length)
     switch_cfg, _ = _hf_configs(capacity, 0.0)
     hf = SwitchTransformersForConditionalGeneration(switch_cfg).eval()
     hf.generation_config.eos_token_id = None  # decode every row to decode_length
