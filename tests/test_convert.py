@@ -7,6 +7,7 @@ losses on a right-padded batch. The HF-loads-our-export test runs only where tra
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -455,6 +456,36 @@ def test_unsupported_configs_are_refused_in_one_line(tmp_path, edit, message):
         convert.import_hf(src, str(tmp_path / "out"))
     assert "\n" not in str(e.value)
     assert not os.path.exists(tmp_path / "out" / "checkpoints" / "0")
+
+
+def _moe(**changes):
+    return lambda cfg: cfg.replace(moe=dataclasses.replace(cfg.moe, **changes))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda cfg: cfg.replace(architecture="decoder_only"), "decoder_only"),
+        (lambda cfg: cfg.replace(activation="geglu"), "no gated MLP"),
+        (_moe(top_k=2), "top-1 only"),
+        (_moe(routing="expert_choice", decoder_routing="token_choice"), "routing='expert_choice'"),
+        (_moe(routing="mesh_tf_top2", top_k=2), "top-1 only"),
+        (_moe(load_balancing="loss_free"), "load_balancing='loss_free'"),
+        (_moe(load_balancing="both"), "load_balancing='both'"),
+        (
+            lambda cfg: cfg.replace(
+                num_encoder_layers=4, moe=dataclasses.replace(cfg.moe, sparse_every=3)
+            ),
+            "cannot express",  # layer 2 alone: HF puts one sparse layer at 1
+        ),
+    ],
+)
+def test_export_refuses_what_hf_would_compute_differently(change, message):
+    """config.json is written only for a model HF runs as ours (before any weight is read)."""
+    hf_config.to_hf(tiny_config())  # the base model exports
+    with pytest.raises(ConfigError, match=message) as e:
+        hf_config.to_hf(change(tiny_config()))
+    assert "\n" not in str(e.value)
 
 
 def test_a_model_dir_with_checkpoints_is_never_overwritten(imported, tmp_path):

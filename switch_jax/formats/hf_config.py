@@ -279,6 +279,7 @@ def to_hf(
     if cfg.activation == "geglu":
         raise ConfigError("ModelConfig.activation='geglu': HF SwitchTransformers has no gated MLP")
     moe = cfg.moe
+    _check_hf_router(moe)
     n_sparse = [_hf_num_sparse(n, moe) for n in (cfg.num_encoder_layers, cfg.num_decoder_layers)]
     return dict(
         architectures=["SwitchTransformersForConditionalGeneration"],
@@ -297,9 +298,25 @@ def to_hf(
     )
 
 
-def _hf_num_sparse(num_layers: int, moe: MoeConfig) -> int:
+def _check_hf_router(moe: MoeConfig) -> None:
+    """Refuse what HF's router would compute differently: an exported model must route as ours."""
     if moe.top_k != 1:
         raise ConfigError(f"MoeConfig.top_k={moe.top_k}: HF SwitchTransformers routes top-1 only")
+    for name in ("routing", "decoder_routing"):
+        method = getattr(moe, name)
+        if method not in (None, "token_choice"):
+            raise ConfigError(
+                f"MoeConfig.{name}={method!r}: HF SwitchTransformers routes by token choice only"
+            )
+    if moe.loss_free:
+        # The bias moves only the choice, not the gate; HF's router_bias moves both.
+        raise ConfigError(
+            f"MoeConfig.load_balancing={moe.load_balancing!r}: HF SwitchTransformers has no "
+            "choice-only routing bias, so the export would route differently"
+        )
+
+
+def _hf_num_sparse(num_layers: int, moe: MoeConfig) -> int:
     ours = {i for i in range(num_layers) if moe.is_sparse(i)}
     for n in range(1, num_layers + 1):
         if hf_sparse_layers(num_layers, n) == ours:
