@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -74,6 +76,7 @@ def hand_count(cfg: ModelConfig) -> tuple[int, int]:
             if cfg.moe is not None and i % cfg.moe.sparse_every == cfg.moe.sparse_every - 1:
                 E = cfg.moe.num_experts
                 total += E * ffn + D * E  # experts + router
+                total += E if cfg.moe.loss_free else 0  # the router's choice bias
                 expert += E * ffn
             else:
                 total += ffn
@@ -99,6 +102,16 @@ def test_switch_base_8_is_t5_base_plus_seven_experts_per_sparse_layer():
     total, _ = count_params(config("base", 8))
     assert total == t5 + 12 * (7 * 2 * 768 * 3072 + 768 * 8)
     assert abs(total / 0.62e9 - 1) < 0.02
+
+
+def test_the_loss_free_bias_counts_as_router_not_expert():
+    # The choice bias [E] is used by every token, as the router is: dense, not 1/E active.
+    cfg = config("base", 8)
+    free = cfg.replace(moe=dataclasses.replace(cfg.moe, load_balancing="loss_free"))
+    assert count_params(free) == hand_count(free)
+    assert count_params(free)[0] == count_params(cfg)[0] + 12 * 8
+    info, info_free = model_info(cfg), model_info(free)
+    assert info_free.active_params_per_token == info.active_params_per_token + 12 * 8
 
 
 def test_scan_does_not_change_the_count():

@@ -8,6 +8,7 @@ import jax
 from flax import nnx
 
 from switch_jax.models.config import ModelConfig
+from switch_jax.models.moe import RouterBias
 from switch_jax.models.transformer import Transformer
 
 
@@ -33,7 +34,8 @@ def abstract_model(cfg: ModelConfig) -> Transformer:
 
 
 def count_params(cfg: ModelConfig, params=None) -> tuple[int, int]:
-    """(total, expert) parameter counts; expert parameters carry a leading 'expert' axis.
+    """(total, expert) parameter counts; expert parameters carry a leading 'expert' axis (all
+    but the loss-free choice bias, which every token uses).
 
     `params`: the abstract params of `cfg` when the caller has them (else built here).
     """
@@ -44,7 +46,8 @@ def count_params(cfg: ModelConfig, params=None) -> tuple[int, int]:
         size = int(leaf.size)
         axes = leaf.get_metadata().get("out_sharding") or ()
         total += size
-        if "expert" in axes:
+        # The loss-free choice bias lies along 'expert' but every token uses it, as the router.
+        if "expert" in axes and not isinstance(leaf, RouterBias):
             expert += size
     return total, expert
 
