@@ -385,11 +385,10 @@ def test_sown_routing_matches_the_statistics_and_leaves_outputs_unchanged():
     sowing = Transformer(
         cfg.replace(moe=dataclasses.replace(moe, sow_routing=True)), rngs=nnx.Rngs(0)
     )
-    forward = nnx.jit(lambda m, b: m(b, train=False))
-    logits, _ = forward(plain, batch)
-    sown_logits, stats = forward(sowing, batch)
+    forward = nnx.jit(lambda m, b: nnx.capture(m, nnx.Intermediate)(b, train=False))
+    (logits, _), nothing = forward(plain, batch)
+    (sown_logits, stats), sown = forward(sowing, batch)
     np.testing.assert_array_equal(logits, sown_logits)
-    sown = nnx.pop(sowing, nnx.Intermediate)
     for stack, P in (("encoder", 4), ("decoder", 1)):
         (route,) = sown[stack]["blocks"][1]["layers"][0]["mlp"]["routing"]
         assert route.expert_BLP.shape == (B, 8, P)
@@ -401,4 +400,5 @@ def test_sown_routing_matches_the_statistics_and_leaves_outputs_unchanged():
             np.testing.assert_allclose(share / share.sum(), fraction, rtol=1e-6)
         else:  # token choice: kept picks, a subset of the chosen ones the fractions count
             assert 0 < share.sum() <= B * 8
-    assert not nnx.state(plain, nnx.Intermediate), "sown without the flag"
+    assert not nothing, "sown without the flag"
+    assert not nnx.state(sowing, nnx.Intermediate), "the model keeps what was captured"

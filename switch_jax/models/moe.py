@@ -73,12 +73,12 @@ class MoeLayer(nnx.Module):
     residual connection alone carries it to the next layer (paper §2.2).
 
     With `MoeConfig.sow_routing`, every call sows a `TokenRouting` into the layer's
-    `nnx.Intermediate` 'routing' (a tuple, one entry per call); the outputs do not change. Read
-    it after an eager (or nnx.jit) forward pass of an unscanned model, then clear it:
+    `nnx.Intermediate` 'routing' (a tuple, one entry per call); the outputs do not change.
+    Capture it from a forward pass of an unscanned model (the model itself keeps nothing):
 
         model = Transformer(cfg.replace(moe=replace(cfg.moe, sow_routing=True)), rngs=...)
-        logits, stats = model(batch)
-        sown = nnx.pop(model, nnx.Intermediate)  # State: .../mlp/routing -> (TokenRouting,)
+        (logits, stats), sown = nnx.capture(model, nnx.Intermediate)(batch)
+        # sown: State .../mlp/routing -> (TokenRouting,)
         route = sown["encoder"]["blocks"][1]["layers"][0]["mlp"]["routing"][0]
     """
 

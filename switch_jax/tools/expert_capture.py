@@ -11,8 +11,8 @@ or, to see the routing itself:
         ...
 
 The model is the run's own, rebuilt with `MoeConfig.sow_routing` (models/moe.py): the same
-parameters and outputs, plus each MoE layer's picks sown into nnx.Intermediate. The capacity is
-the eval one (`capacity_factor_eval`), as in switch-eval.
+parameters and outputs, plus each MoE layer's picks sown into nnx.Intermediate and read with
+nnx.capture. The capacity is the eval one (`capacity_factor_eval`), as in switch-eval.
 """
 
 from __future__ import annotations
@@ -199,8 +199,8 @@ def _sowing_forward(run: build.Run):
 
     def forward(params, batch):
         model = nnx.merge(graphdef, params)
-        model(batch, train=False)
-        return dict(zip(names, _sown(model), strict=True))
+        _, sown = nnx.capture(model, nnx.Intermediate)(batch, train=False)
+        return dict(zip(names, _sown(model, sown), strict=True))
 
     return jax.jit(
         forward,
@@ -209,15 +209,17 @@ def _sowing_forward(run: build.Run):
     )
 
 
-def _sown(model) -> list:
-    """Each MoE layer's TokenRouting, in `layer_names` order (one call per layer here)."""
-    stacks = [s for s in (model.encoder, model.decoder) if s is not None]
+def _sown(model, sown) -> list:
+    """Each MoE layer's TokenRouting from the captured State `sown`, in `layer_names` order
+    (one call per layer here)."""
     out = []
-    for stack in stacks:
-        for block in stack.blocks:
-            for layer in block.layers:
+    for name in ("encoder", "decoder"):
+        stack = getattr(model, name)
+        for b, block in enumerate(stack.blocks if stack is not None else ()):
+            for i, layer in enumerate(block.layers):
                 if isinstance(layer.mlp, MoeLayer):
-                    (route,) = layer.mlp.routing.get_value()
+                    routing = sown[name]["blocks"][b]["layers"][i]["mlp"]["routing"]
+                    (route,) = routing.get_value()
                     out.append(route)
     return out
 
