@@ -12,7 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
-from switch_jax.models import routing
+from switch_jax.models import layers, routing
 from switch_jax.models.layers import Keys, relative_position_bucket
 from switch_jax.models.routing import RouterStats
 from tests.model_fixtures import (
@@ -23,6 +23,8 @@ from tests.model_fixtures import (
     tiny_config,
     unflatten,
 )
+
+KEY = jax.random.key(0)
 
 # ----------------------------------------------------------------------------- position buckets
 
@@ -322,6 +324,56 @@ def _two_keys(model, batch, train, kind):
         for seed in (0, 1)
     ]
     return outs
+
+
+# ----------------------------------------------------------------------------- dropout draws
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.4, 0.9])
+def test_dropout_keeps_its_quantized_probability_and_stays_unbiased(rate):
+    kept_by_hand = {0.1: 58982 / 65536, 0.4: 39322 / 65536, 0.9: 6554 / 65536}[rate]
+    assert layers.keep_probability(rate) == kept_by_hand  # 1 - round(rate * 2^16) / 2^16
+    n = 1 << 22
+    keep = np.asarray(jax.jit(lambda k: layers.dropout_mask(k, rate, (1024, 4096)))(KEY))
+    p = kept_by_hand
+    assert abs(keep.mean() - p) < 5 * math.sqrt(p * (1 - p) / n)
+    x = jnp.full((1024, 4096), 3.0, jnp.float32)
+    dropped = np.asarray(layers.drop_with_mask(x, keep, rate))
+    np.testing.assert_array_equal(dropped[~keep], 0)
+    np.testing.assert_array_equal(dropped[keep], np.float32(3.0) / np.float32(p))
+
+
+def test_dropout_bits_of_one_hash_are_independent():
+    # Four neighbours along the last axis share one threefry hash (two words, split in halves):
+    # at rate 0.5 each keeps one bit of its own; all 16 patterns of the four must be equally
+    # likely (a copied word or half would make some impossible), in every column of the four.
+    keep = np.asarray(layers.dropout_mask(KEY, 0.5, (1 << 14, 16)), np.int64)
+    for c in range(0, 16, 4):
+        pattern = keep[:, c] * 8 + keep[:, c + 1] * 4 + keep[:, c + 2] * 2 + keep[:, c + 3]
+        counts = np.bincount(pattern, minlength=16)
+        expected = len(pattern) / 16
+        chi2 = ((counts - expected) ** 2 / expected).sum()
+        assert chi2 < 45, (c, counts)  # 15 degrees of freedom: P(chi2 > 45) ~ 1e-4
+    # ... and rows and columns differ from each other.
+    assert 0.45 < (keep[1:] != keep[:-1]).mean() < 0.55
+    assert 0.45 < (keep[:, 4:] != keep[:, :-4]).mean() < 0.55
+
+
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+def test_dropout_mask_is_the_same_on_every_mesh(impl):
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from switch_jax.parallel import partitioning
+
+    key = jax.random.key(3, impl=impl)
+    shape = (4, 8, 6, 20)  # the last axis: 20 = five hashes of four, split over 2 devices
+    want = np.asarray(layers.dropout_mask(key, 0.3, shape))
+    assert 0.5 < want.mean() < 0.9
+    mesh = partitioning.make_mesh((2, 2, 2))
+    for spec in (("data", "expert", None, "model"), (None, ("data", "expert", "model"))):
+        out = NamedSharding(mesh, PartitionSpec(*spec))
+        got = jax.jit(lambda k: layers.dropout_mask(k, 0.3, shape), out_shardings=out)(key)
+        np.testing.assert_array_equal(np.asarray(got), want)
 
 
 def test_dropout_and_expert_dropout_are_separate_knobs():

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.core import spmd as core_spmd
+from jax.extend.random import threefry2x32_p
 
 from switch_jax.models.config import ModelConfig
 
@@ -54,14 +55,64 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return drop_with_mask(x, dropout_mask(key, rate, x.shape), rate)
 
 
+# Dropout compares 16-bit uniforms with a threshold: the keep probability is a multiple of
+# 2^-16 (0.1 -> 0.1000061), and drop_with_mask scales by that probability, so the expectation
+# stays exact. 16 bits, four per threefry hash, instead of jax.random.bernoulli's one hash per
+# element: the draws were ~20 % of a CPU train step with dropout 0.1 (docs/benchmarks.md §8).
+_DROPOUT_BITS = 16
+
+
+def keep_probability(rate: float) -> float:
+    """The probability that `dropout_mask` keeps an element at `rate`."""
+    return 1.0 - round(rate * 2**_DROPOUT_BITS) / 2**_DROPOUT_BITS
+
+
 def dropout_mask(key: jax.Array, rate: float, shape) -> jax.Array:
-    """The elements `dropout` keeps for `key` (True: kept): the same draw for the same shape."""
-    return jax.random.bernoulli(key, 1.0 - rate, shape)
+    """The elements `dropout` keeps for `key` (True: kept): the same draw for the same shape,
+    on any mesh (each element's bits depend on its index only)."""
+    threshold = round(rate * 2**_DROPOUT_BITS)
+    return _uniform16(key, tuple(shape)) >= jnp.uint16(threshold)
+
+
+def _uniform16(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """uint16 uniforms of `shape`: the two 32-bit words of each threefry hash of (row, column)
+    counters, split in halves, fill four neighbours along the last axis. Other key
+    implementations (rbg) fill two per 32-bit draw of jax.random.bits."""
+    *lead, last = shape or (1,)
+    rows = math.prod(lead)
+    per_word = 2 if _is_threefry(key) and rows < 2**32 else 1
+    n = -(-last // (2 * per_word))  # 32-bit words per row of the draw
+    words_shape = (*lead, n)
+    if per_word == 2:
+        k1, k2 = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+        row, column = _row_column_counters(words_shape)
+        w1, w2 = threefry2x32_p.bind(k1, k2, row, column)
+        words = jnp.stack([w1, w2], axis=-1)
+    else:
+        words = jax.random.bits(key, words_shape, jnp.uint32)
+    halves = jax.lax.bitcast_convert_type(words, jnp.uint16)
+    return halves.reshape(*lead, -1)[..., :last].reshape(shape)
+
+
+def _is_threefry(key: jax.Array) -> bool:
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key.shape == (2,)  # a raw uint32 key: the default threefry implementation
+    return "threefry" in str(jax.random.key_impl(key))
+
+
+def _row_column_counters(shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """uint32 counters of each element: its row (index over the leading axes) and column."""
+    row = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in range(len(shape) - 2, -1, -1):
+        row = row + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+        stride *= shape[axis]
+    return row, jax.lax.broadcasted_iota(jnp.uint32, shape, len(shape) - 1)
 
 
 def drop_with_mask(x: jax.Array, keep: jax.Array, rate: float) -> jax.Array:
     """Inverted dropout with a given mask (`dropout_mask`'s, or rows of it)."""
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+    return jnp.where(keep, x / keep_probability(rate), 0).astype(x.dtype)
 
 
 def param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
