@@ -152,24 +152,20 @@ def _bench_gin(dtype: str, router_stddev: float) -> list[str]:
 
 def our_fraction_dropped(router_stddev: float) -> float:
     """Mean over the sparse layers of the fraction of tokens over capacity in one training
-    forward pass at initialisation, on batches like HF's (what HF's hooks measure)."""
+    forward pass at initialisation, on the batch switch-bench times (HF's hooks measure the
+    same on theirs)."""
     import jax  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415
 
     from switch_jax.config import gin_config  # noqa: PLC0415
     from switch_jax.models.transformer import Transformer  # noqa: PLC0415
+    from switch_jax.tools.benchmarks.step import synthetic_batch  # noqa: PLC0415
 
     bindings = [b.removeprefix("--gin.") for b in _bench_gin("float32", router_stddev)]
     gin_config.parse_gin(["models/switch_cpu_bench.gin"], bindings)
     cfg = gin_config.load_configs().model
     model = Transformer(cfg, rngs=nnx.Rngs(0))
-    rng = np.random.default_rng(0)
-    targets = rng.integers(2, VOCAB, (BATCH, TARGETS)).astype(np.int32)
-    batch = {
-        "encoder_input_tokens": rng.integers(2, VOCAB, (BATCH, INPUTS)).astype(np.int32),
-        "decoder_target_tokens": targets,
-        "decoder_input_tokens": np.pad(targets[:, :-1], ((0, 0), (1, 0))),
-    }
+    batch = synthetic_batch(cfg, BATCH, (INPUTS, TARGETS))  # the batch switch-bench times
     _, stats = nnx.jit(lambda m, b: m(b, train=True))(model, batch)
     dropped = [np.asarray(jax.device_get(s.fraction_dropped)) for s in stats.values() if s]
     return float(np.mean(np.concatenate(dropped)))

@@ -302,12 +302,11 @@ def _check_hf_router(moe: MoeConfig) -> None:
     """Refuse what HF's router would compute differently: an exported model must route as ours."""
     if moe.top_k != 1:
         raise ConfigError(f"MoeConfig.top_k={moe.top_k}: HF SwitchTransformers routes top-1 only")
-    for name in ("routing", "decoder_routing"):
-        method = getattr(moe, name)
-        if method not in (None, "token_choice"):
-            raise ConfigError(
-                f"MoeConfig.{name}={method!r}: HF SwitchTransformers routes by token choice only"
-            )
+    # (A top-1 decoder routes by token choice: ModelConfig allows nothing else there.)
+    if moe.routing != "token_choice":
+        raise ConfigError(
+            f"MoeConfig.routing={moe.routing!r}: HF SwitchTransformers routes by token choice only"
+        )
     if moe.loss_free:
         # The bias moves only the choice, not the gate; HF's router_bias moves both.
         raise ConfigError(

@@ -62,16 +62,20 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 _DROPOUT_BITS = 16
 
 
+def _threshold(rate: float) -> int:
+    """The 16-bit values below which `dropout_mask` drops an element."""
+    return round(rate * 2**_DROPOUT_BITS)
+
+
 def keep_probability(rate: float) -> float:
     """The probability that `dropout_mask` keeps an element at `rate`."""
-    return 1.0 - round(rate * 2**_DROPOUT_BITS) / 2**_DROPOUT_BITS
+    return 1.0 - _threshold(rate) / 2**_DROPOUT_BITS
 
 
 def dropout_mask(key: jax.Array, rate: float, shape) -> jax.Array:
     """The elements `dropout` keeps for `key` (True: kept): the same draw for the same shape,
     on any mesh (each element's bits depend on its index only)."""
-    threshold = round(rate * 2**_DROPOUT_BITS)
-    return _uniform16(key, tuple(shape)) >= jnp.uint16(threshold)
+    return _uniform16(key, tuple(shape)) >= jnp.uint16(_threshold(rate))
 
 
 def _uniform16(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -79,14 +83,11 @@ def _uniform16(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     counters, split in halves, fill four neighbours along the last axis. Other key
     implementations (rbg) fill two per 32-bit draw of jax.random.bits."""
     *lead, last = shape or (1,)
-    rows = math.prod(lead)
-    per_word = 2 if _is_threefry(key) and rows < 2**32 else 1
-    n = -(-last // (2 * per_word))  # 32-bit words per row of the draw
-    words_shape = (*lead, n)
-    if per_word == 2:
-        k1, k2 = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-        row, column = _row_column_counters(words_shape)
-        w1, w2 = threefry2x32_p.bind(k1, k2, row, column)
+    threefry_words = _threefry_key_words(key) if math.prod(lead) < 2**32 else None
+    per_hash = 4 if threefry_words is not None else 2
+    words_shape = (*lead, -(-last // per_hash))  # one hash (or 32-bit draw) per word position
+    if threefry_words is not None:
+        w1, w2 = threefry2x32_p.bind(*threefry_words, *_row_column_counters(words_shape))
         words = jnp.stack([w1, w2], axis=-1)
     else:
         words = jax.random.bits(key, words_shape, jnp.uint32)
@@ -94,10 +95,14 @@ def _uniform16(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return halves.reshape(*lead, -1)[..., :last].reshape(shape)
 
 
-def _is_threefry(key: jax.Array) -> bool:
+def _threefry_key_words(key: jax.Array) -> tuple[jax.Array, jax.Array] | None:
+    """The two uint32 words of a threefry key (typed, or a raw uint32[2]); None for others."""
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return key.shape == (2,)  # a raw uint32 key: the default threefry implementation
-    return "threefry" in str(jax.random.key_impl(key))
+        return tuple(key) if key.shape == (2,) else None
+    if "threefry" not in str(jax.random.key_impl(key)):
+        return None
+    k1, k2 = jax.random.key_data(key)
+    return k1, k2
 
 
 def _row_column_counters(shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
