@@ -17,6 +17,9 @@ decode: one HF Switch model with random weights (seeded) saved with save_pretrai
   tokens both ways (EOS off on both), greedy and --beams, float32, HF's per-sequence capacity
   on both (formats.hf_config.hf_routing). Greedy tokens are compared; beam search differs by
   design (our brevity penalty is T5X's), so only its speed is.
+Both sides run under one malloc: the script restarts under TCMalloc as switch-bench does
+(parallel/host_malloc.py); SWITCH_JAX_MALLOC=system keeps the system's for both. Every row
+names its process's malloc.
 """
 
 from __future__ import annotations
@@ -70,7 +73,10 @@ def _capacity(sequence_length: int) -> int:
 
 
 def _print(row: dict) -> None:
-    print(json.dumps(row), flush=True)
+    """One JSON line; a row without "malloc" was measured in this process."""
+    from switch_jax.parallel import host_malloc  # noqa: PLC0415
+
+    print(json.dumps({"malloc": host_malloc.describe()} | row), flush=True)
 
 
 # ----------------------------------------------------------------------------------- train
@@ -191,7 +197,8 @@ def train_ours(steps: int, dtypes: list[str], dispatches: list[str], router_stdd
         for name, r in result["dispatches"].items():
             for model in ("switch", "dense"):
                 s = r[model]
-                row = {"framework": "switch_jax", "model": model, "dtype": dtype}
+                row = {"malloc": result["host_malloc"], "framework": "switch_jax"}
+                row |= {"model": model, "dtype": dtype}
                 row |= {"dispatch": name if model == "switch" else None}
                 if model == "switch":
                     row |= {"router_init_stddev": router_stddev, "fraction_dropped": dropped}
@@ -313,6 +320,9 @@ def main() -> None:
     parser.add_argument("--decode_length", type=int, default=32, help="decode: tokens per row")
     parser.add_argument("--beams", default="1,4", help="decode: beam sizes (1 = greedy)")
     args = parser.parse_args()
+    from switch_jax.parallel import host_malloc  # noqa: PLC0415
+
+    host_malloc.restart_under_tcmalloc(commands=None)  # HF under the malloc ours gets
     if args.part == "train":
         if not args.skip_hf:
             train_hf(args.steps, args.threads)

@@ -34,6 +34,7 @@ def run_benchmarks(configs, variants, *, steps, warmup, dispatch, dispatches=Non
     """All requested variants; returns the JSON-ready results dict."""
     import jax
 
+    from switch_jax.parallel import host_malloc
     from switch_jax.report import hardware
     from switch_jax.tools.benchmarks import step as step_bench
 
@@ -51,6 +52,7 @@ def run_benchmarks(configs, variants, *, steps, warmup, dispatch, dispatches=Non
             "kind": device.device_kind,
             "count": jax.device_count(),
         },
+        "host_malloc": host_malloc.describe(),  # on CPU, 20-30 % of a step (host_malloc)
         "peak_flops": peak,
         "peak_source": "measured f32 matmul" if device.platform == "cpu" else "hardware.CHIPS",
     }
@@ -118,7 +120,7 @@ def format_table(r: dict) -> str:
     """Human-readable summary of run_benchmarks' result."""
     dev = r["device"]
     peak = f"peak {_g(r['peak_flops'])}FLOP/s ({r['peak_source']})"
-    lines = [f"device {dev['kind']} x{dev['count']}, {peak}"]
+    lines = [f"device {dev['kind']} x{dev['count']}, {peak}, {r['host_malloc']}"]
     for name in ("step", "dense"):
         s = r.get(name)
         if s:
