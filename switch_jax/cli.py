@@ -26,7 +26,7 @@ one line and status 130.
 
 The entries that run steps (`host_malloc.COMMANDS`), started as their own process (console
 script or `python -m`), restart once under TCMalloc where the library is installed
-(`parallel.host_malloc`: a CPU train step runs 20-30 % faster; SWITCH_JAX_MALLOC=system keeps
+(`parallel.host_malloc`: a CPU train step took 9-37 % less time; SWITCH_JAX_MALLOC=system keeps
 the system malloc). The package's import does it before jax loads; `entry` checks again and
 reports a bad SWITCH_JAX_MALLOC as one line.
 

@@ -1,12 +1,12 @@
 """The host's malloc: the commands that run steps restart once under TCMalloc where it is
 installed.
 
-XLA:CPU allocates and frees each step's large buffers through the process's malloc. Under
-glibc's malloc a fresh 32 MiB output costs ~10 ms of page faults against ~2 ms under TCMalloc,
-and the whole bfloat16 train step of the issue-24 config ran 20-30 % faster under TCMalloc
-(docs/benchmarks.md §9); tuning glibc with mallopt did not help there. TCMalloc can only
-replace malloc before the process's first allocation, so the way in is LD_PRELOAD and one
-restart of the command (as Cloud TPU VM images and PyTorch's CPU launchers preload it too).
+XLA:CPU allocates and frees a step's buffers through the process's malloc, every step. Under
+glibc's malloc a fresh 32 MiB output costs ~10 ms of page faults, against ~2.5 ms under
+TCMalloc. The bfloat16 train step of the issue-24 config took 9-37 % less time under TCMalloc
+(docs/benchmarks.md §9); tuning glibc with mallopt did not help there. TCMalloc can replace
+malloc only before the process's first allocation, so the way in is LD_PRELOAD and one restart
+of the command. PyTorch's CPU launcher (torch.backends.xeon.run_cpu) preloads it the same way.
 
     SWITCH_JAX_MALLOC=auto      (default) TCMalloc if a library is found, else the system's
     SWITCH_JAX_MALLOC=tcmalloc  TCMalloc or a one-line error

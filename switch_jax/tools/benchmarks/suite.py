@@ -52,7 +52,7 @@ def run_benchmarks(configs, variants, *, steps, warmup, dispatch, dispatches=Non
             "kind": device.device_kind,
             "count": jax.device_count(),
         },
-        "host_malloc": host_malloc.describe(),  # on CPU, 20-30 % of a step (host_malloc)
+        "host_malloc": host_malloc.describe(),  # on CPU, up to a third of a step (host_malloc)
         "peak_flops": peak,
         "peak_source": "measured f32 matmul" if device.platform == "cpu" else "hardware.CHIPS",
     }
