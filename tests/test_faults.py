@@ -386,7 +386,9 @@ def test_console_eta_and_a_second_trainer_on_a_live_model_dir(tmp_path):
     remaining = time.perf_counter() - t10 - pause
     out = "".join(log) + _finish(proc)
     assert proc.returncode == 0, out[-3000:]
-    assert 0.5 <= max(eta, 1) / remaining <= 2.0, (eta, remaining)
+    # Within 2x, at the line's resolution: it rounds to whole seconds (a 2-second remainder, as
+    # under TCMalloc here, can print 0m01s).
+    assert 0.5 * remaining <= eta + 0.5 and eta - 0.5 <= 2.0 * remaining, (eta, remaining)
 
     head = out.splitlines()[:4]
     assert head[0].startswith("devices: 1 x cpu (cpu) in 1 process(es) | mesh data=1 expert=1")

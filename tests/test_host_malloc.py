@@ -120,7 +120,9 @@ def _run_as(tmp_path, name, extra_env):
         "from switch_jax.parallel import host_malloc\n"
         "print(host_malloc.describe())\n"
     )
+    # Nothing preloaded or chosen by the caller's environment (a TPU VM may preload TCMalloc).
     env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCH_JAX_MALLOC")}
+    env.pop("LD_PRELOAD", None)
     env.update(extra_env)
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -135,3 +137,22 @@ def test_a_step_command_really_restarts_under_tcmalloc(tmp_path):
     assert _run_as(tmp_path, "switch-bench", {}).startswith("tcmalloc (")
     assert _run_as(tmp_path, "switch-bench", {host_malloc.CHOICE_ENV: "system"}) == "system malloc"
     assert _run_as(tmp_path, "switch-info", {}) == "system malloc"  # runs no steps
+
+
+def test_the_run_header_names_the_malloc_on_cpu(monkeypatch):
+    from types import SimpleNamespace
+
+    import jax
+
+    from switch_jax.report import console
+
+    run = SimpleNamespace(
+        partitioner=SimpleNamespace(mesh=SimpleNamespace(shape={"data": 1, "expert": 1})),
+        info=SimpleNamespace(total_params=10, active_params_per_token=5),
+        model_cfg=SimpleNamespace(moe=None),
+    )
+    assert jax.devices()[0].platform == "cpu"
+    monkeypatch.setattr(host_malloc, "loaded_tcmalloc", lambda: None)
+    assert console.header_lines(run, "m", None)[0].endswith("mesh data=1 expert=1 | system malloc")
+    monkeypatch.setattr(host_malloc, "loaded_tcmalloc", lambda: "/usr/lib/libtcmalloc.so.4")
+    assert console.header_lines(run, "m", None)[0].endswith("mesh data=1 expert=1 | tcmalloc")

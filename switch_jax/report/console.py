@@ -179,9 +179,14 @@ def header_lines(run, model_dir: str, resumed_from: int | None) -> list[str]:
     moe = run.model_cfg.moe
     experts = f", {moe.num_experts} experts top-{moe.top_k}" if moe is not None else ", dense"
     start = f"resuming from step {resumed_from}" if resumed_from is not None else "new run"
+    host = ""
+    if devices[0].platform == "cpu":  # where the malloc is a large part of a step
+        from switch_jax.parallel import host_malloc
+
+        host = " | tcmalloc" if host_malloc.loaded_tcmalloc() else " | system malloc"
     return [
         f"devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}) in "
-        f"{jax.process_count()} process(es) | mesh {axes}",
+        f"{jax.process_count()} process(es) | mesh {axes}{host}",
         f"model: {_count(info.total_params)} parameters, {_count(info.active_params_per_token)} "
         f"active per token{experts}",
         f"MODEL_DIR: {model_dir} ({start})",
