@@ -73,7 +73,8 @@ def _capacity(sequence_length: int) -> int:
 
 
 def _print(row: dict) -> None:
-    """One JSON line; a row without "malloc" was measured in this process."""
+    """One JSON line, led by the malloc it was measured under: this process's, unless the row
+    names another (ours, measured in a subprocess)."""
     from switch_jax.parallel import host_malloc  # noqa: PLC0415
 
     print(json.dumps({"malloc": host_malloc.describe()} | row), flush=True)
