@@ -27,8 +27,8 @@ one line and status 130.
 The entries that run steps (`host_malloc.COMMANDS`), started as their own process (console
 script or `python -m`), restart once under TCMalloc where the library is installed
 (`parallel.host_malloc`: a CPU train step took 9-37 % less time; SWITCH_JAX_MALLOC=system keeps
-the system malloc). The package's import does it before jax loads; `entry` checks again and
-reports a bad SWITCH_JAX_MALLOC as one line.
+the system malloc). The package's import does it before jax loads; `entry` reports a bad
+SWITCH_JAX_MALLOC it met as one line.
 
 Host flags (T5X's names): --coordinator_address=HOST:PORT --process_count=N --process_index=I.
 Without them the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables are
@@ -286,11 +286,10 @@ def entry(
         return rest
 
     def console_main() -> None:
-        if command in host_malloc.COMMANDS:
-            try:
-                host_malloc.restart_under_tcmalloc()  # returns only where it does not restart
-            except ConfigError as e:
-                fail(e, 2)
+        try:
+            host_malloc.raise_early_error()  # the package's import tried the restart
+        except ConfigError as e:
+            fail(e, 2)
         # absl's --help prints the __main__ module's docstring, which a console script lacks.
         sys.modules["__main__"].__doc__ = usage(command, main.__globals__.get("__doc__"))
         try:

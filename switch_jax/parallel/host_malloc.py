@@ -19,6 +19,7 @@ Debian/Ubuntu: `apt-get install libtcmalloc-minimal4`.
 from __future__ import annotations
 
 import ctypes.util
+import functools
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -56,9 +57,9 @@ def started_command(argv: Sequence[str]) -> str | None:
         if arg == "-m":
             module = next(args, "")
             return module.removeprefix("switch_jax.") if module.startswith("switch_jax.") else None
-        if arg in ("-W", "-X", "-c"):  # an option with a value, or a program given inline
-            if arg == "-c":
-                return None
+        if arg == "-c":  # a program given inline
+            return None
+        if arg in ("-W", "-X"):  # an option with a value
             next(args, None)
         elif not arg.startswith("-"):
             name = os.path.basename(arg)
@@ -152,16 +153,28 @@ def restart_under_tcmalloc(commands: Sequence[str] | None = COMMANDS) -> None:
     os.execve(argv[0], argv, env)
 
 
+@functools.cache  # a process's malloc is fixed at its start
 def describe() -> str:
     """What allocates this process's host memory, for benchmark reports."""
     library = loaded_tcmalloc()
     return f"tcmalloc ({library})" if library else "system malloc"
 
 
+# A bad setting met by `restart_early`, kept for cli.entry to report as one line.
+_early_error: ConfigError | None = None
+
+
 def restart_early() -> None:
-    """`restart_under_tcmalloc` from the package's import, before jax is: a bad setting is
-    left to the command's own call (cli.entry), which reports it as one line."""
+    """`restart_under_tcmalloc` from the package's import, before jax is."""
+    global _early_error
     try:
         restart_under_tcmalloc()
-    except ConfigError:
-        return
+    except ConfigError as e:
+        _early_error = e
+
+
+def raise_early_error() -> None:
+    """Raise the bad setting `restart_early` met, if any (cli.entry, where user errors become
+    one line)."""
+    if _early_error is not None:
+        raise _early_error

@@ -23,6 +23,8 @@ import threading
 import time
 from collections.abc import Sequence
 
+from switch_jax.parallel import host_malloc
+
 # C++ log lines of TensorFlow / XLA / CUDA stubs that a CPU run always prints and that say
 # nothing to the user; shown again with --verbosity.
 NATIVE_NOISE = re.compile(
@@ -181,8 +183,6 @@ def header_lines(run, model_dir: str, resumed_from: int | None) -> list[str]:
     start = f"resuming from step {resumed_from}" if resumed_from is not None else "new run"
     host = ""
     if devices[0].platform == "cpu":  # where the malloc is a large part of a step
-        from switch_jax.parallel import host_malloc
-
         host = " | tcmalloc" if host_malloc.loaded_tcmalloc() else " | system malloc"
     return [
         f"devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}) in "
