@@ -393,3 +393,21 @@ def test_aux_loss_reduction_over_layers(reduction):
     np.testing.assert_allclose(m["aux_loss"], cfg.moe.aux_loss_coef * want, rtol=1e-6)
     with pytest.raises(ConfigError, match="aux_loss_reduction"):
         MoeConfig(aux_loss_reduction="max")
+
+
+def test_layer_noise_keys_are_the_two_fold_ins():
+    # One threefry call folds both of the layer's keys: the same keys as folding each alone.
+    from switch_jax.models.streams import MoeStream  # noqa: PLC0415
+
+    layer = make_layer(moe_config(expert_dropout_rate=0.1))
+    keys = Keys(dropout=jax.random.key(3), jitter=jax.random.key(4))
+    got = jax.jit(lambda k: layer._noise_keys(k, train=True))(keys)
+    want = (
+        jax.random.fold_in(keys.dropout, MoeStream.EXPERT_DROPOUT),
+        jax.random.fold_in(keys.jitter, MoeStream.JITTER),
+    )
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(jax.random.key_data(g), jax.random.key_data(w))
+    assert layer._noise_keys(keys, train=False).jitter is None
+    off = make_layer(moe_config(expert_dropout_rate=0.0))._noise_keys(keys, train=True)
+    assert off.dropout is None and off.jitter is not None

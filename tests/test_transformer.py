@@ -359,6 +359,39 @@ def test_dropout_bits_of_one_hash_are_independent():
     assert 0.45 < (keep[:, 4:] != keep[:, :-4]).mean() < 0.55
 
 
+def _threefry2x32_numpy(k0, k1, x0, x1):
+    """Threefry-2x32, 20 rounds (Salmon et al. 2011), in NumPy uint32 arithmetic."""
+    rotl = lambda v, r: (v << np.uint32(r)) | (v >> np.uint32(32 - r))  # noqa: E731
+    ks = [np.uint32(k0), np.uint32(k1), np.uint32(k0) ^ np.uint32(k1) ^ np.uint32(0x1BD11BDA)]
+    x0, x1 = x0 + ks[0], x1 + ks[1]
+    for i in range(5):
+        for r in (13, 15, 26, 6) if i % 2 == 0 else (17, 29, 16, 24):
+            x0 = x0 + x1
+            x1 = rotl(x1, r) ^ x0
+        x0, x1 = x0 + ks[(i + 1) % 3], x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
+    return x0, x1
+
+
+@pytest.mark.parametrize("shape", [(5,), (3, 7), (2, 3, 10), (2, 3, 4, 9), (2, 1, 3, 2, 6)])
+def test_dropout_mask_is_its_definition_for_every_rank(shape):
+    # Element (lead..., c) keeps iff 16-bit value c % 4 of the hash of (row, c // 4), where row
+    # is the flat index over the leading axes, is at least round(rate * 2^16): whatever view
+    # the draw is computed over (it is 3-D, for compile time).
+    rate = 0.3
+    k0, k1 = np.asarray(jax.random.key_data(KEY), np.uint32)
+    index = np.indices(shape).reshape(len(shape), -1)
+    row = np.ravel_multi_index(index[:-1], shape[:-1]) if len(shape) > 1 else 0 * index[0]
+    column = index[-1]
+    with np.errstate(over="ignore"):
+        w0, w1 = _threefry2x32_numpy(k0, k1, row.astype(np.uint32), (column // 4).astype(np.uint32))
+    halves = np.stack([w0 & 0xFFFF, w0 >> 16, w1 & 0xFFFF, w1 >> 16])
+    value = halves[column % 4, np.arange(column.size)]
+    want = (value >= round(rate * 2**16)).reshape(shape)
+    got = np.asarray(jax.jit(lambda k: layers.dropout_mask(k, rate, shape))(KEY))
+    np.testing.assert_array_equal(got, want)
+    assert 0 < want.mean() < 1 or want.size < 8
+
+
 @pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
 def test_dropout_mask_is_the_same_on_every_mesh(impl):
     from jax.sharding import NamedSharding, PartitionSpec

@@ -125,14 +125,12 @@ class MoeLayer(nnx.Module):
         x_GTD = constrain(x_BLD.reshape(G, T, D), ("batch", "length", "embed"))
         mask_GT = token_mask_BL.reshape(G, T)
 
-        jitter_key = None
-        if train and keys.jitter is not None:
-            jitter_key = jax.random.fold_in(keys.jitter, MoeStream.JITTER)
+        noise = self._noise_keys(keys, train=train)
         logits_GTE = routing.router_logits(
             x_GTD,
             self.router[...],
             jitter_eps=moe.jitter_eps,
-            jitter_key=jitter_key,
+            jitter_key=noise.jitter,
             dtype=moe.router_dtype,
         )
         cf = moe.capacity_factor_train if train else moe.capacity_factor_eval
@@ -144,7 +142,7 @@ class MoeLayer(nnx.Module):
             picks = lambda a: a.reshape(B, L, -1)  # noqa: E731
             sown = TokenRouting(*(picks(a) for a in route[:1] + route[2:4]))
             self.sow(nnx.Intermediate, "routing", sown)
-        experts = lambda x: self._experts(x, keys)  # noqa: E731
+        experts = lambda x: self._experts(x, noise.dropout)  # noqa: E731
         if dispatch in ("einsum", "scatter"):
             dispatch_fn = _einsum_dispatch if dispatch == "einsum" else _scatter_dispatch
             y_GTD = dispatch_fn(x_GTD, route, moe.num_experts, experts)
@@ -159,21 +157,21 @@ class MoeLayer(nnx.Module):
         else:
             weights = (self.wi[...], None if self.wi_gate is None else self.wi_gate[...])
             weights += (self.wo[...],)
-            noise, slot_GTP = self._dropout_key(keys), None
-            if dispatch == "sorted" and noise is not None:
+            drop, slot_GTP = noise.dropout, None
+            if dispatch == "sorted" and drop is not None:
                 # The mask einsum and scatter draw over their slots, read at each row's slot:
                 # every capacity dispatch then computes one function, noise included.
                 shape = (moe.num_experts, G, capacity, self.cfg.d_ff)
-                keep_EGCF = dropout_mask(noise, moe.expert_dropout_rate, shape)
+                keep_EGCF = dropout_mask(drop, moe.expert_dropout_rate, shape)
                 axes = ("expert", "expert_group", "expert_capacity", "mlp")
-                noise, slot_GTP = constrain(keep_EGCF, axes), r.slot_GTP
+                drop, slot_GTP = constrain(keep_EGCF, axes), r.slot_GTP
             y_GTD = grouped.row_dispatch(
                 x_GTD,
                 r.expert_GTP,
                 r.kept_GTP,
                 r.gate_GTP,
                 weights,
-                noise,
+                drop,
                 functools.partial(self._rows_ffn, impl=impl),
                 slot_GTP,
             )
@@ -204,10 +202,19 @@ class MoeLayer(nnx.Module):
             second=second,
         )
 
-    def _dropout_key(self, keys: Keys):
-        if keys.dropout is None or self.moe.expert_dropout_rate <= 0:
-            return None
-        return jax.random.fold_in(keys.dropout, MoeStream.EXPERT_DROPOUT)
+    def _noise_keys(self, keys: Keys, *, train: bool) -> Keys:
+        """This layer's own keys, None where that noise is off: expert dropout (the FFN's
+        dropout key folded with EXPERT_DROPOUT) and router jitter (train only)."""
+        dropout = keys.dropout if self.moe.expert_dropout_rate > 0 else None
+        jitter = keys.jitter if train else None
+        if dropout is None or jitter is None or jax.typeof(dropout) != jax.typeof(jitter):
+            fold = lambda k, s: None if k is None else jax.random.fold_in(k, s)  # noqa: E731
+            return Keys(fold(dropout, MoeStream.EXPERT_DROPOUT), fold(jitter, MoeStream.JITTER))
+        # Both in one threefry call: the keys of two fold_ins, but one rolled loop for XLA:CPU
+        # to compile instead of two.
+        streams = jnp.asarray([MoeStream.EXPERT_DROPOUT, MoeStream.JITTER], jnp.uint32)
+        folded = jax.vmap(jax.random.fold_in)(jnp.stack([dropout, jitter]), streams)
+        return Keys(folded[0], folded[1])
 
     def _rows_ffn(self, x_RD, sizes_E, weights, noise, *, impl: str):
         """The experts on rows sorted by expert (segment sizes_E): grouped matmuls. `noise`:
@@ -230,7 +237,7 @@ class MoeLayer(nnx.Module):
         h_RF = _activate_and_drop(self.cfg, rate, h_RF, gate, keep_RF)
         return grouped.grouped_matmul(h_RF, wo, sizes_E, impl, block)
 
-    def _experts(self, x_GECD: jax.Array, keys: Keys) -> jax.Array:
+    def _experts(self, x_GECD: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
         """Token-sharded -> expert-sharded (all-to-all), run the experts, and back."""
         dt = self.cfg.dtype
         x_GECD = constrain(x_GECD, ("batch", "unmodeled", "expert_capacity", "embed"))
@@ -243,7 +250,7 @@ class MoeLayer(nnx.Module):
             gate = jnp.einsum("egcd,edf->egcf", x_EGCD, self.wi_gate[...].astype(dt))
         h_EGCF = activate(self.cfg, h_EGCF, gate)
         h_EGCF = constrain(h_EGCF, ("expert", "expert_group", "expert_capacity", "mlp"))
-        h_EGCF = dropout(h_EGCF, self.moe.expert_dropout_rate, self._dropout_key(keys))
+        h_EGCF = dropout(h_EGCF, self.moe.expert_dropout_rate, dropout_key)
         y_EGCD = jnp.einsum("egcf,efd->egcd", h_EGCF, self.wo[...].astype(dt))
         y_EGCD = constrain(y_EGCD, ("expert", "expert_group", "expert_capacity", "embed"))
         y_GECD = jnp.swapaxes(y_EGCD, 0, 1)
