@@ -90,7 +90,7 @@ def router_logits(
     """
     x_GTD = x_GTD.astype(dtype)
     if jitter_eps > 0 and jitter_key is not None:
-        # Drawn over the [G*T, D] view: the same values (a row's counter is its flat index),
+        # Drawn over the [G*T, D] view: the same values (an element's counter is its flat index),
         # and XLA:CPU compiles the 2-D draw in half the time of the 3-D one.
         G, T, D = x_GTD.shape
         noise_ND = jax.random.uniform(
