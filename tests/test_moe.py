@@ -396,7 +396,7 @@ def test_aux_loss_reduction_over_layers(reduction):
 
 
 def test_layer_noise_keys_are_the_two_fold_ins():
-    # One threefry call folds both of the layer's keys: the same keys as folding each alone.
+    # The layer's own keys: its FFN keys folded with the MoE streams, None where that noise is off.
     from switch_jax.models.streams import MoeStream  # noqa: PLC0415
 
     layer = make_layer(moe_config(expert_dropout_rate=0.1))

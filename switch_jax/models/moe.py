@@ -207,14 +207,8 @@ class MoeLayer(nnx.Module):
         dropout key folded with EXPERT_DROPOUT) and router jitter (train only)."""
         dropout = keys.dropout if self.moe.expert_dropout_rate > 0 else None
         jitter = keys.jitter if train else None
-        if dropout is None or jitter is None or jax.typeof(dropout) != jax.typeof(jitter):
-            fold = lambda k, s: None if k is None else jax.random.fold_in(k, s)  # noqa: E731
-            return Keys(fold(dropout, MoeStream.EXPERT_DROPOUT), fold(jitter, MoeStream.JITTER))
-        # Both in one threefry call: the keys of two fold_ins, but one rolled loop for XLA:CPU
-        # to compile instead of two.
-        streams = jnp.asarray([MoeStream.EXPERT_DROPOUT, MoeStream.JITTER], jnp.uint32)
-        folded = jax.vmap(jax.random.fold_in)(jnp.stack([dropout, jitter]), streams)
-        return Keys(folded[0], folded[1])
+        fold = lambda k, s: None if k is None else jax.random.fold_in(k, s)  # noqa: E731
+        return Keys(fold(dropout, MoeStream.EXPERT_DROPOUT), fold(jitter, MoeStream.JITTER))
 
     def _rows_ffn(self, x_RD, sizes_E, weights, noise, *, impl: str):
         """The experts on rows sorted by expert (segment sizes_E): grouped matmuls. `noise`:
