@@ -7,7 +7,7 @@ from typing import Literal
 
 Activation = Literal["relu", "geglu", "gelu"]
 # 'auto' resolves per platform (models/moe.resolve_dispatch): einsum on TPU, the fastest measured
-# path elsewhere (docs/benchmarks.md): 'scatter' on CPU.
+# path elsewhere (docs/benchmarks.md): 'sorted' (the fused FFN over the kept rows) on CPU.
 Dispatch = Literal["auto", "einsum", "scatter", "sorted", "dropless"]
 DISPATCHES = ("auto", "einsum", "scatter", "sorted", "dropless")
 GroupedMatmul = Literal["auto", "ragged_dot", "blocked", "fused"]

@@ -32,9 +32,9 @@ from switch_jax.models.streams import MoeStream
 # What 'auto' means per platform: a capacity dispatch everywhere (so the trained function does
 # not depend on the platform; 'dropless' is a different model), the fastest one measured
 # (docs/benchmarks.md). GPU is unmeasured: it takes the grouped-matmul path it was built for.
-# On CPU 'sorted' (the fused FFN over the kept rows) is faster per layer and per float32 step
-# but a bfloat16 train step measured faster with 'scatter' (docs/benchmarks.md §8).
-AUTO_DISPATCH = {"tpu": "einsum", "gpu": "sorted", "cpu": "scatter"}
+# On CPU 'sorted' runs the fused FFN over the kept rows: the faster bfloat16 and float32 train
+# step under either malloc since the noise draws were reshaped (docs/benchmarks.md §11).
+AUTO_DISPATCH = {"tpu": "einsum", "gpu": "sorted", "cpu": "sorted"}
 
 
 def resolve_dispatch(dispatch: str, platform: str) -> str:
