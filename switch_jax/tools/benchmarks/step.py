@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 
@@ -12,7 +13,7 @@ from switch_jax.config.settings import Configs
 from switch_jax.models.config import ModelConfig
 from switch_jax.report import metrics
 from switch_jax.tools.benchmarks import dispatch as dispatch_bench
-from switch_jax.tools.benchmarks import timing
+from switch_jax.tools.benchmarks import kernels, timing
 from switch_jax.training import build
 
 
@@ -99,6 +100,8 @@ def report(runner: StepRunner, seconds: list[float], peak: float | None, cpu=Non
         "flops_per_token": runner.info.flops_per_token,
         "flops_per_step": runner.flops_per_step,
         "compile_s": runner.compile_s,
+        # The figure the compile time follows, the same on every run (kernels.py).
+        "kernels": _kernels(runner.compiled),
         "step_s": step_s,
         "step": t,
         "cpu_s": statistics.median(cpu) if cpu else None,
@@ -135,3 +138,8 @@ def with_dispatch(configs: Configs, dispatch: str) -> Configs:
 def dense_twin(configs: Configs) -> Configs:
     """The dense model with the same FLOPs per token: same shapes, moe=None (k=1 routing)."""
     return configs.replace(model=configs.model.replace(moe=None))
+
+
+def _kernels(compiled) -> dict | None:
+    count = kernels.of_compiled(compiled)
+    return None if count is None else dataclasses.asdict(count)

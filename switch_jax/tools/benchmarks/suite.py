@@ -3,7 +3,8 @@
     result = run_benchmarks(configs, variants, steps=10, warmup=2, dispatch={...})
     print(format_table(result))
 
-  step        compile time, step time (median of steps after warmup), tokens/s, MFU, memory
+  step        compile time (and the distinct kernels it compiled: tools/benchmarks/kernels.py),
+              step time (median of steps after warmup), tokens/s, MFU, memory
   dense       the dense twin (moe=None, same shapes: same FLOPs per token); Switch/dense ratio
   dispatches  the train step with each dispatch and the dense twin, timed interleaved:
               compile time, step time (wall and process CPU), Switch/dense ratios
@@ -126,7 +127,8 @@ def format_table(r: dict) -> str:
         if s:
             mfu = f"{s['mfu']:.1%}" if s["mfu"] is not None else "n/a"
             lines.append(
-                f"{name:>6}: compile {s['compile_s']:.1f}s  step {s['step_s'] * 1e3:.1f}ms "
+                f"{name:>6}: compile {s['compile_s']:.1f}s{_kernels(s)}  "
+                f"step {s['step_s'] * 1e3:.1f}ms "
                 f"(spread {s['step']['spread']:.0%}, n={s['step']['n']})  "
                 f"{s['tokens_per_s']:,.0f} tok/s  MFU {mfu}  "
                 f"compiled {_g(s['compiled_bytes'])}B  max RSS {_g(s['process_max_rss_bytes'])}B"
@@ -145,7 +147,8 @@ def format_table(r: dict) -> str:
         sw, de = d["switch"], d["dense"]
         wall, cpu = d["over_dense_wall"]["paired_median"], d["over_dense_cpu"]["paired_median"]
         lines.append(
-            f"dispatch {name:>8}: compile {sw['compile_s']:.1f}s (dense {de['compile_s']:.1f}s)  "
+            f"dispatch {name:>8}: compile {sw['compile_s']:.1f}s{_kernels(sw)} "
+            f"(dense {de['compile_s']:.1f}s{_kernels(de)})  "
             f"step {sw['step_s']:.3f}s vs {de['step_s']:.3f}s  switch/dense wall "
             f"{wall:.3f}  cpu {cpu:.3f}"
         )
@@ -185,6 +188,11 @@ def format_table(r: dict) -> str:
             f"commit {c['wait_for_commit']['median_s'] * 1e3:.0f}ms in background"
         )
     return "\n".join(lines)
+
+
+def _kernels(figures: dict) -> str:
+    k = figures.get("kernels")
+    return f", {k['distinct']} kernels" if k else ""
 
 
 def _g(x) -> str:
