@@ -33,7 +33,7 @@ from switch_jax.models.streams import MoeStream
 # not depend on the platform; 'dropless' is a different model), the fastest one measured
 # (docs/benchmarks.md). GPU is unmeasured: it takes the grouped-matmul path it was built for.
 # On CPU 'sorted' runs the fused FFN over the kept rows: the faster bfloat16 and float32 train
-# step under either malloc since the noise draws were reshaped (docs/benchmarks.md §11).
+# step, under glibc's malloc and TCMalloc alike (docs/benchmarks.md §11).
 AUTO_DISPATCH = {"tpu": "einsum", "gpu": "sorted", "cpu": "sorted"}
 
 
