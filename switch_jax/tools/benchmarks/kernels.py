@@ -18,7 +18,7 @@ import re
 
 _HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
 _FUSION = re.compile(r"\bfusion\(.*\bkind=(\w+), calls=%([\w.\-]+)")
-_CALLED = re.compile(r"\b(calls|to_apply|body|condition|branch_computations)=%([\w.\-]+)")
+_CALLED = re.compile(r"\b(calls|to_apply)=%([\w.\-]+)")  # what a fused body calls
 _METADATA = re.compile(r",? metadata=\{[^}]*\}")
 _NAME = re.compile(r"%[\w.\-]+")
 
