@@ -240,3 +240,37 @@ def test_dropless_decoding_equals_decoding_without_drops(greedy_single):
     out = jax.device_get(tight.generate(params, inputs(cfg)))
     np.testing.assert_array_equal(out["tokens"], want["tokens"])
     np.testing.assert_allclose(out["log_prob"], want["log_prob"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_beam_reorder_equals_the_full_gather_within_examples(scan):
+    # Beams are reordered within their example, so the encoder's entries (cross K/V, mask)
+    # are left in place; every entry must still equal what the full gather gives.
+    cfg, model, _ = model_and_params("encoder_decoder", scan)
+    batch = inputs(cfg)
+    B, N = 4, 3
+    _, cache, _ = decoding._prefill(model, batch, MAX_LEN)
+    full = decoding.cache_gatherer(cfg)
+    cache_X = full(cache, jnp.repeat(jnp.arange(B), N))
+    # Beams that have diverged: each row's self-attention entries made its own.
+    axis = 1 if scan else 0  # the batch axis of (scanned) layer caches
+
+    def diverge(path, x):
+        if jax.tree_util.keystr(path[-1:]) in ("['cross_k']", "['cross_v']", "['encoder_valid']"):
+            return x
+        shape = [1] * x.ndim
+        shape[axis if "decoder" in jax.tree_util.keystr(path) else 0] = B * N
+        return x + jnp.arange(B * N).reshape(shape).astype(x.dtype)
+
+    cache_X = jax.tree_util.tree_map_with_path(diverge, cache_X)
+    # Row b * N + n takes beam (n + 1 + b) % N of its own example.
+    rows_X = jnp.asarray([b * N + (n + 1 + b) % N for b in range(B) for n in range(N)])
+    reorder = decoding.cache_gatherer(cfg, within_examples=True)
+    got, want = reorder(cache_X, rows_X), full(cache_X, rows_X)
+    leaves = jax.tree_util.tree_leaves_with_path(got)
+    assert {jax.tree_util.keystr(p[-1:]) for p, _ in leaves} >= {"['cross_k']", "['k']"}
+    before = dict(jax.tree_util.tree_leaves_with_path(cache_X))
+    for (path, a), b in zip(leaves, jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+        if "cross" in jax.tree_util.keystr(path):
+            assert a is before[path], "the encoder's entries are not copied"

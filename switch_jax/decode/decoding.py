@@ -100,7 +100,7 @@ def generate(model: Transformer, batch: dict, rng: jax.Array, cfg: DecodeConfig)
         step,
         logits_BV,
         gather(cache, jnp.repeat(jnp.arange(B), N)),
-        gather,
+        cache_gatherer(model.cfg, within_examples=True),
         start_index=start_index,
         max_length=cfg.max_decode_length,
         beam_size=N,
@@ -178,14 +178,29 @@ def _prefill(model: Transformer, batch: dict, max_length: int):
     return logits_BQV[:, -1], cache, P + 1
 
 
-def cache_gatherer(model_cfg: ModelConfig) -> Callable[[Any, jax.Array], Any]:
-    """gather(cache, rows) -> cache of those batch rows (axis 1 of scanned-layer caches)."""
+# Cache entries computed from the encoder: every beam of an example holds the same ones.
+_PER_EXAMPLE = ("cross_k", "cross_v", "encoder_valid")
+
+
+def cache_gatherer(
+    model_cfg: ModelConfig, *, within_examples: bool = False
+) -> Callable[[Any, jax.Array], Any]:
+    """gather(cache, rows) -> cache of those batch rows (axis 1 of scanned-layer caches).
+
+    within_examples=True is for reordering beams, where each row is taken from a beam of its
+    own example: the entries computed from the encoder (cross-attention keys/values, the
+    encoder mask) are then the same before and after, and are left in place rather than
+    copied at every step (for 512 encoder tokens they are most of the cache)."""
     layer_axis = 1 if model_cfg.scan_layers else 0
+    keep = _PER_EXAMPLE if within_examples else ()
 
     def gather(cache: dict, rows: jax.Array) -> dict:
-        out = {k: jnp.take(v, rows, axis=0) for k, v in cache.items() if k != "decoder"}
-        out["decoder"] = jax.tree.map(
-            lambda x: jnp.take(x, rows, axis=layer_axis), cache["decoder"]
+        def take(name: str, x, axis: int):
+            return x if name in keep else jnp.take(x, rows, axis=axis)
+
+        out = {k: take(k, v, 0) for k, v in cache.items() if k != "decoder"}
+        out["decoder"] = jax.tree_util.tree_map_with_path(
+            lambda path, x: take(getattr(path[-1], "key", None), x, layer_axis), cache["decoder"]
         )
         return out
 
