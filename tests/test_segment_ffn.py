@@ -1,6 +1,7 @@
-"""The fused expert FFN (models/segment_ffn) against a per-row computation: outputs and all
-gradients, with experts that get no rows (skipped, zero kernel gradients), blocks that run
-past their segment, and rows after the last segment."""
+"""The fused expert FFN (models/segment_ffn) against a per-row computation: outputs (inference,
+which skips experts without rows, and training) and all gradients, with experts that get no
+rows (zero kernel gradients), blocks that run past their segment, and rows after the last
+segment."""
 
 from __future__ import annotations
 
@@ -64,6 +65,8 @@ def test_fused_ffn_equals_per_row_ffn(sizes, gated, masked):
     (_, y), grads = jax.jit(jax.value_and_grad(fused, argnums, has_aux=True))(x, wi, wg, wo)
     (_, y_ref), grads_ref = jax.value_and_grad(per_row, argnums, has_aux=True)(x, wi, wg, wo)
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    y_inference = jax.jit(lambda *a: fused(*a)[1])(x, wi, wg, wo)  # no residuals saved
+    np.testing.assert_allclose(y_inference, y_ref, rtol=1e-5, atol=1e-5)
     assert not np.asarray(y[sum(sizes) :]).any()
     for got, want in zip(grads, grads_ref, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
