@@ -30,6 +30,9 @@ script or `python -m`), restart once under TCMalloc where the library is install
 the system malloc). The package's import does it before jax loads; `entry` reports a bad
 SWITCH_JAX_MALLOC it met as one line.
 
+The commands that run steps keep their compiled programs in a persistent cache
+(`parallel.compile_cache`, --compile_cache_dir), so a run started again loads them.
+
 Host flags (T5X's names): --coordinator_address=HOST:PORT --process_count=N --process_index=I.
 Without them the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables are
 used, and on a TPU pod slice or under Slurm JAX finds the other hosts itself. On CPU with more
@@ -48,7 +51,7 @@ from absl import app, flags, logging
 from switch_jax.config import gin_config
 from switch_jax.config.settings import Configs
 from switch_jax.models.config import ConfigError
-from switch_jax.parallel import host_malloc, hosts
+from switch_jax.parallel import compile_cache, host_malloc, hosts
 from switch_jax.report import console
 
 gin_config.define_flags()
@@ -67,9 +70,16 @@ _INIT_TIMEOUT = flags.DEFINE_integer(
 )
 
 
+_COMPILE_CACHE_DIR = flags.DEFINE_string(
+    "compile_cache_dir",
+    None,
+    "persistent compilation cache: a run started again loads its compiled steps "
+    "(default $JAX_COMPILATION_CACHE_DIR, else $SWITCH_JAX_CACHE/jax; '' turns it off)",
+)
+
 # The commands whose flags `define_flag` records, to say where an unknown flag belongs.
 COMMANDS = ("train", "eval", "infer", "info", "compile", "convert", "bench", "experts")
-_FLAG_OWNERS: dict[str, set[str]] = {}
+_FLAG_OWNERS: dict[str, set[str]] = {"compile_cache_dir": set(compile_cache.COMMANDS)}
 
 
 def define_flag(define: Callable[..., Any], name: str, *args: Any, **kwargs: Any):
@@ -264,6 +274,8 @@ def entry(
             quiet_library_logs()
             if hosts:
                 join_hosts()
+            if command in compile_cache.COMMANDS:
+                compile_cache.enable(_COMPILE_CACHE_DIR.value)
             if gin:
                 parse_gin()
             return main(argv)

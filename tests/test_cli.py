@@ -46,6 +46,11 @@ def test_define_flag_returns_the_existing_flag():
             "ConfigError: unknown flag --topology: it is a flag of switch-com",
         ),
         (["--num_devices=0"], 2, "ConfigError: flag --num_devices=0: 0 is not a positive integer"),
+        (
+            ["--compile_cache_dir=/tmp/x"],  # info compiles nothing worth keeping
+            2,
+            "ConfigError: unknown flag --compile_cache_dir: it is a flag of switch-eval",
+        ),
     ],
 )
 def test_user_errors_are_one_line_with_status(args, status, first_words):
@@ -72,7 +77,9 @@ def test_model_dir_binding_may_be_bare_or_quoted():
         model_dir_of(["MODEL_DIR=a b"])
 
 
-@pytest.mark.parametrize("command, own_flag", [("infer", "--input_file"), ("train", None)])
+@pytest.mark.parametrize(
+    "command, own_flag", [("infer", "--input_file"), ("train", "--compile_cache_dir")]
+)
 def test_help_shows_the_command_its_flags_and_gin(command, own_flag):
     # A console script's __main__ has no docstring: absl's --help would print only "USAGE".
     code = f"import sys; from switch_jax.{command} import console_main; console_main()"
@@ -82,7 +89,4 @@ def test_help_shows_the_command_its_flags_and_gin(command, own_flag):
     assert done.returncode == 1, done.stderr[-2000:]  # absl's --help exits 1
     assert f"python -m switch_jax.{command}" in done.stdout
     assert "--gin_file=F" in done.stdout and "--coordinator_address" in done.stdout
-    if own_flag:
-        assert f"Flags of switch-{command}:" in done.stdout and own_flag in done.stdout
-    else:
-        assert "Flags of" not in done.stdout
+    assert f"Flags of switch-{command}:" in done.stdout and own_flag in done.stdout

@@ -14,6 +14,7 @@ from absl import logging
 from switch_jax.config.settings import Configs, TrainConfig
 from switch_jax.decode import evaluation
 from switch_jax.models.config import ConfigError
+from switch_jax.parallel import compile_cache
 from switch_jax.report import console
 from switch_jax.store import checkpoints, run_settings
 from switch_jax.store import lease as lease_lib
@@ -173,10 +174,12 @@ def _train_loop(run: build.Run, ckpts, lease, progress: dict, summary: list[str]
             compiling = step == first_step and chief
             if compiling:
                 print("compiling the train step…", end=" ", flush=True)
-            t0 = time.perf_counter()
+            t0, cached = time.perf_counter(), compile_cache.hits()
             state, step_metrics = run.setup.train_step(state, run.device_batch(next(batches)))
             if compiling:  # the first call returns once compiled; the step itself runs async
-                print(f"done in {console.duration(time.perf_counter() - t0)}", flush=True)
+                took = console.duration(time.perf_counter() - t0)
+                source = " (from the compile cache)" if compile_cache.hits() > cached else ""
+                print(f"done in {took}{source}", flush=True)
             step += 1
             progress["step"] = step
             # Step N-1's metrics are read only after step N is dispatched: the device stays busy.
