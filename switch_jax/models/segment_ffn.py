@@ -8,8 +8,8 @@ of each power of two from block down to block/8. In inference an expert without 
 skipped (its kernels are not even sliced). The matmuls cover the kept rows, each segment
 rounded up to a multiple of the smallest block, not capacity slots or a worst-case block count,
 and the [rows, d_ff] activations are never gathered or copied around the experts. XLA cannot
-differentiate a loop whose trip count is data, so the backward is written here: the
-same blocks, with the pre-activations saved by the forward, accumulating each expert's kernel
+differentiate a loop whose trip count is data, so the backward is written here: the same
+blocks, with the pre-activations saved by the forward, accumulating each expert's kernel
 gradients in float32.
 
 A block may run past its segment by less than the smallest block. In the forward it writes rows
