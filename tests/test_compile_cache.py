@@ -97,3 +97,23 @@ def test_cache_folder_default_off_and_unwritable(tmp_path, monkeypatch):
         assert jax.config.jax_enable_compilation_cache is False
     finally:
         jax.config.update("jax_enable_compilation_cache", before)
+
+
+def test_only_a_file_that_does_not_decompress_is_removed(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(compile_cache, "_directory", str(tmp_path))
+    names = ["jit_step_fn-ab-cache", "jit_step_fn-ab-atime", "jit_step_fn_other-cd-cache"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    passed_on = []
+    show = compile_cache._replacing_unreadable(lambda *a, **k: passed_on.append(str(a[0])))
+    prefix = "Error reading persistent compilation cache entry for 'jit_step_fn': "
+
+    # Loading refused by the runtime (a compile-only client, say): the file is kept.
+    show(UserWarning(prefix + "JaxRuntimeError: INVALID_ARGUMENT: ..."), UserWarning, "f", 1)
+    assert len(passed_on) == 1 and sorted(os.listdir(tmp_path)) == sorted(names)
+    # Cut short: zlib's error. That program's entries go, another program's stay.
+    show(UserWarning(prefix + "error: Error -5 while decompressing data"), UserWarning, "f", 1)
+    assert os.listdir(tmp_path) == ["jit_step_fn_other-cd-cache"]
+    assert "an unreadable entry of jit_step_fn" in capsys.readouterr().err
+    show(UserWarning("something else"), UserWarning, "f", 1)
+    assert passed_on[-1] == "something else"

@@ -396,7 +396,8 @@ def test_console_eta_and_a_second_trainer_on_a_live_model_dir(tmp_path):
     assert head[0].startswith("devices: 1 x cpu (cpu) in 1 process(es) | mesh data=1 expert=1")
     assert head[1].startswith("model: 3.8M parameters, ") and "8 experts top-1" in head[1]
     assert head[2] == f"MODEL_DIR: {model_dir} (new run)"
-    assert re.fullmatch(r"compiling the train step… done in \d+m\d\ds", head[3]), head[3]
+    compiled = r"compiling the train step… done in \d+m\d\ds( \(from the compile cache\))?"
+    assert re.fullmatch(compiled, head[3]), head[3]
     tail = out.strip().splitlines()[-4:]
     assert re.fullmatch(
         rf"finished: trained steps 1-{total} of {total} in \d+m\d\ds; last checkpoint: step "

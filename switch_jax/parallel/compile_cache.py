@@ -98,8 +98,12 @@ def _listen() -> None:
     jax.monitoring.register_event_listener(on_event)
 
 
-# JAX's warning when an entry does not load (jax/_src/compiler.py, _cache_read).
-_UNREADABLE = re.compile(r"Error reading persistent compilation cache entry for '([^']+)'")
+# JAX's warning when an entry does not load (jax/_src/compiler.py, _cache_read), with the
+# error's type: a file cut short fails to decompress (zlib's `error`, zstandard's `ZstdError`);
+# a runtime error means the entry cannot be loaded here (e.g. by a compile-only client for
+# another topology), not that the file is bad.
+_UNREADABLE = re.compile(r"Error reading persistent compilation cache entry for '([^']+)': (\w+)")
+_NOT_THE_FILE = ("JaxRuntimeError", "XlaRuntimeError")
 
 
 def _replacing_unreadable(shown):
@@ -110,7 +114,7 @@ def _replacing_unreadable(shown):
     def show(message, category, filename, lineno, file=None, line=None):
         found = _UNREADABLE.match(str(message))
         directory = _directory
-        if found is None or directory is None or "://" in directory:
+        if found is None or found.group(2) in _NOT_THE_FILE or not directory or "://" in directory:
             return shown(message, category, filename, lineno, file, line)
         module = found.group(1)
         for path in glob.glob(os.path.join(glob.escape(directory), f"{module}-*")):
