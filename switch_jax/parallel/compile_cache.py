@@ -2,7 +2,7 @@
 
 A run that starts again (a resume after preemption, eval or infer of a stored run, the same
 config in another MODEL_DIR) loads its compiled programs from disk instead of compiling them:
-the demo's train step compiles in ~9 s and loads in ~3 s (docs/benchmarks.md §12).
+the demo's train step compiles in ~10 s and loads in ~3 s (docs/benchmarks.md §12).
 
     --compile_cache_dir=DIR   where (a local folder, or gs://... on Cloud TPU)
     --compile_cache_dir=''    off
