@@ -52,6 +52,11 @@ def test_bench_json_has_finite_positive_figures(tmp_path):
     sorted_step = result["dispatches"]["sorted"]
     assert sorted_step["switch"]["dispatch"] == "sorted"
     assert sorted_step["dense"]["model"] == "dense"
+    # The tests' persistent cache is on: the dense twin compiled a second time is a load, and
+    # the table says so rather than passing it off as a compile.
+    assert sorted_step["dense"]["compile_from_cache"] is True
+    assert "(dense " in suite.format_table(result)
+    assert "from the compile cache" in suite.format_table(result).split("dispatch   sorted")[1]
     assert _positive(sorted_step["over_dense_cpu"]["paired_median"])
     rows = result["dispatch"]["rows"]
     assert {(r["dispatch"], r["group_size"]) for r in rows} == {

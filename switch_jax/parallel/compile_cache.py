@@ -17,7 +17,9 @@ cannot be created is a one-line error. JAX writes an entry in place, so a proces
 mid-write leaves it truncated; JAX then compiles again at every start but never replaces it.
 Here such an entry is removed when JAX reports it unreadable (one line on stderr), and the
 program compiled again is stored in its place.
-`switch-bench` and `switch-compile` are left out: they measure or produce compilations.
+`switch-bench` and `switch-compile` do not turn it on (they measure or produce compilations);
+where $JAX_COMPILATION_CACHE_DIR turns it on for them anyway, switch-bench labels a compile
+time that was a load from it.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ _HIT_EVENT = "/jax/compilation_cache/cache_hits"
 _hits = 0
 _lock = threading.Lock()
 _listening = False
+_replacing = False
 _directory: str | None = None  # the folder in use (enable's), for the unreadable-entry hook
 
 
@@ -69,25 +72,29 @@ def enable(directory: str | None) -> str | None:
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", directory)
     _directory = directory
-    _listen()
+    watch()
+    global _replacing
+    with _lock:
+        replacing, _replacing = _replacing, True
+    if not replacing:
+        warnings.showwarning = _replacing_unreadable(warnings.showwarning)
     return directory
 
 
 def hits() -> int:
-    """Programs loaded from the cache so far in this process."""
+    """Programs loaded from the cache so far in this process (counted once `watch()`ed)."""
     return _hits
 
 
-def _listen() -> None:
-    """Count cache hits, and remove unreadable entries (installed once per process)."""
+def watch() -> None:
+    """Count the programs JAX loads from a persistent cache, whoever turned it on (once per
+    process; `enable` calls it, `switch-bench` too, to label a compile time that was a load)."""
     global _listening
     with _lock:
         if _listening:
             return
         _listening = True
     import jax
-
-    warnings.showwarning = _replacing_unreadable(warnings.showwarning)
 
     def on_event(event: str, **_) -> None:
         global _hits

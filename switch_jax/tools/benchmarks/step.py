@@ -11,6 +11,7 @@ import numpy as np
 
 from switch_jax.config.settings import Configs
 from switch_jax.models.config import ModelConfig
+from switch_jax.parallel import compile_cache
 from switch_jax.report import metrics
 from switch_jax.tools.benchmarks import dispatch as dispatch_bench
 from switch_jax.tools.benchmarks import kernels, timing
@@ -60,10 +61,13 @@ class StepRunner:
             self.batch = p.shard_batch(batch)
             # Lowered and compiled explicitly, so that compile time is measured apart and every
             # timed call runs the executable (no tracing, no cache look-up).
-            t0 = time.perf_counter()
+            compile_cache.watch()
+            t0, loads = time.perf_counter(), compile_cache.hits()
             lowered = self.setup.train_step.jitted.lower(self.state, self.batch, *self.inputs)
             self.compiled = lowered.compile()
             self.compile_s = time.perf_counter() - t0
+            # A persistent cache that $JAX_COMPILATION_CACHE_DIR turned on answers with a load.
+            self.compile_from_cache = compile_cache.hits() > loads
 
     def step(self):
         """One train step; the state is donated and replaced. Returns the metrics."""
@@ -100,6 +104,7 @@ def report(runner: StepRunner, seconds: list[float], peak: float | None, cpu=Non
         "flops_per_token": runner.info.flops_per_token,
         "flops_per_step": runner.flops_per_step,
         "compile_s": runner.compile_s,
+        "compile_from_cache": runner.compile_from_cache,
         # The figure the compile time follows, the same on every run (kernels.py).
         "kernels": _kernels(runner.compiled),
         "step_s": step_s,
