@@ -54,7 +54,7 @@ def enable(directory: str | None) -> str | None:
     """The cache at `directory` (None: `default_dir()`; '': off); the folder used, or None."""
     import jax
 
-    global _directory
+    global _directory, _replacing
     directory = default_dir() if directory is None else directory
     if not directory:
         jax.config.update("jax_enable_compilation_cache", False)
@@ -73,7 +73,6 @@ def enable(directory: str | None) -> str | None:
     jax.config.update("jax_compilation_cache_dir", directory)
     _directory = directory
     watch()
-    global _replacing
     with _lock:
         replacing, _replacing = _replacing, True
     if not replacing:
